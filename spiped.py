@@ -1,0 +1,1775 @@
+#!/usr/bin/env python3
+"""spiped for Python: symmetrically encrypted, authenticated pipes between sockets.
+
+A wire-compatible reimplementation of Tarsnap's ``spiped`` and ``spipe``
+in one file.  ``spiped -e`` accepts plaintext connections on the source
+address and opens encrypted ones to the target; ``spiped -d`` accepts
+encrypted connections and forwards plaintext.  ``spipe`` is the client
+whose plaintext end is stdin/stdout.  Both ends share a key file.
+
+    client --plain--> [spiped -e: seal] ==packets==> [spiped -d: open] --plain--> target
+    client <--plain-- [spiped -e: open] <==packets== [spiped -d: seal] <--plain-- target
+
+Each connection: dial the target, run the handshake (nonces, PBKDF2,
+Diffie-Hellman group 14 unless -f), then two relays, one thread per
+direction, each owning its packet sealer or opener.  Packets are 1060
+bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
+
+Sections, in the order the data flows:
+    1. Protocol constants          6. Relays and the connection
+    2. Errors and logging          7. Server (accept loop, limit, drain)
+    3. Addresses                   8. Process (daemon, pidfile, signals)
+    4. Cryptography (no I/O)       9. Command line and main()
+    5. Handshake on a socket
+
+Runs on Python 3.9+ with the standard library and Cryptodome
+(``pip install pycryptodomex`` or Debian's ``python3-pycryptodome``).
+"""
+
+import errno
+import hashlib
+import hmac
+import os
+import pwd
+import grp
+import selectors
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import sys
+import threading
+import time
+
+try:
+    from Cryptodome.Cipher import AES
+    from Cryptodome.Util.strxor import strxor
+except ImportError:  # Debian's python3-pycryptodome installs as "Crypto".
+    try:
+        from Crypto.Cipher import AES
+        from Crypto.Util.strxor import strxor
+    except ImportError:
+        AES = strxor = None
+
+try:
+    from Cryptodome.Math.Numbers import Integer as _BigInt
+except ImportError:
+    try:
+        from Crypto.Math.Numbers import Integer as _BigInt
+    except ImportError:
+        _BigInt = None
+if _BigInt is not None and _BigInt.__name__ == "IntegerNative":
+    _BigInt = None  # pure Python: no faster than the built-in pow()
+
+__version__ = "1.0.0"
+__all__ = [
+    "main", "spipe_main", "read_key", "resolve", "handshake",
+    "PacketSealer", "PacketOpener", "Server",
+]
+
+# ---------------------------------------------------------------------------
+# 1. Protocol constants
+# ---------------------------------------------------------------------------
+
+NONCE_SIZE = 32          # random bytes each side sends first
+DH_SIZE = 256            # group-14 values travel as 256-byte big-endian
+MAC_SIZE = 32            # HMAC-SHA256
+DH_MESSAGE = DH_SIZE + MAC_SIZE   # y || HMAC(dhmac, y)
+PAYLOAD = 1024           # plaintext bytes carried by one packet at most
+PADDED = PAYLOAD + 4     # payload, zero padding, 4-byte big-endian length
+PACKET = PADDED + MAC_SIZE        # 1060 bytes on the wire
+BLOCKS = (PADDED + 15) // 16      # AES blocks of keystream per packet (65)
+STRIDE = BLOCKS * 16     # keystream bytes per packet, padded to whole blocks
+BATCH = 64               # packets sealed or opened per system call at most
+
+# RFC 3526 group 14: the 2048-bit MODP prime; the generator is 2.
+DH_PRIME = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
+    "020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F1437"
+    "4FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF05"
+    "98DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB"
+    "9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
+    "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF695581718"
+    "3995497CEA956AE515D2261898FA051015728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
+DH_PRIME_BYTES = DH_PRIME.to_bytes(DH_SIZE, "big")
+DH_ONE = (1).to_bytes(DH_SIZE, "big")  # what a side without PFS (-f) sends
+
+DEFAULT_TIMEOUT = 5.0    # -o: connect and handshake deadline, seconds
+DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
+DEFAULT_MAXCONN = 100    # -n
+LISTEN_BACKLOG = 10
+READ_SIZE = BATCH * PAYLOAD
+UNIX_PATH_MAX = 108      # sizeof(sun_path) on Linux
+
+# ---------------------------------------------------------------------------
+# 2. Errors and logging
+# ---------------------------------------------------------------------------
+
+
+class SpipedError(Exception):
+    """A fatal start-up error: each line of .lines is printed with the program name."""
+
+    def __init__(self, *lines):
+        super().__init__(lines[0] if lines else "")
+        self.lines = lines
+
+
+class UsageError(Exception):
+    """The command line is wrong: an optional message, then the usage text."""
+
+
+class AddressError(SpipedError):
+    """An address that cannot be parsed or resolved."""
+
+
+class HandshakeError(Exception):
+    """The key exchange failed; .reason is a short word for logs and counters."""
+
+    def __init__(self, reason, detail=None):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class ConnectError(Exception):
+    """None of the target's addresses could be connected to in time."""
+
+
+class BadPacket(Exception):
+    """A packet failed authentication or carried a bad length.
+
+    .good holds the plaintext of the authentic packets that preceded it.
+    """
+
+    def __init__(self, good, why):
+        super().__init__(why)
+        self.good = good
+
+
+class Log:
+    """Where messages go: stderr with the program name, or syslog once asked."""
+
+    def __init__(self):
+        self.prog = "spiped"
+        self.syslog = None           # the syslog module, once opened
+        self.warn_to_syslog = False  # after daemonizing with --syslog
+        self.events_to_syslog = False
+        self.events = False          # --log-connections
+
+    def _syslog(self):
+        import syslog
+        if self.syslog is None:
+            syslog.openlog(self.prog, syslog.LOG_PID, syslog.LOG_DAEMON)
+            self.syslog = syslog
+        return self.syslog
+
+    def use_syslog(self):
+        """Send warnings (and events) to syslog from now on."""
+        self._syslog()
+        self.warn_to_syslog = self.events_to_syslog = True
+
+    def warn(self, msg):
+        """A warning or error line, as C spiped prints them."""
+        if self.warn_to_syslog:
+            self.syslog.syslog(self.syslog.LOG_WARNING, msg)
+            return
+        try:
+            sys.stderr.write("%s: %s\n" % (self.prog, msg))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def event(self, msg):
+        """A per-connection or statistics line (only with --log-connections or on demand)."""
+        if self.events_to_syslog:
+            self._syslog().syslog(self.syslog.LOG_INFO, msg)
+        else:
+            self.warn(msg)
+
+
+log = Log()
+
+# ---------------------------------------------------------------------------
+# 3. Addresses
+# ---------------------------------------------------------------------------
+
+
+def _strtol_port(text, allow_zero=False):
+    """The port in TEXT as C's strtol(base 10) sees it, or None if invalid."""
+    s = text.lstrip(" \t\n\r\f\v")
+    digits = s[1:] if s[:1] in "+-" else s
+    if not digits or not digits.isdigit() or not digits.isascii():
+        return None
+    value = int(s)
+    if value > 65535 or value < (0 if allow_zero else 1):
+        return None
+    return value
+
+
+def check_address_syntax(addr):
+    """Reject what 1.6.4 rejects before resolving: '' and a missing host."""
+    if addr == "":
+        raise UsageError("Empty socket address")
+    if addr.startswith(":"):
+        raise UsageError('No host in "%s"' % addr)
+
+
+def resolve(addr, allow_zero_port=False):
+    """Resolve spiped address ADDR to a list of (family, sockaddr).
+
+    Forms: /unix/path, [1.2.3.4]:port, [::1]:port, host:port.  Raises
+    AddressError with C spiped's message lines.
+    """
+    tail = "Error resolving socket address: %s" % addr
+    if addr.startswith("/"):
+        if len(os.fsencode(addr)) >= UNIX_PATH_MAX:
+            raise AddressError("socket path too long: %s" % addr, tail)
+        return [(socket.AF_UNIX, addr)]
+    host, colon, port = addr.rpartition(":")
+    if not colon:
+        raise AddressError("Address must contain port number: %s" % addr, tail)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise AddressError("Invalid [IP address]: %s" % host, tail)
+        number = _strtol_port(port, allow_zero_port)
+        if number is None:
+            raise AddressError("Invalid port number: %s" % port, tail)
+        ip = host[1:-1]
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            socket.inet_pton(family, ip)
+        except (OSError, ValueError):
+            raise AddressError("Error parsing IP address: %s" % ip, tail) from None
+        if family == socket.AF_INET6:
+            return [(family, (ip, number, 0, 0))]
+        return [(family, (ip, number))]
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise AddressError("Error looking up %s: %s" % (host, e.strerror), tail) from None
+    except UnicodeError:
+        raise AddressError("Error looking up %s: Name or service not known" % host, tail) from None
+    return [(info[0], info[4]) for info in infos]
+
+
+def bind_address(addr):
+    """The sockaddr list for -b ADDR; a missing port means port 0."""
+    if not addr.startswith("/") and (":" not in addr or addr.endswith("]")):
+        addr += ":0"
+    return resolve(addr, allow_zero_port=True)
+
+
+def format_sockaddr(family, sockaddr):
+    """A peer or target address for log lines."""
+    if family == socket.AF_UNIX:
+        return sockaddr or "unix socket"
+    if isinstance(sockaddr, tuple):
+        return "[%s]:%d" % (sockaddr[0], sockaddr[1])
+    return str(sockaddr)
+
+# ---------------------------------------------------------------------------
+# 4. Cryptography (no I/O)
+# ---------------------------------------------------------------------------
+
+
+def read_key(path, stdin=None):
+    """K = SHA256 of the whole key file at PATH ('-' = stdin).
+
+    Raises SpipedError with C's messages.  Warns (never fails) when a
+    regular key file is readable by others or shorter than 32 bytes.
+    """
+    failed = "Error reading shared secret"
+    if path == "-":
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        try:
+            data = stream.read()
+        except OSError:
+            raise SpipedError("Error reading from stdin", failed) from None
+        return hashlib.sha256(data).digest()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise SpipedError("Cannot open file: %s: %s" % (path, e.strerror), failed) from None
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as e:
+        raise SpipedError("Error reading file: %s: %s" % (path, e.strerror), failed) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if stat.S_ISREG(st.st_mode):
+        if st.st_mode & 0o077:
+            log.warn("WARNING: key file %s is readable by group or others"
+                     " (chmod 600 it)" % path)
+        if len(data) < 32:
+            log.warn("WARNING: key file %s holds only %d bytes;"
+                     " 32 random bytes are recommended" % (path, len(data)))
+    return hashlib.sha256(data).digest()
+
+
+def pbkdf2(key, salt, length):
+    """PBKDF2-HMAC-SHA256 with one iteration, as the protocol uses it."""
+    return hashlib.pbkdf2_hmac("sha256", key, salt, 1, length)
+
+
+def hmac_sha256(key, data):
+    return hmac.digest(key, data, "sha256")
+
+
+def dhmac_keys(key, nonce_client, nonce_server):
+    """(dhmac_C, dhmac_S): the keys that authenticate each side's DH value."""
+    dk = pbkdf2(key, nonce_client + nonce_server, 64)
+    return dk[:32], dk[32:]
+
+
+def traffic_keys(key, nonce_client, nonce_server, shared):
+    """(E_C, H_C, E_S, H_S): cipher and MAC keys for each direction."""
+    dk = pbkdf2(key, nonce_client + nonce_server + shared, 128)
+    return dk[0:32], dk[32:64], dk[64:96], dk[96:128]
+
+
+def _modexp(base, exponent):
+    """BASE ** EXPONENT mod p as 256 big-endian bytes (GMP when available)."""
+    if _BigInt is not None:
+        value = pow(_BigInt(base), _BigInt(exponent), _BigInt(DH_PRIME))
+        return value.to_bytes(DH_SIZE)
+    return pow(base, exponent, DH_PRIME).to_bytes(DH_SIZE, "big")
+
+
+def dh_keypair(fast, secret=None):
+    """(exponent, y) for this side; (None, 1) with -f.
+
+    The exponent is 2^258 + a 256-bit random value, as C spiped uses.
+    """
+    if fast:
+        return None, DH_ONE
+    if secret is None:
+        secret = os.urandom(32)
+    exponent = (1 << 258) + int.from_bytes(secret, "big")
+    return exponent, _modexp(2, exponent)
+
+
+def dh_shared(exponent, y_peer):
+    """The shared value y_peer^x mod p; 1 when this side skipped DH (-f)."""
+    if exponent is None:
+        return DH_ONE
+    return _modexp(int.from_bytes(y_peer, "big"), exponent)
+
+
+def check_dh_message(message, dhmac, require_pfs):
+    """Validate the peer's y || MAC; raises HandshakeError, returns y."""
+    y, mac = message[:DH_SIZE], message[DH_SIZE:]
+    if not hmac.compare_digest(hmac_sha256(dhmac, y), mac):
+        raise HandshakeError("bad-mac", "bad MAC on the peer's DH value (wrong key?)")
+    if y >= DH_PRIME_BYTES:
+        raise HandshakeError("garbage", "peer's DH value is not below p")
+    if require_pfs and y == DH_ONE:
+        raise HandshakeError("no-pfs", "peer skipped Diffie-Hellman (-f) but -g requires it")
+    return y
+
+
+_be64 = struct.Struct(">Q").pack
+_be32 = struct.Struct(">I").pack
+# Counter blocks of packet n are be64(n) || be64(i), i = 0..BLOCKS-1:
+# joining these with be64(n) as the separator yields exactly that.
+_LOW_HALVES = [b""] + [_be64(i) for i in range(BLOCKS)]
+_FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
+_STRIDE_PAD = bytes(STRIDE - PADDED)
+
+
+class _Mac:
+    """HMAC-SHA256 with the key's inner and outer states computed once."""
+
+    def __init__(self, key):
+        key = key.ljust(64, b"\0")
+        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def digest(self, data, suffix):
+        h = self.inner.copy()
+        h.update(data)
+        h.update(suffix)
+        o = self.outer.copy()
+        o.update(h.digest())
+        return o.digest()
+
+
+class PacketSealer:
+    """Turns plaintext into packets for one direction; owns its packet counter."""
+
+    def __init__(self, cipher_key, mac_key, number=0):
+        self._ecb = AES.new(cipher_key, AES.MODE_ECB)
+        self._mac = _Mac(mac_key)
+        self.number = number
+
+    def seal(self, data):
+        """Packets (1060 bytes each) carrying DATA in chunks of up to 1024 bytes."""
+        view = memoryview(data)
+        size = len(view)
+        if not size:
+            return b""
+        count = (size + PAYLOAD - 1) // PAYLOAD
+        n = self.number
+        plain = []
+        counters = []
+        for k in range(count):
+            chunk = view[k * PAYLOAD:(k + 1) * PAYLOAD]
+            plain.append(chunk)
+            if len(chunk) == PAYLOAD:
+                plain.append(_FULL_TRAILER)
+            else:
+                plain.append(bytes(PAYLOAD - len(chunk)) + _be32(len(chunk)) + _STRIDE_PAD)
+            counters.append(_be64(n + k).join(_LOW_HALVES))
+        cipher = memoryview(strxor(b"".join(plain), self._ecb.encrypt(b"".join(counters))))
+        out = []
+        mac = self._mac.digest
+        for k in range(count):
+            ct = cipher[k * STRIDE:k * STRIDE + PADDED]
+            out.append(ct)
+            out.append(mac(ct, _be64(n + k)))
+        self.number = n + count
+        return b"".join(out)
+
+
+class PacketOpener:
+    """Checks and decrypts packets for one direction; owns its packet counter."""
+
+    def __init__(self, cipher_key, mac_key, number=0):
+        self._ecb = AES.new(cipher_key, AES.MODE_ECB)
+        self._mac = _Mac(mac_key)
+        self.number = number
+
+    def open(self, wire):
+        """Plaintext of the whole packets in WIRE (a multiple of 1060 bytes).
+
+        Every MAC is checked before anything is decrypted.  Raises BadPacket
+        (holding the plaintext of the packets before the bad one) on a MAC
+        failure or a length outside 1..1024.
+        """
+        view = memoryview(wire)
+        count = len(view) // PACKET
+        n = self.number
+        mac = self._mac.digest
+        compare = hmac.compare_digest
+        cts = []
+        counters = []
+        why = None
+        for k in range(count):
+            base = k * PACKET
+            ct = view[base:base + PADDED]
+            if not compare(mac(ct, _be64(n + k)), view[base + PADDED:base + PACKET]):
+                why = "MAC mismatch"
+                break
+            cts.append(ct)
+            cts.append(_STRIDE_PAD)
+            counters.append(_be64(n + k).join(_LOW_HALVES))
+        good = len(counters)
+        out = []
+        if good:
+            plain = memoryview(strxor(b"".join(cts), self._ecb.encrypt(b"".join(counters))))
+            for k in range(good):
+                base = k * STRIDE
+                length = int.from_bytes(plain[base + PAYLOAD:base + PADDED], "big")
+                if not 0 < length <= PAYLOAD:
+                    why = "bad length field %d" % length
+                    good = k
+                    break
+                out.append(plain[base:base + length])
+        self.number = n + good
+        data = b"".join(out)
+        if why is not None:
+            raise BadPacket(data, why)
+        return data
+
+# ---------------------------------------------------------------------------
+# 5. Handshake on a socket
+# ---------------------------------------------------------------------------
+
+
+def _remaining(deadline):
+    """Seconds left until DEADLINE (None = forever); HandshakeError when none."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise HandshakeError("timeout", "handshake timed out")
+    return left
+
+
+class _DeadlineIO:
+    """Whole reads and writes on a non-blocking socket, bounded by a deadline."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        sock.setblocking(False)
+        self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+            else selectors.DefaultSelector()
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    def _wait(self, event):
+        self.selector.modify(self.sock, event)
+        if not self.selector.select(_remaining(self.deadline)):
+            raise HandshakeError("timeout", "handshake timed out")
+
+    def send(self, data):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self._wait(selectors.EVENT_WRITE)
+            except OSError as e:
+                raise HandshakeError("io", "handshake write: %s" % e.strerror) from None
+
+    def recv(self, size):
+        buf = bytearray()
+        while len(buf) < size:
+            try:
+                chunk = self.sock.recv(size - len(buf))
+            except BlockingIOError:
+                self._wait(selectors.EVENT_READ)
+                continue
+            except OSError as e:
+                raise HandshakeError("io", "handshake read: %s" % e.strerror) from None
+            if not chunk:
+                raise HandshakeError("closed", "peer closed the connection during the handshake")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self):
+        self.selector.close()
+        self.sock.setblocking(True)
+
+
+def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
+              nonce=None, secret=None):
+    """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
+
+    Returns (sealer, opener) for this side.  TIMEOUT bounds the whole
+    exchange (None = no limit).  NONCE and SECRET fix the random values
+    (for known-answer tests).  Raises HandshakeError.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    io = _DeadlineIO(sock, deadline)
+    try:
+        mine = nonce if nonce is not None else os.urandom(NONCE_SIZE)
+        io.send(mine)  # never wait for the peer's nonce first
+        exponent, y = dh_keypair(fast, secret)
+        theirs = io.recv(NONCE_SIZE)
+        nonce_c, nonce_s = (mine, theirs) if client else (theirs, mine)
+        mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
+        own_mac, peer_mac = (mac_c, mac_s) if client else (mac_s, mac_c)
+        hello = y + hmac_sha256(own_mac, y)
+        if client:
+            io.send(hello)
+        y_peer = check_dh_message(io.recv(DH_MESSAGE), peer_mac, require_pfs)
+        if not client:
+            io.send(hello)  # only once the client's value passed the checks
+        shared = dh_shared(exponent, y_peer)
+    finally:
+        io.close()
+    e_c, h_c, e_s, h_s = traffic_keys(key, nonce_c, nonce_s, shared)
+    if client:
+        return PacketSealer(e_c, h_c), PacketOpener(e_s, h_s)
+    return PacketSealer(e_s, h_s), PacketOpener(e_c, h_c)
+
+# ---------------------------------------------------------------------------
+# 6. Relays and the connection
+# ---------------------------------------------------------------------------
+
+
+def tune_socket(sock, keepalive):
+    """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, option, value in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))):
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
+class Dialer:
+    """Connects to the first of a target's addresses that answers, in order.
+
+    start() begins without waiting, so -d can run its handshake meanwhile;
+    finish() waits until DEADLINE and returns a blocking socket.
+    """
+
+    def __init__(self, addresses, bind=None):
+        self.todo = list(addresses)
+        self.bind = bind
+        self.sock = None
+        self.pending = False
+        self.error = "no addresses"
+        self.started = False
+
+    def start(self):
+        self.started = True
+        while self.todo:
+            family, sockaddr = self.todo.pop(0)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                if self.bind is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(self.bind)
+                err = sock.connect_ex(sockaddr)
+            except OSError as e:
+                err = e.errno or errno.EINVAL
+            if err in (0, errno.EINPROGRESS):
+                self.sock, self.pending = sock, err != 0
+                return
+            sock.close()
+            self.error = os.strerror(err)
+        self.sock = None
+
+    def finish(self, deadline):
+        if not self.started:
+            self.start()
+        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+            else selectors.DefaultSelector()
+        try:
+            while self.sock is not None:
+                if self.pending:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    selector.register(self.sock, selectors.EVENT_WRITE)
+                    ready = (left is None or left > 0) and selector.select(left)
+                    selector.unregister(self.sock)
+                    if not ready:
+                        self.close()
+                        raise ConnectError("timed out")
+                    err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self.error = os.strerror(err)
+                        self.close()
+                        self.start()
+                        continue
+                sock, self.sock = self.sock, None
+                sock.setblocking(True)
+                return sock
+        finally:
+            selector.close()
+        raise ConnectError(self.error)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def relay_seal(read, sealer, sock, counter):
+    """Read plaintext with READ until EOF; send it sealed on SOCK.
+
+    Returns at EOF; raises OSError on an I/O error.
+    """
+    seal = sealer.seal
+    send = sock.sendall
+    while True:
+        data = read(READ_SIZE)
+        if not data:
+            return
+        counter[0] += len(data)
+        send(seal(data))
+
+
+def relay_open(sock, opener, write, counter):
+    """Read packets from SOCK until EOF; write their authenticated plaintext.
+
+    A trailing partial packet at EOF is dropped, as C does.  Raises
+    BadPacket (after writing the authentic part) or OSError.
+    """
+    buf = bytearray(BATCH * PACKET)
+    view = memoryview(buf)
+    recv_into = sock.recv_into
+    open_ = opener.open
+    have = 0
+    while True:
+        got = recv_into(view[have:])
+        if not got:
+            return
+        have += got
+        whole = have - have % PACKET
+        if not whole:
+            continue
+        try:
+            data = open_(view[:whole])
+        except BadPacket as e:
+            if e.good:
+                counter[0] += len(e.good)
+                write(e.good)
+            raise
+        counter[0] += len(data)
+        write(data)
+        rest = have - whole
+        if rest:
+            buf[:rest] = buf[whole:have]
+        have = rest
+
+
+def _shutdown(sock, how):
+    """shutdown() that tolerates a peer that already went away.
+
+    ENOTCONN and ECONNRESET (an RST racing our FIN) count as done; other
+    errors are raised.
+    """
+    try:
+        sock.shutdown(how)
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNRESET):
+            raise
+
+
+class Connection:
+    """The life of one accepted connection: dial, handshake, two relays, teardown."""
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.config = server.config
+        self.client = sock
+        self.target = None
+        self.peer = peer
+        self.number = 0
+        self.started = time.monotonic()
+        self.up = [0]      # plaintext bytes source -> target
+        self.down = [0]    # plaintext bytes target -> source
+        self.lock = threading.Lock()
+        self.failed = None
+
+    def describe_peer(self):
+        return format_sockaddr(self.client.family, self.peer)
+
+    def run(self):
+        """Serve the connection to its end; never raises."""
+        cfg = self.config
+        stats = self.server.stats
+        try:
+            try:
+                sealer, opener = self._establish()
+            except ConnectError as e:
+                stats.count("connect_failures")
+                self._event("connect to %s failed: %s" % (cfg.target, e))
+                return
+            except HandshakeError as e:
+                stats.count_handshake(e.reason)
+                self._event("handshake failed: %s" % e)
+                return
+            for sock in (self.client, self.target):
+                tune_socket(sock, cfg.keepalive)
+            if cfg.decrypt:
+                plain, sealed = self.target, self.client
+            else:
+                plain, sealed = self.client, self.target
+            outward = self.up if not cfg.decrypt else self.down
+            inward = self.down if not cfg.decrypt else self.up
+            other = threading.Thread(target=self._pipe, daemon=True,
+                                     args=(relay_open, sealed, opener, plain, inward))
+            other.start()
+            self._pipe(relay_seal, plain, sealer, sealed, outward)
+            other.join()
+        except Exception as e:  # a bug must not take the daemon down
+            self.failed = "internal error: %r" % (e,)
+        finally:
+            for sock in (self.client, self.target):
+                if sock is not None:
+                    sock.close()
+            self._closed()
+
+    def _establish(self):
+        """Connect to the target and run the handshake; (sealer, opener)."""
+        cfg = self.config
+        timeout = cfg.timeout
+        deadline = None if timeout is None else self.started + timeout
+        dialer = Dialer(self.server.targets, cfg.bind)
+        try:
+            if cfg.decrypt:
+                # -d: the handshake on the accepted socket runs while the
+                # target connect is under way; one deadline covers both.
+                dialer.start()
+                keys = handshake(self.client, cfg.key, client=False, fast=cfg.fast,
+                                 require_pfs=cfg.require_pfs,
+                                 timeout=None if deadline is None else
+                                 max(deadline - time.monotonic(), 1e-3))
+                self.target = dialer.finish(deadline)
+                return keys
+            self.target = dialer.finish(deadline)
+            return handshake(self.target, cfg.key, client=True, fast=cfg.fast,
+                             require_pfs=cfg.require_pfs, timeout=timeout)
+        finally:
+            dialer.close()
+
+    def _pipe(self, relay, src, worker, dst, counter):
+        """Run one direction; half-close at EOF, tear both down on failure."""
+        try:
+            if relay is relay_seal:
+                relay(src.recv, worker, dst, counter)
+            else:
+                relay(src, worker, dst.sendall, counter)
+            _shutdown(dst, socket.SHUT_WR)
+        except BadPacket as e:
+            self._abort("bad packet: %s" % e)
+        except OSError as e:
+            self._abort(e.strerror or str(e))
+
+    def _abort(self, why):
+        """Close both directions now: wakes the other relay thread."""
+        with self.lock:
+            if self.failed is None:
+                self.failed = why
+        for sock in (self.client, self.target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _event(self, text):
+        if log.events:
+            log.event("connection %d: %s" % (self.number, text))
+
+    def _closed(self):
+        self.server.connection_closed(self)
+        if log.events and self.target is not None:
+            how = "closed" if self.failed is None else "dropped (%s)" % self.failed
+            self._event("%s: %d bytes in, %d bytes out, %.3fs"
+                        % (how, self.up[0], self.down[0], time.monotonic() - self.started))
+
+# ---------------------------------------------------------------------------
+# 7. Server: accept loop, connection limit, graceful drain
+# ---------------------------------------------------------------------------
+
+
+class Stats:
+    """Counters for SIGUSR1 and the readiness STATUS line."""
+
+    REASONS = ("timeout", "bad-mac", "no-pfs", "closed", "garbage", "io")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.live = 0
+        self.total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connect_failures = 0
+        self.limit_reached = 0
+        self.handshake_failures = dict.fromkeys(self.REASONS, 0)
+
+    def count(self, name, amount=1):
+        with self.lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def count_handshake(self, reason):
+        with self.lock:
+            self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def summary(self, live_connections=()):
+        with self.lock:
+            up = self.bytes_in + sum(c.up[0] for c in live_connections)
+            down = self.bytes_out + sum(c.down[0] for c in live_connections)
+            failures = ",".join("%s=%d" % kv for kv in self.handshake_failures.items())
+            return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
+                    "handshake_failures=%s connect_failures=%d limit_reached=%d"
+                    % (self.live, self.total, up, down, failures,
+                       self.connect_failures, self.limit_reached))
+
+
+class Config:
+    """Everything a connection needs to know, fixed at start-up."""
+
+    def __init__(self, **kw):
+        self.decrypt = False
+        self.source = self.target = None
+        self.key = b""
+        self.fast = self.require_pfs = False
+        self.timeout = DEFAULT_TIMEOUT
+        self.keepalive = True
+        self.bind = None
+        self.max_connections = DEFAULT_MAXCONN
+        self.__dict__.update(kw)
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Accepts connections on one listening socket and runs each in threads.
+
+    serve() replaces serve_forever(): it stops calling accept() while -n
+    connections are live (clients wait in the backlog), reacts to signals
+    through a wake-up pipe, and returns once a shutdown has drained.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, config, family, sockaddr, targets, listener=None, socket_mode=None):
+        self.config = config
+        self.address_family = family
+        self.targets = targets
+        self.stats = Stats()
+        self.live = set()
+        self.lock = threading.Lock()
+        self.next_number = 0
+        self.unlink_path = None
+        self.stopping = False
+        self.drain_deadline = None
+        self.on_tick = None
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.accept_paused_until = 0.0
+        self.accept_error_logged = False
+        if listener is not None:
+            super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+        else:
+            super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+            try:
+                self.server_bind()
+                if socket_mode is not None and family == socket.AF_UNIX:
+                    os.chmod(sockaddr, socket_mode)
+                self.server_activate()
+            except OSError:
+                self.socket.close()
+                raise
+            if family == socket.AF_UNIX:
+                self.unlink_path = sockaddr
+                self.unlink_ident = _file_identity(sockaddr)
+        self.socket.setblocking(False)
+
+    # -- accept loop ------------------------------------------------------
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    def full(self):
+        limit = self.config.max_connections
+        return bool(limit) and len(self.live) >= limit
+
+    def serve(self, tick=1.0):
+        """Accept until shutdown() and until the live connections have ended."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.wake_r, selectors.EVENT_READ)
+        listening = False
+        try:
+            while True:
+                with self.lock:
+                    if self.stopping and not self.live:
+                        return
+                    want = not self.stopping and not self.full() \
+                        and time.monotonic() >= self.accept_paused_until
+                if want != listening:
+                    if want:
+                        selector.register(self.socket, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self.socket)
+                    listening = want
+                timeout = tick
+                if self.accept_paused_until:
+                    timeout = min(timeout, max(self.accept_paused_until - time.monotonic(), 0.01))
+                if self.drain_deadline is not None:
+                    left = self.drain_deadline - time.monotonic()
+                    if left <= 0:
+                        self.abort_all()
+                        return
+                    timeout = min(timeout, left)
+                for key, _ in selector.select(timeout):
+                    if key.fd == self.wake_r:
+                        try:
+                            while os.read(self.wake_r, 4096):
+                                pass
+                        except OSError:
+                            pass
+                    elif listening:
+                        self._accept_one()
+                if self.on_tick is not None:
+                    self.on_tick()
+        finally:
+            selector.close()
+
+    def _accept_one(self):
+        try:
+            sock, peer = self.socket.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: pause accepting rather than spin.
+                if not self.accept_error_logged:
+                    log.warn("Error accepting connection: %s" % e.strerror)
+                    self.accept_error_logged = True
+                self.accept_paused_until = time.monotonic() + 0.25
+            return
+        self.accept_paused_until = 0.0
+        sock.setblocking(True)
+        connection = Connection(self, sock, peer)
+        limit = self.config.max_connections
+        with self.lock:
+            self.next_number += 1
+            connection.number = self.next_number
+            self.live.add(connection)
+            reached = limit and len(self.live) == limit
+        self.stats.count("total")
+        self.stats.count("live")
+        if reached:
+            self.stats.count("limit_reached")
+            log.warn("Maximum number of connections (%d) reached" % limit)
+        if log.events:
+            log.event("connection %d: accepted from %s"
+                      % (connection.number, connection.describe_peer()))
+        try:
+            self.process_request(connection, peer)  # ThreadingMixIn: a thread each
+        except RuntimeError:  # cannot start a thread: drop this one
+            sock.close()
+            self.connection_closed(connection)
+
+    def finish_request(self, connection, peer):
+        """Runs in the connection's thread (ThreadingMixIn hook)."""
+        connection.run()
+
+    def shutdown_request(self, connection):
+        """Connection.run() closed its sockets already."""
+
+    def connection_closed(self, connection):
+        """Called by each connection as it ends; frees its slot."""
+        with self.lock:
+            self.live.discard(connection)
+            self.accept_error_logged = False
+            self.accept_paused_until = 0.0
+        with self.stats.lock:
+            self.stats.live -= 1
+            self.stats.bytes_in += connection.up[0]
+            self.stats.bytes_out += connection.down[0]
+        self.wake()
+
+    # -- shutdown ---------------------------------------------------------
+
+    def begin_shutdown(self, drain_timeout=None):
+        """Stop accepting; serve() returns when the live connections are done."""
+        with self.lock:
+            self.stopping = True
+            if drain_timeout is not None and self.drain_deadline is None:
+                self.drain_deadline = time.monotonic() + drain_timeout
+        self.wake()
+
+    def abort_all(self):
+        """Cut every live connection (bounded drain ran out)."""
+        with self.lock:
+            live = list(self.live)
+        for connection in live:
+            connection._abort("drain timeout")
+
+    def server_close(self):
+        super().server_close()
+        if self.unlink_path is not None and _file_identity(self.unlink_path) == self.unlink_ident:
+            try:
+                os.unlink(self.unlink_path)
+            except OSError:
+                pass
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _file_identity(path):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def clear_stale_socket(path):
+    """Before binding PATH: remove it only if it is a dead socket.
+
+    Raises SpipedError for a live socket or a file that is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    busy = "Error binding socket: Address already in use"
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SpipedError(busy, "%s exists and is not a socket; not removing it" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log.warn("Removed stale socket %s" % path)
+        return
+    except OSError:
+        pass  # busy or unreadable: leave it alone
+    finally:
+        probe.close()
+    raise SpipedError(busy, "%s is in use by a running process; not removing it" % path)
+
+# ---------------------------------------------------------------------------
+# 8. Process: daemonizing, pidfile, privileges, signals, systemd
+# ---------------------------------------------------------------------------
+
+
+def daemonize(pidfile):
+    """Fork; the parent exits 0 once the child has setsid() and wrote PIDFILE.
+
+    The parent exits 1 if the child could not write the pidfile.  stdio is
+    kept, as C does.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        answer = b""
+        try:
+            answer = os.read(ready_r, 1)
+        except OSError:
+            pass
+        os._exit(0 if answer == b"1" else 1)
+    os.close(ready_r)
+    os.setsid()
+    try:
+        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        log.warn("fopen(%s): %s" % (pidfile, e.strerror))
+        log.warn("Failed to daemonize")
+        os._exit(1)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+
+
+def lookup_identity(spec):
+    """(uid or None, gid or None) for -u user, :group, or user:group."""
+    user, colon, group = spec.partition(":")
+    if colon and not group:
+        raise SpipedError('Empty group name: "%s"' % spec, "Failed to drop privileges")
+    uid = gid = None
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            entry = None
+            if user.isdigit():
+                uid = int(user)
+            else:
+                raise SpipedError("No such user: %s" % user, "Failed to drop privileges") from None
+        if entry is not None:
+            uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            if not group.isdigit():
+                raise SpipedError("No such group: %s" % group,
+                                  "Failed to drop privileges") from None
+            gid = int(group)
+    return uid, gid
+
+
+def drop_privileges(uid, gid):
+    """Become UID/GID with no supplementary groups beyond GID."""
+    try:
+        if gid is not None:
+            os.setgroups([gid])
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+    except OSError as e:
+        raise SpipedError("setuid/setgid: %s" % e.strerror, "Failed to drop privileges") from None
+
+
+class Notifier:
+    """systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG), stdlib only."""
+
+    def __init__(self, environ=os.environ):
+        self.address = None
+        self.watchdog = None
+        path = environ.get("NOTIFY_SOCKET", "")
+        if path.startswith("@"):
+            self.address = "\0" + path[1:]
+        elif path.startswith("/"):
+            self.address = path
+        usec = environ.get("WATCHDOG_USEC", "")
+        wpid = environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+        self.next_ping = 0.0
+        self.last_status = None
+
+    def send(self, text):
+        if self.address is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(text.encode(), self.address)
+        except OSError:
+            pass
+
+    def status(self, text):
+        if text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=" + text)
+
+    def tick(self):
+        if self.watchdog and time.monotonic() >= self.next_ping:
+            self.send("WATCHDOG=1")
+            self.next_ping = time.monotonic() + self.watchdog
+
+
+def inherited_listener(environ=os.environ):
+    """The listening socket systemd passed us (fd 3), or None.
+
+    Raises SpipedError when the passed descriptor is not a listening
+    stream socket.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    if count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    fd = 3
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SpipedError("Inherited file descriptor %d is not a socket: %s" % (fd, e.strerror))
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        sock.detach()
+        raise SpipedError("Inherited file descriptor %d: %s" % (fd, e.strerror))
+    if kind != socket.SOCK_STREAM or not accepting:
+        sock.detach()
+        raise SpipedError("Inherited file descriptor %d is not a listening stream socket" % fd)
+    if count > 1:
+        log.warn("systemd passed %d sockets; serving on the first only" % count)
+    return sock
+
+
+def _resolve_or_retry(addr, retry, resolver=resolve):
+    """resolve(ADDR); with -D, print the resolver's message and retry each second."""
+    while True:
+        try:
+            return resolver(addr)
+        except AddressError as e:
+            if not retry:
+                raise
+            log.warn(e.lines[0])
+            time.sleep(1)
+
+
+def _re_resolver(server, addr, period):
+    """Refresh the target list every PERIOD seconds; keep the old one on failure."""
+    while True:
+        time.sleep(period)
+        try:
+            fresh = resolve(addr)
+        except AddressError as e:
+            log.warn(e.lines[0])
+            continue
+        if fresh:
+            server.targets = fresh
+
+# ---------------------------------------------------------------------------
+# 9. Command line and main()
+# ---------------------------------------------------------------------------
+
+SPIPED_USAGE = """\
+usage: spiped {-e | -d} -s <source socket> -t <target socket> -k <key file>
+    [-b <bind address> [-DFj] [-f | -g] [-n <max # connections>]
+    [-o <connection timeout>] [-p <pidfile>] [-r <rtime> | -R] [--syslog]
+    [-u {<username> | <:groupname> | <username:groupname>}]
+       spiped -v
+"""
+
+SPIPE_USAGE = """\
+usage: spipe -t <target socket> -k <key file> [-b <bind address>] [-f | -g]
+    [-j] [-o <connection timeout>]
+       spipe -v
+"""
+
+SPIPED_LONG_HELP = """\
+Extensions (long options; every C command line keeps its meaning):
+  --syslog               after daemonizing, log to syslog (and connection
+                         events to syslog even with -F)
+  --log-connections      log each connection: accepted, connect or handshake
+                         failure, closed with byte counts and duration
+  --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
+                         then close them and exit 0
+  --socket-mode MODE     octal permissions for a unix source socket
+  --help                 this text
+Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
+logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
+readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
+"""
+
+
+class _Exit(Exception):
+    """Leave main() with this status (after messages were printed)."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+def getopt_c(args, flags, with_arg, long_flags=(), long_with_arg=()):
+    """Yield (option, value) left to right, the way spiped's getopt does.
+
+    Single-letter flags may be grouped, arguments attached or separate,
+    '--' ends the options.  Long options may take '=value'.  Raises
+    UsageError; the caller's loop sees each option as it comes, so -v can
+    act before later errors.  The leftover arguments are yielded last as
+    (None, list).
+    """
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name in long_flags and not eq:
+                yield name, None
+            elif name in long_with_arg:
+                if not eq:
+                    i += 1
+                    if i >= len(args):
+                        raise UsageError("Missing argument to %s" % name)
+                    value = args[i]
+                yield name, value
+            else:
+                raise UsageError("illegal option -- %s" % name)
+            i += 1
+            continue
+        if not arg.startswith("-") or arg == "-":
+            break
+        pos = 1
+        while pos < len(arg):
+            letter = arg[pos]
+            if letter in with_arg:
+                value = arg[pos + 1:]
+                if not value:
+                    i += 1
+                    if i >= len(args):
+                        raise UsageError("Missing argument to -%s" % letter)
+                    value = args[i]
+                yield "-" + letter, value
+                break
+            if letter not in flags:
+                raise UsageError("illegal option -- -%s" % letter)
+            yield "-" + letter, None
+            pos += 1
+        i += 1
+    yield None, args[i:]
+
+
+def _strtod(text):
+    """C strtod() on the whole of TEXT, or None if it is not a number."""
+    s = text.lstrip(" \t\n\r\f\v")
+    try:
+        if s[:3].lower() in ("0x", "+0x", "-0x") or s[:2].lower() in ("0x",):
+            return float.fromhex(s)
+        if s.lower().lstrip("+-") in ("inf", "infinity", "nan"):
+            return float(s)
+        if not s or s[-1:] not in "0123456789.":
+            return None
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _strtoul(text):
+    """C strtoul(base 0) on the whole of TEXT: value, or None, or 'range'."""
+    s = text.lstrip(" \t\n\r\f\v")
+    negative = s[:1] == "-"
+    if s[:1] in "+-":
+        s = s[1:]
+    base = 10
+    if s[:2].lower() == "0x" and len(s) > 2:
+        base, s = 16, s[2:]
+    elif s[:1] == "0" and len(s) > 1:
+        base, s = 8, s[1:]
+    try:
+        if not s or not s.isascii() or s.strip() != s or s[:1] in "+-_" or "_" in s:
+            return None
+        value = int(s, base)
+    except ValueError:
+        return None
+    limit = (1 << 64) - 1
+    if value > limit:
+        return "range"
+    return ((1 << 64) - value) % (1 << 64) if negative else value
+
+
+def _parse_number(option, text, kind):
+    """A numeric option argument, with C's error messages."""
+    if kind == "float":
+        value = _strtod(text)
+        if value is None:
+            raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+        if value != value:
+            raise UsageError(None)
+        if value < 0 or (value > 1e300 and value != float("inf")):
+            raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
+                              % (option, text))
+        return value
+    value = _strtoul(text)
+    if value is None:
+        raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+    if value == "range":
+        raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
+                          % (option, text))
+    return value
+
+
+def _print_usage(usage, message=None):
+    if message:
+        log.warn(message)
+    sys.stderr.write(usage)
+    sys.stderr.flush()
+
+
+def _print_version():
+    sys.stderr.write("%s %s\n" % (log.prog, __version__))
+    sys.stderr.flush()
+
+
+def parse_spiped_args(args):
+    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit."""
+    seen = {}
+    for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
+                                  ("--syslog", "--log-connections", "--help"),
+                                  ("--drain-timeout", "--socket-mode")):
+        if option is None:
+            if value:
+                raise UsageError(None)
+            break
+        if option == "--help":
+            sys.stdout.write(SPIPED_USAGE + "\n" + SPIPED_LONG_HELP)
+            raise _Exit(0)
+        if option in seen:
+            raise UsageError(None)
+        if option == "-v":
+            _print_version()
+            raise _Exit(0)
+        if option in ("-s", "-t"):
+            check_address_syntax(value)
+        elif option == "-n":
+            value = _parse_number(option, value, "int")
+        elif option in ("-o", "-r", "--drain-timeout"):
+            value = _parse_number(option, value, "float")
+        elif option == "--socket-mode":
+            try:
+                value = int(value, 8)
+                if not 0 <= value <= 0o7777:
+                    raise ValueError
+            except ValueError:
+                raise SpipedError("Error parsing argument: %s %s: Invalid argument"
+                                  % (option, value)) from None
+        seen[option] = value
+    if ("-e" in seen) == ("-d" in seen):
+        raise UsageError(None)
+    if not all(o in seen for o in ("-s", "-t", "-k")):
+        raise UsageError(None)
+    if "-f" in seen and "-g" in seen:
+        raise UsageError(None)
+    rtime = seen.get("-r") or DEFAULT_RTIME
+    if "-R" in seen and rtime != DEFAULT_RTIME:
+        raise UsageError(None)
+    seen["-r"] = rtime
+    timeout = seen.get("-o") or DEFAULT_TIMEOUT
+    seen["-o"] = None if timeout == float("inf") else timeout
+    return seen
+
+
+def _install_signals(server, drain_timeout, notifier):
+    """SIGTERM drains (second one exits at once); SIGINT as C; SIGUSR1 stats."""
+    pid1 = os.getpid() == 1
+    pending = []
+
+    def on_term(signum, frame):
+        if server.stopping:
+            if pid1:
+                os._exit(0)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        # A second SIGTERM kills at once, as C restores the default action.
+        signal.signal(signal.SIGTERM, on_term if pid1 else signal.SIG_DFL)
+        notifier.send("STOPPING=1")
+        server.begin_shutdown(drain_timeout)
+
+    def on_usr1(signum, frame):
+        pending.append("stats")
+        server.wake()
+
+    def on_int(signum, frame):
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    if pid1:
+        log.warn("WARNING: Applying workaround for Docker signal-handling bug")
+        signal.signal(signal.SIGINT, on_int)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return pending
+
+
+def spiped_main(args):
+    """spiped: returns the exit status."""
+    log.prog = "spiped"
+    try:
+        opts = parse_spiped_args(args)
+    except UsageError as e:
+        _print_usage(SPIPED_USAGE, e.args[0] if e.args else None)
+        return 1
+    except SpipedError as e:
+        for line in e.lines:
+            log.warn(line)
+        return 1
+    except _Exit as e:
+        return e.status
+    if AES is None:
+        log.warn("Cryptodome is missing: pip install pycryptodomex"
+                 " (or apt install python3-pycryptodome)")
+        return 1
+    try:
+        return _run_spiped(opts)
+    except SpipedError as e:
+        for line in e.lines:
+            log.warn(line)
+        return 1
+
+
+def _run_spiped(opts):
+    foreground = "-F" in opts
+    wait_dns = "-D" in opts
+    source, target = opts["-s"], opts["-t"]
+    pidfile = opts.get("-p") or source + ".pid"
+    log.events = "--log-connections" in opts
+    if "--syslog" in opts and foreground and log.events:
+        log.events_to_syslog = True
+        log._syslog()
+    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
+
+    if wait_dns and not foreground:
+        daemonize(pidfile)
+        if "--syslog" in opts:
+            log.use_syslog()
+
+    listener = inherited_listener()
+    if listener is None:
+        sources = _resolve_or_retry(source, wait_dns)
+        if len(sources) > 1:
+            log.warn("Using the first of multiple addresses found for %s" % source)
+        family, sockaddr = sources[0]
+    else:
+        family, sockaddr = listener.family, None
+    targets = _resolve_or_retry(target, wait_dns)
+    if not targets:
+        raise SpipedError("No addresses found for %s" % target)
+    bind = None
+    if "-b" in opts:
+        bind = _resolve_or_retry(opts["-b"], wait_dns, bind_address)[0][1]
+    key = read_key(opts["-k"])
+
+    config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
+                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
+                    keepalive="-j" not in opts, bind=bind,
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN))
+    if listener is None and family == socket.AF_UNIX:
+        clear_stale_socket(sockaddr)
+    try:
+        server = Server(config, family, sockaddr, targets, listener=listener,
+                        socket_mode=opts.get("--socket-mode"))
+    except OSError as e:
+        raise SpipedError("Error binding socket: %s" % e.strerror) from None
+
+    if not wait_dns and not foreground:
+        daemonize(pidfile)
+        if "--syslog" in opts:
+            log.use_syslog()
+    if identity is not None:
+        drop_privileges(*identity)
+
+    threading.stack_size(512 * 1024)
+    if "-R" not in opts:
+        threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
+                         daemon=True).start()
+    notifier = Notifier()
+    pending = _install_signals(server, opts.get("--drain-timeout"), notifier)
+
+    def on_tick():
+        while pending:
+            pending.pop()
+            with server.lock:
+                live = list(server.live)
+            log.event(server.stats.summary(live))
+        notifier.tick()
+        notifier.status("%d live, %d total connections"
+                        % (server.stats.live, server.stats.total))
+
+    server.on_tick = on_tick
+    notifier.send("READY=1")
+    notifier.status("0 live, 0 total connections")
+    try:
+        server.serve(tick=min(1.0, notifier.watchdog or 1.0))
+    finally:
+        server.server_close()
+    return 0
+
+# -- spipe -------------------------------------------------------------------
+
+
+def spipe_main(args):
+    """spipe: one encrypted connection with stdin/stdout as the plaintext end."""
+    log.prog = "spipe"
+    seen = {}
+    try:
+        for option, value in getopt_c(args, "fgjv", "tkbo"):
+            if option is None:
+                if value:
+                    raise UsageError(None)
+                break
+            if option in seen:
+                raise UsageError(None)
+            if option == "-v":
+                _print_version()
+                return 0
+            if option == "-t":
+                check_address_syntax(value)
+            if option == "-o":
+                value = _parse_number(option, value, "float")
+            seen[option] = value
+        if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
+            raise UsageError(None)
+    except UsageError as e:
+        _print_usage(SPIPE_USAGE, e.args[0] if e.args else None)
+        return 1
+    except SpipedError as e:
+        for line in e.lines:
+            log.warn(line)
+        return 1
+    if AES is None:
+        log.warn("Cryptodome is missing: pip install pycryptodomex"
+                 " (or apt install python3-pycryptodome)")
+        return 1
+    timeout = seen.get("-o") or DEFAULT_TIMEOUT
+    timeout = None if timeout == float("inf") else timeout
+    try:
+        targets = resolve(seen["-t"])
+        bind = bind_address(seen["-b"])[0][1] if "-b" in seen else None
+        key = read_key(seen["-k"])
+    except SpipedError as e:
+        for line in e.lines:
+            log.warn(line)
+        return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        sock = Dialer(targets, bind).finish(
+            None if timeout is None else time.monotonic() + timeout)
+    except ConnectError:
+        log.warn("Could not connect")
+        return 1
+    try:
+        sealer, opener = handshake(sock, key, client=True, fast="-f" in seen,
+                                   require_pfs="-g" in seen, timeout=timeout)
+    except HandshakeError:
+        log.warn("Handshake failed")
+        return 1
+    tune_socket(sock, "-j" not in seen)
+    return _spipe_relay(sock, sealer, opener)
+
+
+def _write_fd(fd):
+    """A write-all function for file descriptor FD."""
+    def write(data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+def _spipe_relay(sock, sealer, opener):
+    """Copy stdin -> SOCK and SOCK -> stdout; exit when the server side ends."""
+    outcome = []
+    done = threading.Event()
+
+    def upload():
+        # A failed upload ends nothing by itself: the peer went away, and
+        # the download then sees EOF or a reset and decides the outcome.
+        try:
+            relay_seal(lambda n: os.read(0, n), sealer, sock, [0])
+            _shutdown(sock, socket.SHUT_WR)
+        except OSError:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def download():
+        try:
+            relay_open(sock, opener, _write_fd(1), [0])
+        except BadPacket:
+            outcome.append("Connection error")
+        except OSError as e:
+            outcome.append("Error reading: %s" % (e.strerror or e))
+        done.set()
+
+    threading.Thread(target=upload, daemon=True).start()
+    threading.Thread(target=download, daemon=True).start()
+    done.wait()
+    if outcome:
+        log.warn(outcome[0])
+        return 1
+    return 0
+
+
+def main(argv=None):
+    """Entry point: spiped, or spipe when invoked as 'spipe' or 'spiped.py spipe'."""
+    argv = list(sys.argv if argv is None else argv)
+    name = os.path.basename(argv[0]) if argv else "spiped"
+    if name in ("spipe", "spipe.py"):
+        return spipe_main(argv[1:])
+    if len(argv) > 1 and argv[1] == "spipe":
+        return spipe_main(argv[2:])
+    return spiped_main(argv[1:])
+
+
+def spipe_entry():
+    """Console script 'spipe'."""
+    return spipe_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
