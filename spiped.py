@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import os
 import pwd
+import re
 import grp
 import selectors
 import signal
@@ -618,7 +619,11 @@ class Dialer:
         self.started = True
         while self.todo:
             family, sockaddr = self.todo.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as e:  # out of descriptors, family unsupported
+                self.error = e.strerror or str(e)
+                continue
             try:
                 sock.setblocking(False)
                 if self.bind is not None:
@@ -1391,19 +1396,30 @@ def getopt_c(args, flags, with_arg, long_flags=(), long_with_arg=()):
     yield None, args[i:]
 
 
+_STRTOD = re.compile(
+    r"[ \t\n\r\f\v]*[+-]?(?:"
+    r"0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?"
+    r"|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    r"|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?"
+    r"|[nN][aA][nN](?:\([0-9A-Za-z_]*\))?)\Z")
+
+
 def _strtod(text):
-    """C strtod() on the whole of TEXT, or None if it is not a number."""
-    s = text.lstrip(" \t\n\r\f\v")
-    try:
-        if s[:3].lower() in ("0x", "+0x", "-0x") or s[:2].lower() in ("0x",):
-            return float.fromhex(s)
-        if s.lower().lstrip("+-") in ("inf", "infinity", "nan"):
-            return float(s)
-        if not s or s[-1:] not in "0123456789.":
-            return None
-        return float(s)
-    except ValueError:
+    """C strtod() on the whole of TEXT: a float, None (not a number) or 'range'."""
+    if not _STRTOD.match(text):
         return None
+    s = text.lstrip(" \t\n\r\f\v")
+    body = s.lstrip("+-").lower()
+    if body.startswith("nan"):
+        return float("nan")
+    if body.startswith("inf"):
+        return float(s[:1] + "inf") if s[:1] == "-" else float("inf")
+    value = float.fromhex(s) if body.startswith("0x") else float(s)
+    if value in (float("inf"), float("-inf")):
+        return "range"  # overflow, as strtod reports it
+    if value == 0 and any(c in "123456789abcdef" for c in body.split("p")[0].split("e")[0].replace("0x", "", 1)):
+        return "range"  # underflow
+    return value
 
 
 def _strtoul(text):
@@ -1435,9 +1451,9 @@ def _parse_number(option, text, kind):
         value = _strtod(text)
         if value is None:
             raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
-        if value != value:
+        if value != "range" and value != value:
             raise UsageError(None)
-        if value < 0 or (value > 1e300 and value != float("inf")):
+        if value == "range" or value < 0:
             raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
                               % (option, text))
         return value
