@@ -161,7 +161,7 @@ class Log:
     def _syslog(self):
         import syslog
         if self.syslog is None:
-            syslog.openlog(self.prog, syslog.LOG_PID, syslog.LOG_DAEMON)
+            syslog.openlog(self.prog, 0, syslog.LOG_USER)  # as C: no PID, user facility
             self.syslog = syslog
         return self.syslog
 
@@ -1181,7 +1181,7 @@ def lookup_identity(spec):
             else:
                 raise SpipedError("No such user: %s" % user, "Failed to drop privileges") from None
         if entry is not None:
-            uid, gid = entry.pw_uid, entry.pw_gid
+            uid = entry.pw_uid  # the group stays as it is, as C leaves it
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
@@ -1194,10 +1194,10 @@ def lookup_identity(spec):
 
 
 def drop_privileges(uid, gid):
-    """Become UID/GID with no supplementary groups beyond GID."""
+    """Clear supplementary groups, then become GID and UID (each if given)."""
     try:
+        os.setgroups([])
         if gid is not None:
-            os.setgroups([gid])
             os.setgid(gid)
         if uid is not None:
             os.setuid(uid)
