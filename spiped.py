@@ -1166,43 +1166,49 @@ def daemonize(pidfile):
 
 
 def lookup_identity(spec):
-    """(uid or None, gid or None) for -u user, :group, or user:group."""
+    """(uid or None, gid or None) for -u user, :group, or user:group.
+
+    Names or numeric ids; the group is looked up first, as C does.
+    """
+    failed = "Failed to drop privileges"
+    if not spec:
+        raise SpipedError('Need to specify user and/or group: "%s"' % spec, failed)
     user, colon, group = spec.partition(":")
     if colon and not group:
-        raise SpipedError('Empty group name: "%s"' % spec, "Failed to drop privileges")
+        raise SpipedError('Empty group name: "%s"' % spec, failed)
     uid = gid = None
-    if user:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            entry = None
-            if user.isdigit():
-                uid = int(user)
-            else:
-                raise SpipedError("No such user: %s" % user, "Failed to drop privileges") from None
-        if entry is not None:
-            uid = entry.pw_uid  # the group stays as it is, as C leaves it
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            if not group.isdigit():
-                raise SpipedError("No such group: %s" % group,
-                                  "Failed to drop privileges") from None
+            if not (group.isdigit() and group.isascii() and int(group) < 1 << 32):
+                raise SpipedError("No such group: %s" % group, failed) from None
             gid = int(group)
+    if user:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            if not (user.isdigit() and user.isascii() and int(user) < 1 << 32):
+                raise SpipedError("No such user: %s" % user, failed) from None
+            uid = int(user)
     return uid, gid
 
 
 def drop_privileges(uid, gid):
     """Clear supplementary groups, then become GID and UID (each if given)."""
+    failed = "Failed to drop privileges"
     try:
         os.setgroups([])
-        if gid is not None:
-            os.setgid(gid)
-        if uid is not None:
-            os.setuid(uid)
     except OSError as e:
-        raise SpipedError("setuid/setgid: %s" % e.strerror, "Failed to drop privileges") from None
+        raise SpipedError("%s: %s" % (failed, e.strerror)) from None
+    for call, name, value in ((os.setgid, "setgid", gid), (os.setuid, "setuid", uid)):
+        if value is None:
+            continue
+        try:
+            call(value)
+        except (OSError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or os.strerror(errno.EINVAL)
+            raise SpipedError("%s(%d): %s" % (name, value, why), failed) from None
 
 
 class Notifier:
@@ -1451,8 +1457,6 @@ def _parse_number(option, text, kind):
         value = _strtod(text)
         if value is None:
             raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
-        if value != "range" and value != value:
-            raise UsageError(None)
         if value == "range" or value < 0:
             raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
                               % (option, text))
@@ -1502,6 +1506,8 @@ def parse_spiped_args(args):
             value = _parse_number(option, value, "int")
         elif option in ("-o", "-r", "--drain-timeout"):
             value = _parse_number(option, value, "float")
+            if value != value and option != "-r":  # C takes "-r nan"
+                raise UsageError(None)
         elif option == "--socket-mode":
             try:
                 value = int(value, 8)
@@ -1595,7 +1601,6 @@ def _run_spiped(opts):
     if "--syslog" in opts and foreground and log.events:
         log.events_to_syslog = True
         log._syslog()
-    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
 
     if wait_dns and not foreground:
         daemonize(pidfile)
@@ -1629,6 +1634,9 @@ def _run_spiped(opts):
                         socket_mode=opts.get("--socket-mode"))
     except OSError as e:
         raise SpipedError("Error binding socket: %s" % e.strerror) from None
+    # C checks -u only in the daemon, after its parent has exited 0; an
+    # unknown user or group is known now, so report it with exit 1.
+    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
 
     if not wait_dns and not foreground:
         daemonize(pidfile)
@@ -1638,7 +1646,7 @@ def _run_spiped(opts):
         drop_privileges(*identity)
 
     threading.stack_size(512 * 1024)
-    if "-R" not in opts:
+    if "-R" not in opts and 0 < opts["-r"] < float("inf"):  # "-r nan": never
         threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
                          daemon=True).start()
     notifier = Notifier()
@@ -1685,6 +1693,8 @@ def spipe_main(args):
                 check_address_syntax(value)
             if option == "-o":
                 value = _parse_number(option, value, "float")
+                if value != value:
+                    raise UsageError(None)
             seen[option] = value
         if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
             raise UsageError(None)

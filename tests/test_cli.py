@@ -1,0 +1,776 @@
+"""Command-line parity with the C programs: wrong command lines, edge values
+that are accepted, start-up order, and dropping privileges with -u.
+
+Every case in the tables runs twice: against the installed C binaries
+(whose behaviour, recorded below, was observed with spiped 1.6.2) and
+against spiped.py. A case says what C does and, where 1.6.4 differs from
+1.6.2 (SPEC §9), what ours must do instead.
+
+Checked for a failing command line: the exit status, stdout empty, the
+message lines before the usage text (exactly), and whether usage is
+printed. Our usage text must equal the 1.6.4 text; C's need only start
+with "usage:", since 1.6.2 lacks -b.
+
+Commands that would daemonize carry -F, except the pidfile cases, which
+fail before the parent can leave. Every run has a timeout, so a case that
+unexpectedly starts a daemon fails instead of hanging, and any pidfile left
+in the scratch directory is used to kill what it names.
+"""
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import (
+    C_SPIPE,
+    C_SPIPED,
+    SPIPED_PY,
+    address_listening,
+    free_port,
+    need_c,
+    tcp_addr,
+)
+
+RUN_TIMEOUT = 10
+
+USAGE_SPIPED = """\
+usage: spiped {-e | -d} -s <source socket> -t <target socket> -k <key file>
+    [-b <bind address> [-DFj] [-f | -g] [-n <max # connections>]
+    [-o <connection timeout>] [-p <pidfile>] [-r <rtime> | -R] [--syslog]
+    [-u {<username> | <:groupname> | <username:groupname>}]
+       spiped -v
+"""
+
+USAGE_SPIPE = """\
+usage: spipe -t <target socket> -k <key file> [-b <bind address>] [-f | -g]
+    [-j] [-o <connection timeout>]
+       spipe -v
+"""
+
+USAGE = {"spiped": USAGE_SPIPED, "spipe": USAGE_SPIPE}
+USAGE_START = {"spiped": "usage: spiped {-e | -d}", "spipe": "usage: spipe -t"}
+
+# gai_strerror texts a failed look-up of a .invalid name may produce.
+DNS_FAIL = (r"(Name or service not known|Temporary failure in name resolution"
+            r"|No address associated with hostname)")
+
+
+# ---------------------------------------------------------------------------
+# What a case expects
+
+@dataclass(frozen=True)
+class Fails:
+    """Exits with RC; LINES are the messages before any usage text.
+
+    A line is a string (after placeholder substitution, compared exactly) or
+    a compiled pattern (full match). Lines matching EXTRA are dropped before
+    comparing, for messages that may or may not appear (racy threads).
+    LINES None: only the exit status is checked.
+    """
+    lines: tuple = ()
+    usage: bool = False
+    rc: int = 1
+    extra: object = None
+
+
+@dataclass(frozen=True)
+class Starts:
+    """Accepted: the process (run with -F) ends up listening on ADDR."""
+    addr: str = "{src}"
+
+
+@dataclass(frozen=True)
+class Version:
+    """Prints "<prog> <version>" to stderr and exits 0."""
+
+
+USAGE_ONLY = Fails(usage=True)
+# Where C 1.6.2 and 1.6.4 differ, C is held to the exit status only.
+C_FAILS = Fails(lines=None)
+
+
+def illegal(prog, opt):
+    return Fails(("%s: illegal option -- %s" % (prog, opt),), usage=True)
+
+
+def missing_arg(prog, opt):
+    return Fails(("%s: Missing argument to %s" % (prog, opt),), usage=True)
+
+
+def bad_number(prog, opt, arg, why):
+    return Fails(("%s: Error parsing argument: %s %s: %s" % (prog, opt, arg, why),))
+
+
+def invalid(opt, arg, prog="spiped"):
+    return bad_number(prog, opt, arg, "Invalid argument")
+
+
+def out_of_range(opt, arg, prog="spiped"):
+    return bad_number(prog, opt, arg, "Numerical result out of range")
+
+
+def unresolvable(addr, first, prog="spiped"):
+    return Fails((first if isinstance(first, re.Pattern) else "%s: %s" % (prog, first),
+                  "%s: Error resolving socket address: %s" % (prog, addr)))
+
+
+def drop_failed(first):
+    return Fails(("spiped: " + first, "spiped: Failed to drop privileges"))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple
+    c: object
+    ours: object = None  # None: same as c
+    prog: str = "spiped"
+
+    def expect(self, impl):
+        if impl == "ours" and self.ours is not None:
+            return self.ours
+        return self.c
+
+
+# A valid spiped command line in the foreground; cases add to it or vary it.
+S, T, K = ("-s", "{src}"), ("-t", "{tgt}"), ("-k", "{key}")
+BASE = ("-e", "-F") + S + T + K
+
+
+def base(*more):
+    return BASE + more
+
+
+# ---------------------------------------------------------------------------
+# spiped: command lines
+
+SPIPED_CASES = [
+    # Usage errors without a message.
+    Case("no-args", (), USAGE_ONLY),
+    Case("both-e-and-d", ("-e", "-d", "-F") + S + T + K, USAGE_ONLY),
+    Case("neither-e-nor-d", ("-F",) + S + T + K, USAGE_ONLY),
+    Case("no-s", ("-e", "-F") + T + K, USAGE_ONLY),
+    Case("no-t", ("-e", "-F") + S + K, USAGE_ONLY),
+    Case("no-k", ("-e", "-F") + S + T, USAGE_ONLY),
+    Case("f-and-g", base("-f", "-g"), USAGE_ONLY),
+    Case("r-5-with-R", base("-r", "5", "-R"), USAGE_ONLY),
+    Case("R-with-r-5", base("-R", "-r", "5"), USAGE_ONLY),
+    Case("r-nan-with-R", base("-r", "nan", "-R"), USAGE_ONLY),
+    Case("o-nan", base("-o", "nan"), USAGE_ONLY),
+    Case("o-NaN", base("-o", "NaN"), USAGE_ONLY),
+    # Each option at most once.
+    Case("repeat-e", ("-e",) + BASE, USAGE_ONLY),
+    Case("repeat-d-after-d", ("-d", "-F") + S + T + K + ("-d",), USAGE_ONLY),
+    Case("e-after-d", ("-d", "-F") + S + T + K + ("-e",), USAGE_ONLY),
+    Case("repeat-k", base("-k", "{key}"), USAGE_ONLY),
+    Case("repeat-s", base("-s", "{src}"), USAGE_ONLY),
+    Case("repeat-t", base("-t", "{tgt}"), USAGE_ONLY),
+    Case("repeat-F", base("-F"), USAGE_ONLY),
+    Case("repeat-D", base("-D", "-D"), USAGE_ONLY),
+    Case("repeat-f", base("-f", "-f"), USAGE_ONLY),
+    Case("repeat-g", base("-g", "-g"), USAGE_ONLY),
+    Case("repeat-j-grouped", base("-jj"), USAGE_ONLY),
+    Case("repeat-R", base("-R", "-R"), USAGE_ONLY),
+    Case("repeat-o", base("-o", "1", "-o", "2"), USAGE_ONLY),
+    Case("repeat-o-zero", base("-o", "0", "-o", "0"), USAGE_ONLY),
+    Case("repeat-n-zero", base("-n", "0", "-n", "0"), USAGE_ONLY),
+    Case("repeat-r", base("-r", "1", "-r", "1"), USAGE_ONLY),
+    Case("repeat-p", base("-p", "{tmp}/a.pid", "-p", "{tmp}/a.pid"), USAGE_ONLY),
+    Case("repeat-u", base("-u", "nobody", "-u", "nobody"), USAGE_ONLY),
+    Case("repeat-syslog", base("--syslog", "--syslog"), USAGE_ONLY),
+    # "-syslog" is -s with the argument "yslog": a second -s.
+    Case("single-dash-syslog", base("-syslog"), USAGE_ONLY),
+    # In "-ex" the repeated -e is seen before the x.
+    Case("repeat-in-group", base("-ex"), USAGE_ONLY),
+    # Arguments left over.
+    Case("stray-argument", base("extra"), USAGE_ONLY),
+    Case("stray-in-middle", ("-e", "-F") + S + ("extra",) + T + K, USAGE_ONLY),
+    Case("stray-lone-dash", base("-"), USAGE_ONLY),
+    Case("stray-after-double-dash", base("--", "extra"), USAGE_ONLY),
+    Case("double-dash-ends-options", ("-e", "-F") + S + T + ("--",) + K, USAGE_ONLY),
+    Case("double-dash-alone", ("--",), USAGE_ONLY),
+    # -s takes "-t" as its argument; then -t is missing.
+    Case("s-swallows-t", ("-e", "-s", "-t"), USAGE_ONLY),
+    # Illegal options: printed with the dash.
+    Case("illegal-option", ("-x",), illegal("spiped", "-x")),
+    Case("illegal-option-late", base("-X"), illegal("spiped", "-X")),
+    Case("illegal-in-group", ("-Fx",), illegal("spiped", "-x")),
+    Case("syslog-with-value", base("--syslog=1"), illegal("spiped", "--syslog")),
+    Case("syslog-prefix", base("--sys"), illegal("spiped", "--sys")),
+    Case("long-option", ("--foo",), illegal("spiped", "--foo")),
+    # -b is 1.6.3+; ours follows 1.6.4 and accepts it.
+    # 1.6.2: "spiped: illegal option -- -b" + usage.
+    Case("b-bind-address", base("-b", "[127.0.0.1]"), C_FAILS, ours=Starts()),
+    # Missing option arguments.
+    Case("k-without-argument", ("-e", "-F") + S + T + ("-k",), missing_arg("spiped", "-k")),
+    Case("k-only", ("-k",), missing_arg("spiped", "-k")),
+    Case("k-in-group", ("-ek",), missing_arg("spiped", "-k")),
+    Case("s-without-argument", ("-e", "-s"), missing_arg("spiped", "-s")),
+    Case("t-without-argument", ("-e", "-F") + S + K + ("-t",), missing_arg("spiped", "-t")),
+    Case("o-without-argument", base("-o"), missing_arg("spiped", "-o")),
+    Case("n-without-argument", base("-n"), missing_arg("spiped", "-n")),
+    Case("r-without-argument", base("-r"), missing_arg("spiped", "-r")),
+    Case("p-without-argument", base("-p"), missing_arg("spiped", "-p")),
+    Case("u-without-argument", base("-u"), missing_arg("spiped", "-u")),
+    # Numbers: -o (strtod).
+    Case("o-not-a-number", base("-o", "abc"), invalid("-o", "abc")),
+    Case("o-empty", base("-o", ""), invalid("-o", "")),
+    Case("o-trailing-space", base("-o", "5 "), invalid("-o", "5 ")),
+    Case("o-negative", base("-o", "-1"), out_of_range("-o", "-1")),
+    Case("o-negative-fraction", base("-o", "-0.5"), out_of_range("-o", "-0.5")),
+    Case("o-minus-inf", base("-o", "-inf"), out_of_range("-o", "-inf")),
+    Case("o-overflow", base("-o", "1e400"), out_of_range("-o", "1e400")),
+    Case("o-underflow", base("-o", "1e-400"), out_of_range("-o", "1e-400")),
+    # Numbers: -n (unsigned, base auto-detected).
+    Case("n-not-a-number", base("-n", "abc"), invalid("-n", "abc")),
+    Case("n-empty", base("-n", ""), invalid("-n", "")),
+    Case("n-trailing-junk", base("-n", "12x"), invalid("-n", "12x")),
+    Case("n-fraction", base("-n", "1.5"), invalid("-n", "1.5")),
+    Case("n-exponent", base("-n", "5e3"), invalid("-n", "5e3")),
+    Case("n-bad-octal", base("-n", "08"), invalid("-n", "08")),
+    Case("n-bare-0x", base("-n", "0x"), invalid("-n", "0x")),
+    Case("n-negative-junk", base("-n", "-1x"), invalid("-n", "-1x")),
+    Case("n-overflow", base("-n", "18446744073709551616"), out_of_range("-n", "18446744073709551616")),
+    Case("n-overflow-huge", base("-n", "99999999999999999999999"),
+         out_of_range("-n", "99999999999999999999999")),
+    Case("n-negative-overflow", base("-n", "-18446744073709551616"),
+         out_of_range("-n", "-18446744073709551616")),
+    # Numbers: -r (strtod).
+    Case("r-not-a-number", base("-r", "abc"), invalid("-r", "abc")),
+    Case("r-negative", base("-r", "-1"), out_of_range("-r", "-1")),
+    Case("r-overflow", base("-r", "1e400"), out_of_range("-r", "1e400")),
+    # -v: options are handled left to right; -v exits where it stands.
+    Case("version", ("-v",), Version()),
+    Case("version-in-group", ("-eFv",), Version()),
+    Case("version-after-valid-line", base("-v"), Version()),
+    Case("version-before-bad-number", ("-v", "-o", "abc"), Version()),
+    Case("version-before-repeat", ("-e", "-v", "-e"), Version()),
+    Case("version-twice", ("-v", "-v"), Version()),
+    Case("version-with-stray", ("-v", "extra"), Version()),
+    Case("version-after-illegal", ("-x", "-v"), illegal("spiped", "-x")),
+    Case("version-after-bad-number", ("-o", "abc", "-v"), invalid("-o", "abc")),
+    # Key file.
+    Case("key-missing", ("-e", "-F") + S + T + ("-k", "{missing}"),
+         Fails(("spiped: Cannot open file: {missing}: No such file or directory",
+                "spiped: Error reading shared secret"))),
+    Case("key-is-directory", ("-e", "-F") + S + T + ("-k", "{keydir}"),
+         Fails(("spiped: Error reading file: {keydir}: Is a directory",
+                "spiped: Error reading shared secret"))),
+    # Addresses.
+    Case("source-no-port", ("-e", "-F", "-s", "nonsense") + T + K,
+         unresolvable("nonsense", "Address must contain port number: nonsense")),
+    Case("target-no-port", ("-e", "-F") + S + ("-t", "nonsense") + K,
+         unresolvable("nonsense", "Address must contain port number: nonsense")),
+    Case("target-bad-ipv4", ("-e", "-F") + S + ("-t", "[999.1.1.1]:1") + K,
+         unresolvable("[999.1.1.1]:1", "Error parsing IP address: 999.1.1.1")),
+    Case("target-bad-ipv6", ("-e", "-F") + S + ("-t", "[::g]:1") + K,
+         unresolvable("[::g]:1", "Error parsing IP address: ::g")),
+    Case("target-port-0", ("-e", "-F") + S + ("-t", "[127.0.0.1]:0") + K,
+         unresolvable("[127.0.0.1]:0", "Invalid port number: 0")),
+    Case("target-port-65536", ("-e", "-F") + S + ("-t", "[127.0.0.1]:65536") + K,
+         unresolvable("[127.0.0.1]:65536", "Invalid port number: 65536")),
+    Case("target-port-5x", ("-e", "-F") + S + ("-t", "[127.0.0.1]:5x") + K,
+         unresolvable("[127.0.0.1]:5x", "Invalid port number: 5x")),
+    Case("target-unclosed-bracket", ("-e", "-F") + S + ("-t", "[::1:80") + K,
+         unresolvable("[::1:80", "Invalid [IP address]: [::1")),
+    Case("source-unix-path-108", ("-e", "-F", "-s", "{long108}") + T + K,
+         unresolvable("{long108}", "socket path too long: {long108}")),
+    Case("target-unresolvable", ("-e", "-F") + S + ("-t", "nonexistent.invalid:80") + K,
+         unresolvable("nonexistent.invalid:80",
+                      re.compile(r"spiped: Error looking up nonexistent\.invalid: " + DNS_FAIL))),
+    # Empty addresses: 1.6.2 hands them to the resolver ("spiped: Address
+    # must contain port number: " / "spiped: Error looking up : Name or
+    # service not known", then "spiped: Error resolving socket address: X");
+    # 1.6.4 refuses them with a message and usage.
+    Case("source-empty", ("-e", "-F", "-s", "") + T + K, C_FAILS,
+         ours=Fails((re.compile(r"spiped: Empty socket address\.?"),), usage=True)),
+    Case("target-empty", ("-e", "-F") + S + ("-t", "") + K, C_FAILS,
+         ours=Fails((re.compile(r"spiped: Empty socket address\.?"),), usage=True)),
+    Case("source-no-host", ("-e", "-F", "-s", "{colon_src}") + T + K, C_FAILS,
+         ours=Fails(('spiped: No host in "{colon_src}"',), usage=True)),
+    # Binding.
+    # Ours adds a line saying why it left the file alone (it removes only
+    # stale sockets).
+    Case("source-is-regular-file", ("-e", "-F", "-s", "{regfile}") + T + K,
+         Fails(("spiped: Error binding socket: Address already in use",)),
+         ours=Fails(("spiped: Error binding socket: Address already in use",
+                     "spiped: {regfile} exists and is not a socket; not removing it"))),
+    Case("source-port-in-use", ("-e", "-F", "-s", "{busy}") + T + K,
+         Fails(("spiped: Error binding socket: Address already in use",))),
+    # Pidfile: the parent reports the child's failure (no -F here).
+    Case("pidfile-missing-directory", ("-e",) + S + T + K + ("-p", "{missing}/x.pid"),
+         Fails(("spiped: fopen({missing}/x.pid): No such file or directory",
+                "spiped: Failed to daemonize"))),
+    # -u: names are looked up after binding; the group is handled first.
+    Case("u-no-such-user", base("-u", "nosuchuser"), drop_failed("No such user: nosuchuser")),
+    Case("u-no-such-group", base("-u", ":nosuchgroup"), drop_failed("No such group: nosuchgroup")),
+    Case("u-user-no-such-group", base("-u", "nobody:nosuchgroup"),
+         drop_failed("No such group: nosuchgroup")),
+    Case("u-no-such-user-group", base("-u", "nosuchuser:nogroup"), drop_failed("No such user: nosuchuser")),
+    Case("u-both-unknown", base("-u", "nosuchuser:nosuchgroup"), drop_failed("No such group: nosuchgroup")),
+    Case("u-empty-group", base("-u", "nobody:"), drop_failed('Empty group name: "nobody:"')),
+    Case("u-colon-only", base("-u", ":"), drop_failed('Empty group name: ":"')),
+    Case("u-empty", base("-u", ""), drop_failed('Need to specify user and/or group: ""')),
+    Case("u-second-colon", base("-u", "nobody:nogroup:x"), drop_failed("No such group: nogroup:x")),
+    Case("u-negative-id", base("-u", "-1"), drop_failed("No such user: -1")),
+    Case("u-id-overflow", base("-u", "4294967296"), drop_failed("No such user: 4294967296")),
+    # Start-up order: options, source, target, key, bind, privileges.
+    Case("order-options-before-addresses", ("-e", "-F") + S + ("-t", "nonsense") + K + ("-o", "abc"),
+         invalid("-o", "abc")),
+    Case("order-source-before-target", ("-e", "-F", "-s", "nonsense", "-t", "[999.1.1.1]:1") + K,
+         unresolvable("nonsense", "Address must contain port number: nonsense")),
+    Case("order-target-before-key", ("-e", "-F") + S + ("-t", "nonsense", "-k", "{missing}"),
+         unresolvable("nonsense", "Address must contain port number: nonsense")),
+    Case("order-key-before-bind", ("-e", "-F", "-s", "{busy}") + T + ("-k", "{missing}"),
+         Fails(("spiped: Cannot open file: {missing}: No such file or directory",
+                "spiped: Error reading shared secret"))),
+    Case("order-bind-before-drop", ("-e", "-F", "-s", "{busy}") + T + K + ("-u", "nosuchuser"),
+         Fails(("spiped: Error binding socket: Address already in use",))),
+    # Accepted edge values.
+    Case("accept-o-0", base("-o", "0"), Starts()),
+    Case("accept-o-minus-0", base("-o", "-0"), Starts()),
+    Case("accept-o-inf", base("-o", "inf"), Starts()),
+    Case("accept-o-infinity", base("-o", "infinity"), Starts()),
+    Case("accept-o-huge", base("-o", "1e300"), Starts()),
+    Case("accept-o-tiny", base("-o", "1e-300"), Starts()),
+    Case("accept-o-hex", base("-o", "0x10"), Starts()),
+    Case("accept-o-leading-space", base("-o", " 5"), Starts()),
+    Case("accept-n-0", base("-n", "0"), Starts()),
+    Case("accept-n-minus-1", base("-n", "-1"), Starts()),
+    Case("accept-n-hex", base("-n", "0x10"), Starts()),
+    Case("accept-n-octal", base("-n", "010"), Starts()),
+    Case("accept-n-plus", base("-n", "+5"), Starts()),
+    Case("accept-n-leading-space", base("-n", " 5"), Starts()),
+    Case("accept-n-2-to-32", base("-n", "4294967296"), Starts()),
+    Case("accept-n-max", base("-n", "18446744073709551615"), Starts()),
+    Case("accept-r-60-R", base("-r", "60", "-R"), Starts()),
+    Case("accept-r-60.0-R", base("-r", "60.0", "-R"), Starts()),
+    Case("accept-r-0-R", base("-r", "0", "-R"), Starts()),
+    Case("accept-r-minus-0-R", base("-r", "-0", "-R"), Starts()),
+    Case("accept-r-inf", base("-r", "inf"), Starts()),
+    Case("accept-r-nan", base("-r", "nan"), Starts()),
+    Case("accept-grouped-flags", ("-eF",) + S + T + K, Starts()),
+    Case("accept-attached-arguments", ("-eF",) + S + T + ("-k{key}", "-o5"), Starts()),
+    Case("accept-argument-in-group", ("-eFo5",) + S + T + K, Starts()),
+    Case("accept-trailing-double-dash", base("--"), Starts()),
+    Case("accept-syslog-foreground", base("--syslog"), Starts()),
+    Case("accept-decrypt", ("-d", "-F") + S + T + K, Starts()),
+    Case("accept-unix-path-107", ("-e", "-F", "-s", "{sock107}") + T + K, Starts("{sock107}")),
+]
+
+
+# ---------------------------------------------------------------------------
+# spipe: command lines
+
+def spipe_unresolvable(addr, first):
+    return unresolvable(addr, first, prog="spipe")
+
+
+SPIPE_CASES = [
+    Case("no-args", (), USAGE_ONLY, prog="spipe"),
+    Case("no-t", ("-k", "{key}"), USAGE_ONLY, prog="spipe"),
+    Case("no-k", ("-t", "{tgt}"), USAGE_ONLY, prog="spipe"),
+    Case("f-and-g", ("-t", "{tgt}", "-k", "{key}", "-f", "-g"), USAGE_ONLY, prog="spipe"),
+    Case("repeat-j", ("-t", "{tgt}", "-k", "{key}", "-j", "-j"), USAGE_ONLY, prog="spipe"),
+    Case("stray-argument", ("-t", "{tgt}", "-k", "{key}", "extra"), USAGE_ONLY, prog="spipe"),
+    Case("o-nan", ("-t", "{tgt}", "-k", "{key}", "-o", "nan"), USAGE_ONLY, prog="spipe"),
+    Case("illegal-option", ("-x",), illegal("spipe", "-x"), prog="spipe"),
+    Case("illegal-spiped-option", ("-t", "{tgt}", "-k", "{key}", "-e"), illegal("spipe", "-e"), prog="spipe"),
+    Case("illegal-syslog", ("-t", "{tgt}", "-k", "{key}", "--syslog"), illegal("spipe", "--syslog"),
+         prog="spipe"),
+    Case("k-without-argument", ("-t", "{tgt}", "-k"), missing_arg("spipe", "-k"), prog="spipe"),
+    Case("t-without-argument", ("-k", "{key}", "-t"), missing_arg("spipe", "-t"), prog="spipe"),
+    Case("o-not-a-number", ("-t", "{tgt}", "-k", "{key}", "-o", "abc"), invalid("-o", "abc", "spipe"),
+         prog="spipe"),
+    Case("o-negative", ("-t", "{tgt}", "-k", "{key}", "-o", "-1"), out_of_range("-o", "-1", "spipe"),
+         prog="spipe"),
+    Case("version", ("-v",), Version(), prog="spipe"),
+    Case("version-after-illegal", ("-x", "-v"), illegal("spipe", "-x"), prog="spipe"),
+    Case("key-missing", ("-t", "{tgt}", "-k", "{missing}"),
+         Fails(("spipe: Cannot open file: {missing}: No such file or directory",
+                "spipe: Error reading shared secret")), prog="spipe"),
+    Case("target-no-port", ("-t", "nonsense", "-k", "{key}"),
+         spipe_unresolvable("nonsense", "Address must contain port number: nonsense"), prog="spipe"),
+    Case("target-unresolvable", ("-t", "nonexistent.invalid:80", "-k", "{key}"),
+         spipe_unresolvable("nonexistent.invalid:80",
+                            re.compile(r"spipe: Error looking up nonexistent\.invalid: " + DNS_FAIL)),
+         prog="spipe"),
+    Case("target-empty", ("-t", "", "-k", "{key}"), C_FAILS,
+         ours=Fails((re.compile(r"spipe: Empty socket address\.?"),), usage=True), prog="spipe"),
+    # Nothing listens on {tgt}; the copy threads may add their own message.
+    Case("target-refused", ("-t", "{tgt}", "-k", "{key}"),
+         Fails(("spipe: Could not connect",), extra=re.compile(r"spipe: Error (reading|writing).*")),
+         prog="spipe"),
+    # 1.6.2: "spipe: illegal option -- -b" + usage.
+    Case("b-bind-address", ("-t", "{tgt}", "-k", "{key}", "-b", "[127.0.0.1]"), C_FAILS,
+         ours=Fails(("spipe: Could not connect",), extra=re.compile(r"spipe: Error (reading|writing).*")),
+         prog="spipe"),
+]
+
+
+def params(cases):
+    out = []
+    for case in cases:
+        for impl in ("c", "ours"):
+            marks = [need_c] if impl == "c" else []
+            out.append(pytest.param(impl, case, id="%s-%s" % (impl, case.id), marks=marks))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+def command(impl, prog, args):
+    """The argv that runs PROG (spiped or spipe) of IMPL with ARGS."""
+    if impl == "c":
+        return [C_SPIPED if prog == "spiped" else C_SPIPE, *args]
+    extra = ["spipe"] if prog == "spipe" else []
+    return [sys.executable, SPIPED_PY, *extra, *args]
+
+
+def kill_pidfiles(directory):
+    """Kill any stray daemon named by a *.pid file in DIRECTORY.
+
+    Only a process whose command line mentions DIRECTORY (every command here
+    names its key file there) is killed, never one that reused the PID.
+    """
+    for name in os.listdir(directory):
+        if not name.endswith(".pid"):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                pid = int(f.read().strip() or 0)
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                ours = os.fsencode(directory) in f.read()
+        except (OSError, ValueError):
+            continue
+        if pid > 1 and ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def run(cmd, cwd):
+    """Run CMD to completion; fail the test if it is still going after RUN_TIMEOUT."""
+    try:
+        return subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_pidfiles(cwd)
+        pytest.fail("%r did not exit within %ss: it started instead of failing" % (cmd, RUN_TIMEOUT))
+
+
+def split_usage(stderr, prog):
+    """(message lines, usage text or None) from STDERR."""
+    text = stderr.decode(errors="replace")
+    at = text.find("usage: %s" % prog)
+    if at < 0:
+        return text.splitlines(), None
+    return text[:at].splitlines(), text[at:]
+
+
+def match_line(want, got, ctx):
+    if isinstance(want, re.Pattern):
+        return want.fullmatch(got) is not None
+    return want.format(**ctx) == got
+
+
+def check_fails(expect, result, impl, prog, ctx):
+    """Assert RESULT (a CompletedProcess) fails the way EXPECT says."""
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == expect.rc, "exit %s, stderr:\n%s" % (result.returncode, err)
+    assert result.stdout == b""
+    if expect.lines is None:
+        return
+    lines, usage = split_usage(result.stderr, prog)
+    if expect.usage:
+        assert usage is not None, "no usage text in:\n" + err
+        if impl == "ours":
+            assert usage == USAGE[prog]
+        else:
+            assert usage.startswith(USAGE_START[prog])
+    else:
+        assert usage is None, "unexpected usage text in:\n" + err
+    if expect.extra is not None:
+        lines = [l for l in lines if not expect.extra.fullmatch(l)]
+    want = list(expect.lines)
+    assert len(lines) == len(want) and all(match_line(w, g, ctx) for w, g in zip(want, lines)), \
+        "messages %r, expected %r" % (lines, [w if isinstance(w, re.Pattern) else w.format(**ctx)
+                                             for w in want])
+
+
+def check_version(result, prog):
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, err
+    assert result.stdout == b""
+    assert re.fullmatch(r"%s \S+\n" % prog, err), err
+
+
+@pytest.fixture
+def ctx(tmp_path, keyfile):
+    """Placeholders for the tables: addresses, files and a port in use."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    short = tempfile.mkdtemp(prefix="cli", dir="/tmp")
+    src_port = free_port()
+    tgt_port = free_port()
+    while tgt_port == src_port:
+        tgt_port = free_port()
+    (tmp_path / "regular").write_bytes(b"not a socket")
+    (tmp_path / "keydir").mkdir()
+    values = {
+        "tmp": str(tmp_path),
+        "key": keyfile,
+        "src": tcp_addr(src_port),
+        "tgt": tcp_addr(tgt_port),
+        "colon_src": ":%d" % src_port,
+        "busy": tcp_addr(busy.getsockname()[1]),
+        "regfile": str(tmp_path / "regular"),
+        "keydir": str(tmp_path / "keydir"),
+        "missing": str(tmp_path / "missing"),
+        "long108": "/" + "a" * 107,
+    }
+    values["sock107"] = os.path.join(short, "s" * (107 - len(short) - 1))
+    assert len(values["sock107"]) == 107
+    yield values
+    busy.close()
+    kill_pidfiles(str(tmp_path))
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def check_case(impl, case, ctx, procs):
+    expect = case.expect(impl)
+    cmd = command(impl, case.prog, [a.format(**ctx) for a in case.args])
+    if isinstance(expect, Starts):
+        addr = expect.addr.format(**ctx)
+        p = procs.daemon(cmd, addr, cwd=ctx["tmp"])
+        assert p.poll() is None, "%r exited after listening" % cmd
+        p.kill()
+        p.wait(timeout=RUN_TIMEOUT)
+        return
+    result = run(cmd, ctx["tmp"])
+    if isinstance(expect, Version):
+        check_version(result, case.prog)
+    else:
+        check_fails(expect, result, impl, case.prog, ctx)
+
+
+@pytest.mark.parametrize("impl,case", params(SPIPED_CASES))
+def test_spiped_command_line(impl, case, ctx, procs):
+    check_case(impl, case, ctx, procs)
+
+
+@pytest.mark.parametrize("impl,case", params(SPIPE_CASES))
+def test_spipe_command_line(impl, case, ctx, procs):
+    check_case(impl, case, ctx, procs)
+
+
+def test_usage_texts_match_spec():
+    """The usage texts above are the 1.6.4 ones quoted in SPEC §7."""
+    spec = os.path.join(os.path.dirname(os.path.dirname(SPIPED_PY)), "shared", "SPEC.md")
+    if not os.path.exists(spec):
+        pytest.skip("SPEC.md not found next to the repository")
+    with open(spec) as f:
+        text = f.read()
+    assert USAGE_SPIPED in text
+    assert USAGE_SPIPE in text
+
+
+# ---------------------------------------------------------------------------
+# Failing pidfile and -u in a daemon: what happens to the parent and the child
+
+@pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
+def test_pidfile_failure_leaves_nothing_listening(impl, ctx):
+    """After "Failed to daemonize" the child is gone and the socket closed."""
+    src = ctx["src"]
+    cmd = command(impl, "spiped", ["-e", "-s", src, "-t", ctx["tgt"], "-k", ctx["key"],
+                                   "-p", ctx["missing"] + "/x.pid"])
+    result = run(cmd, ctx["tmp"])
+    assert result.returncode == 1
+    deadline = time.monotonic() + 5
+    while address_listening(src) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not address_listening(src)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
+def test_unknown_user_in_daemon(impl, ctx):
+    """C: without -F the parent has already exited 0 when the child fails -u.
+
+    The child writes the pidfile, then reports the failure on the inherited
+    stderr and exits 1.  Ours looks the names up before daemonizing, so the
+    same lines come with exit 1 from the parent and no daemon is left.
+    """
+    pidfile = os.path.join(ctx["tmp"], "d.pid")
+    cmd = command(impl, "spiped", ["-e", "-s", ctx["src"], "-t", ctx["tgt"], "-k", ctx["key"],
+                                   "-p", pidfile, "-u", "nosuchuser"])
+    result = run(cmd, ctx["tmp"])  # returns once the child closed stderr too
+    assert result.stderr.decode().splitlines() == [
+        "spiped: No such user: nosuchuser", "spiped: Failed to drop privileges"]
+    if impl == "ours":
+        assert result.returncode == 1
+        assert not os.path.exists(pidfile)
+        assert not address_listening(ctx["src"])
+        return
+    assert result.returncode == 0
+    with open(pidfile) as f:
+        pid = int(f.read())
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid)
+
+
+def _is_zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# ---------------------------------------------------------------------------
+# -u: privileges after the drop (needs root)
+
+def _ids():
+    """(nobody uid, group gid, group name) or None when this system lacks them."""
+    try:
+        uid = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return None
+    for name in ("nogroup", "nobody"):
+        try:
+            return uid, grp.getgrnam(name).gr_gid, name
+        except KeyError:
+            pass
+    return None
+
+
+IDS = _ids()
+need_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges with -u needs root")
+need_ids = pytest.mark.skipif(IDS is None, reason="no nobody user or nogroup group")
+
+
+def proc_ids(pid):
+    """(uids, gids, groups) of PID, each a list of ints, from /proc."""
+    found = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                found[key] = [int(v) for v in value.split()]
+    return found["Uid"], found["Gid"], found["Groups"]
+
+
+DROP_SPECS = [
+    # (id, -u argument, expected uid, expected gid); "same" = as started.
+    ("user", "nobody", "nobody", "same"),
+    ("user-and-group", "nobody:{group}", "nobody", "group"),
+    ("group-only", ":{group}", "same", "group"),
+    ("numeric-user-and-group", "{uid}:{gid}", "nobody", "group"),
+    ("numeric-unknown-ids", "54321:54322", 54321, 54322),
+]
+
+
+@need_root
+@need_ids
+@pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
+@pytest.mark.parametrize("spec_id,spec,want_uid,want_gid", DROP_SPECS, ids=[d[0] for d in DROP_SPECS])
+def test_u_drops_privileges(impl, spec_id, spec, want_uid, want_gid, procs, tmp_path, keyfile):
+    """-u sets the named ids, leaves the other as it was, clears groups.
+
+    A user alone does not switch to that user's primary group: C keeps the
+    gid it started with.
+    """
+    uid, gid, group_name = IDS
+    want_uid = {"nobody": uid, "same": os.getuid()}.get(want_uid, want_uid)
+    want_gid = {"group": gid, "same": os.getgid()}.get(want_gid, want_gid)
+    src = tcp_addr(free_port())
+    arg = spec.format(group=group_name, uid=uid, gid=gid)
+    cmd = command(impl, "spiped", ["-e", "-F", "-s", src, "-t", tcp_addr(free_port()),
+                                   "-k", keyfile, "-u", arg])
+    p = procs.daemon(cmd, src, cwd=str(tmp_path))
+    want = ([want_uid] * 4, [want_gid] * 4, [])
+    # The drop follows listen(); give it a moment.
+    deadline = time.monotonic() + 5
+    got = proc_ids(p.pid)
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+        got = proc_ids(p.pid)
+    assert p.poll() is None, p.stderr.read()
+    assert got == want
+
+
+@pytest.fixture
+def world_dir():
+    """A scratch directory nobody can read, holding a key (0600) nobody owns."""
+    d = tempfile.mkdtemp(prefix="cli", dir="/tmp")
+    os.chmod(d, 0o755)
+    key = os.path.join(d, "key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(key, 0o600)
+    os.chown(key, IDS[0], IDS[1])
+    yield d, key
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_nobody(cmd):
+    """CMD run as nobody with no supplementary groups (needs root and setpriv)."""
+    return ["setpriv", "--reuid=%d" % IDS[0], "--regid=%d" % IDS[1], "--clear-groups", *cmd]
+
+
+def unprivileged_env(directory):
+    """An environment in which nobody's Python can import Cryptodome.
+
+    Packages installed under root's home are unreadable to nobody; if so,
+    the package is copied into DIRECTORY and put on PYTHONPATH.
+    """
+    env = dict(os.environ)
+    probe = subprocess.run(as_nobody([sys.executable, "-c", "import Cryptodome"]), cwd=directory,
+                           capture_output=True, timeout=RUN_TIMEOUT)
+    if probe.returncode == 0:
+        return env
+    try:
+        import Cryptodome
+    except ImportError:
+        return env  # ours will say what is missing; the test shows it
+    site = os.path.join(directory, "site")
+    shutil.copytree(os.path.dirname(Cryptodome.__file__), os.path.join(site, "Cryptodome"))
+    for root, dirs, files in os.walk(site):
+        os.chmod(root, 0o755)
+    env["PYTHONPATH"] = site
+    return env
+
+
+@need_root
+@need_ids
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+@pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
+@pytest.mark.parametrize("target", ["root", ":root"])
+def test_u_without_permission(impl, target, world_dir):
+    """An unprivileged spiped asked to become root fails with EPERM."""
+    d, key = world_dir
+    env = unprivileged_env(d) if impl == "ours" else None
+    cmd = as_nobody(command(impl, "spiped", ["-e", "-F", "-s", tcp_addr(free_port()),
+                                             "-t", tcp_addr(free_port()), "-k", key, "-u", target]))
+    try:
+        result = subprocess.run(cmd, cwd=d, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("%r did not exit within %ss: it started instead of failing" % (cmd, RUN_TIMEOUT))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "spiped: Failed to drop privileges: Operation not permitted"]
