@@ -1663,7 +1663,7 @@ def _run_spiped(opts):
                         % (server.stats.live, server.stats.total))
 
     server.on_tick = on_tick
-    notifier.send("READY=1")
+    notifier.send("READY=1\nMAINPID=%d" % os.getpid())  # the daemon's PID after a fork
     notifier.status("0 live, 0 total connections")
     try:
         server.serve(tick=min(1.0, notifier.watchdog or 1.0))
