@@ -1,0 +1,681 @@
+"""Hostile or broken peers: each must cost only its own connection.
+
+Most cases aim at the -d end (the one that faces the network) and run
+against ours and, as the reference, C spiped 1.6.2.  A small protocol
+client written here (on spiped's own handshake helpers and packet
+sealer) sends exactly the bytes each case needs over a raw socket.
+After every bad connection the daemon must still serve a good client,
+and the target must never see a byte from the bad one.
+"""
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import IMPLS, connect, free_port, need_c, tcp_addr
+import spiped
+
+try:
+    from Cryptodome.Cipher import AES
+except ImportError:
+    from Crypto.Cipher import AES
+
+# -d implementations to test; C is the reference where installed.
+D_IMPLS = ["ours", pytest.param("c", marks=need_c)]
+
+DROP_TIMEOUT = 5.0
+
+
+# -- a protocol client over a raw socket -------------------------------------
+
+
+def key_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
+
+
+def recv_exact(sock, size):
+    buf = bytearray()
+    while len(buf) < size:
+        d = sock.recv(size - len(buf))
+        if not d:
+            raise EOFError("EOF after %d of %d bytes" % (len(buf), size))
+        buf += d
+    return bytes(buf)
+
+
+class RawClient:
+    """The client (-e) role of the protocol, byte by byte, with its keys exposed."""
+
+    def __init__(self, addr, key):
+        self.key = key
+        self.sock = connect(addr, timeout=DROP_TIMEOUT)
+
+    def handshake(self, fast=False):
+        """Run the client handshake; sets the traffic keys; returns self."""
+        s = self.sock
+        nonce_c = os.urandom(spiped.NONCE_SIZE)
+        s.sendall(nonce_c)
+        nonce_s = recv_exact(s, spiped.NONCE_SIZE)
+        mac_c, mac_s = spiped.dhmac_keys(self.key, nonce_c, nonce_s)
+        exponent, y = spiped.dh_keypair(fast)
+        s.sendall(y + spiped.hmac_sha256(mac_c, y))
+        y_s = spiped.check_dh_message(recv_exact(s, spiped.DH_MESSAGE), mac_s, False)
+        shared = spiped.dh_shared(exponent, y_s)
+        self.e_c, self.h_c, self.e_s, self.h_s = spiped.traffic_keys(
+            self.key, nonce_c, nonce_s, shared)
+        self.sent = 0
+        return self
+
+    def packet(self, payload, length=None):
+        """A packet with a valid MAC whose length field is LENGTH (default: the
+        payload's), built with AES-CTR and HMAC directly, not with spiped."""
+        if length is None:
+            length = len(payload)
+        n = self.sent
+        padded = payload.ljust(spiped.PAYLOAD, b"\0") + struct.pack(">I", length)
+        ctr = AES.new(self.e_c, AES.MODE_CTR, nonce=b"",
+                      initial_value=(n << 64).to_bytes(16, "big"))
+        ct = ctr.encrypt(padded)
+        self.sent += 1
+        return ct + hmac.digest(self.h_c, ct + struct.pack(">Q", n), "sha256")
+
+    def expect_drop(self):
+        """The server must close (EOF or reset) within DROP_TIMEOUT; returns
+        any bytes that came first (there should be none)."""
+        self.sock.settimeout(DROP_TIMEOUT)
+        got = bytearray()
+        started = time.monotonic()
+        try:
+            while True:
+                d = self.sock.recv(65536)
+                if not d:
+                    break
+                got += d
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        except socket.timeout:
+            raise AssertionError("connection not dropped within %ss" % DROP_TIMEOUT)
+        finally:
+            self.sock.close()
+        assert time.monotonic() - started < DROP_TIMEOUT
+        return bytes(got)
+
+
+def good_client(addr, key, payload=None, fast=False):
+    """A well-behaved client built on spiped.handshake and the packet classes:
+    sends PAYLOAD, half-closes, returns the decrypted reply up to EOF."""
+    payload = os.urandom(3000) if payload is None else payload
+    with connect(addr, timeout=10) as s:
+        sealer, opener = spiped.handshake(s, key, client=True, fast=fast, timeout=10)
+        s.settimeout(10)
+        s.sendall(sealer.seal(payload))
+        s.shutdown(socket.SHUT_WR)
+        wire = bytearray()
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            wire += d
+    assert len(wire) % spiped.PACKET == 0
+    return payload, opener.open(bytes(wire))
+
+
+def assert_served(addr, key, target, before=0):
+    """A good client is echoed intact (or, with a sink target, gets nothing
+    back) and its bytes are all the target got besides BEFORE."""
+    sent, got = good_client(addr, key)
+    assert got == (sent if target.mode == "echo" else b"")
+    wait_target_idle(target)
+    assert target.total_received() == before + len(sent)
+
+
+def wait_target_idle(target, timeout=5.0):
+    """Wait until every connection the echo target accepted has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with target.lock:
+            if len(target.received) == target.connections:
+                return
+        time.sleep(0.02)
+    raise AssertionError("target connections still open")
+
+
+def start_d(procs, impl, keyfile, target, *flags):
+    source = tcp_addr(free_port())
+    procs.daemon(IMPLS[impl]("-d", "-F", "-s", source, "-t", target, "-k", keyfile,
+                             *flags), source)
+    return source
+
+
+def check_dropped_and_still_serving(client, addr, key, target):
+    """CLIENT's connection is dropped with nothing forwarded; the next one works."""
+    assert client.expect_drop() == b""
+    wait_target_idle(target)
+    assert target.total_received() == 0
+    assert_served(addr, key, target)
+
+
+# -- the handshake -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_garbage_instead_of_handshake(procs, keyfile, echo, impl):
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile))
+    c.sock.sendall(os.urandom(spiped.NONCE_SIZE + spiped.DH_MESSAGE))
+    # The server's nonce comes at once; its DH message must never come.
+    assert len(recv_exact(c.sock, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
+    check_dropped_and_still_serving(c, addr, c.key, target)
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_truncated_handshake_then_eof(procs, keyfile, echo, impl):
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile))
+    c.sock.sendall(os.urandom(spiped.NONCE_SIZE))
+    assert len(recv_exact(c.sock, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
+    c.sock.sendall(os.urandom(100))      # the start of a DH message only
+    c.sock.shutdown(socket.SHUT_WR)
+    check_dropped_and_still_serving(c, addr, c.key, target)
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_dh_value_not_below_p(procs, keyfile, echo, impl):
+    """y = p with a valid MAC is refused before the server sends its own y."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile))
+    nonce_c = os.urandom(spiped.NONCE_SIZE)
+    c.sock.sendall(nonce_c)
+    nonce_s = recv_exact(c.sock, spiped.NONCE_SIZE)
+    mac_c, _ = spiped.dhmac_keys(c.key, nonce_c, nonce_s)
+    y = spiped.DH_PRIME_BYTES
+    c.sock.sendall(y + spiped.hmac_sha256(mac_c, y))
+    check_dropped_and_still_serving(c, addr, c.key, target)
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_wrong_key(procs, keyfile, otherkey, echo, impl):
+    """A client with another key: dropped in the handshake, the target gets nothing."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    with connect(addr, timeout=10) as s:
+        with pytest.raises(spiped.HandshakeError):
+            spiped.handshake(s, key_of(otherkey), client=True, timeout=DROP_TIMEOUT)
+    wait_target_idle(target)
+    assert target.total_received() == 0
+    assert_served(addr, key_of(keyfile), target)
+
+
+@need_c
+@pytest.mark.parametrize("impl", ["ours", "c"])
+def test_wrong_key_through_c_client(procs, keyfile, otherkey, echo, impl):
+    """C spiped -e with the other key in front of our (or C's) -d."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    e_source = tcp_addr(free_port())
+    procs.daemon(IMPLS["c"]("-e", "-F", "-s", e_source, "-t", addr, "-k", otherkey), e_source)
+    with connect(e_source, timeout=10) as s:
+        s.sendall(b"secret data")
+        s.settimeout(DROP_TIMEOUT)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    wait_target_idle(target)
+    assert target.total_received() == 0
+    assert_served(addr, key_of(keyfile), target)
+
+
+# -d side flags, -e side flags, which one refuses.
+PFS_CLASHES = [("-g", "-f"), ("-f", "-g")]
+
+
+@need_c
+@pytest.mark.parametrize("d_flag,e_flag", PFS_CLASHES, ids=["d-g_e-f", "d-f_e-g"])
+@pytest.mark.parametrize("d_impl,e_impl", [("ours", "c"), ("c", "ours"), ("c", "c")],
+                         ids=["ours-d_c-e", "c-d_ours-e", "c-d_c-e"])
+def test_require_pfs_against_fast(procs, keyfile, echo, d_impl, e_impl, d_flag, e_flag):
+    """-g on one end and -f on the other: no connection, the target gets nothing."""
+    target = echo()
+    addr = start_d(procs, d_impl, keyfile, target.addr, d_flag)
+    e_source = tcp_addr(free_port())
+    procs.daemon(IMPLS[e_impl]("-e", "-F", "-s", e_source, "-t", addr, "-k", keyfile,
+                               e_flag), e_source)
+    with connect(e_source, timeout=10) as s:
+        s.sendall(b"must not arrive")
+        s.settimeout(DROP_TIMEOUT)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    wait_target_idle(target)
+    assert target.total_received() == 0
+    # The -d end still serves a client whose handshake suits its flag.
+    sent, got = good_client(addr, key_of(keyfile), fast=(d_flag == "-f"))
+    assert got == sent
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_handshake_timeout(procs, keyfile, echo, impl):
+    """-o 1 and a silent client: our nonce at once, then closed after about 1 s."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr, "-o", "1")
+    with connect(addr, timeout=10) as s:
+        started = time.monotonic()
+        assert len(recv_exact(s, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
+        assert time.monotonic() - started < 0.7
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        elapsed = time.monotonic() - started
+    assert 0.8 <= elapsed <= 3.0, elapsed
+    assert_served(addr, key_of(keyfile), target)
+
+
+# -- packets after a good handshake ------------------------------------------
+
+
+def test_packet_builder_matches_sealer(procs, keyfile, echo):
+    """The hand-made packets below are exactly what PacketSealer makes."""
+    target = echo()
+    addr = start_d(procs, "ours", keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    sealer = spiped.PacketSealer(c.e_c, c.h_c)
+    for payload in (b"x", os.urandom(1024)):
+        assert c.packet(payload) == sealer.seal(payload)
+    c.sock.close()
+
+
+@pytest.mark.parametrize("where", ["ciphertext", "length-field", "mac"])
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_flipped_bit(procs, keyfile, echo, impl, where):
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    packet = bytearray(c.packet(b"hello, target"))
+    bit = {"ciphertext": 3 * 8 + 5, "length-field": 1027 * 8, "mac": 1040 * 8 + 7}[where]
+    packet[bit // 8] ^= 1 << (bit % 8)
+    c.sock.sendall(packet)
+    check_dropped_and_still_serving(c, addr, c.key, target)
+
+
+@pytest.mark.parametrize("length", [0, 1025, 0xFFFFFFFF])
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_bad_length_with_valid_mac(procs, keyfile, echo, impl, length):
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    c.sock.sendall(c.packet(b"" if length == 0 else b"A" * 1024, length=length))
+    check_dropped_and_still_serving(c, addr, c.key, target)
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_good_packet_then_bad_one(procs, keyfile, echo, impl):
+    """Nothing from the bad packet or after it reaches the target.
+
+    The good packet before it may or may not be forwarded: ours forwards it;
+    C 1.6.2 drops it too when both arrive in one segment.
+    """
+    target = echo(mode="sink")  # no echo data that could race the drop
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    good = c.packet(b"first")
+    bad = bytearray(c.packet(b"second"))
+    bad[10] ^= 0x40
+    c.sock.sendall(good + bytes(bad) + c.packet(b"third"))
+    c.sock.settimeout(DROP_TIMEOUT)
+    try:
+        while c.sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    c.sock.close()
+    wait_target_idle(target)
+    forwarded = b"".join(target.received)
+    assert forwarded in (b"", b"first")
+    assert_served(addr, c.key, target, before=len(forwarded))
+
+
+def read_echo(client, opener, size):
+    """Read packets from the server until SIZE plaintext bytes came back,
+    which proves the target received them."""
+    got = b""
+    while len(got) < size:
+        got += opener.open(recv_exact(client.sock, spiped.PACKET))
+    return got
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_replayed_packet(procs, keyfile, echo, impl):
+    """The same valid packet sent twice: the copy carries the wrong number."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    packet = c.packet(b"only once")
+    c.sock.sendall(packet)
+    assert read_echo(c, spiped.PacketOpener(c.e_s, c.h_s), 9) == b"only once"
+    c.sock.sendall(packet)
+    assert c.expect_drop() == b""
+    wait_target_idle(target)
+    assert target.received == [b"only once"]
+    assert_served(addr, c.key, target, before=len(b"only once"))
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_reflected_packet(procs, keyfile, echo, impl):
+    """A packet the server sent, sent back to it: the directions have separate keys."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    c.sock.sendall(c.packet(b"ping"))
+    reply = recv_exact(c.sock, spiped.PACKET)
+    assert spiped.PacketOpener(c.e_s, c.h_s).open(reply) == b"ping"
+    # The server's packet 0 comes back where client packet 1 is due: it was
+    # sealed with the server's keys, so its MAC cannot check out.
+    c.sock.sendall(reply)
+    assert c.expect_drop() == b""
+    wait_target_idle(target)
+    assert target.received == [b"ping"]
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_dh_value_zero_is_accepted(procs, keyfile, echo, impl):
+    """y = 0 passes the y < p check (C does not reject it); the shared value is
+    then 0 and both ends derive the same keys from it."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile))
+    nonce_c = os.urandom(spiped.NONCE_SIZE)
+    c.sock.sendall(nonce_c)
+    nonce_s = recv_exact(c.sock, spiped.NONCE_SIZE)
+    mac_c, mac_s = spiped.dhmac_keys(c.key, nonce_c, nonce_s)
+    y = bytes(spiped.DH_SIZE)
+    c.sock.sendall(y + spiped.hmac_sha256(mac_c, y))
+    spiped.check_dh_message(recv_exact(c.sock, spiped.DH_MESSAGE), mac_s, False)
+    c.e_c, c.h_c, c.e_s, c.h_s = spiped.traffic_keys(c.key, nonce_c, nonce_s,
+                                                     bytes(spiped.DH_SIZE))
+    c.sent = 0
+    c.sock.sendall(c.packet(b"zero"))
+    c.sock.shutdown(socket.SHUT_WR)
+    wire = read_to_eof(c.sock)
+    c.sock.close()
+    assert spiped.PacketOpener(c.e_s, c.h_s).open(wire) == b"zero"
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
+    """Byte boundaries mean nothing: a handshake and packets dribbled out in
+    7-byte writes are served normally."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    key = key_of(keyfile)
+    s = connect(addr, timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        nonce_c = os.urandom(spiped.NONCE_SIZE)
+        exponent, y = spiped.dh_keypair(False)
+
+        def dribble(data):
+            for k in range(0, len(data), 7):
+                s.sendall(data[k:k + 7])
+                time.sleep(0.0005)
+
+        dribble(nonce_c)
+        nonce_s = recv_exact(s, spiped.NONCE_SIZE)
+        mac_c, mac_s = spiped.dhmac_keys(key, nonce_c, nonce_s)
+        dribble(y + spiped.hmac_sha256(mac_c, y))
+        y_s = spiped.check_dh_message(recv_exact(s, spiped.DH_MESSAGE), mac_s, False)
+        e_c, h_c, e_s, h_s = spiped.traffic_keys(key, nonce_c, nonce_s,
+                                                 spiped.dh_shared(exponent, y_s))
+        payload = os.urandom(2500)
+        dribble(spiped.PacketSealer(e_c, h_c).seal(payload))
+        s.shutdown(socket.SHUT_WR)
+        wire = read_to_eof(s)
+    finally:
+        s.close()
+    assert spiped.PacketOpener(e_s, h_s).open(wire) == payload
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_client_reset_mid_stream(procs, keyfile, echo, impl):
+    """A client that vanishes with a reset while data flows costs only itself."""
+    target = echo()
+    addr = start_d(procs, impl, keyfile, target.addr)
+    c = RawClient(addr, key_of(keyfile)).handshake()
+    data = os.urandom(2000)
+    c.sock.sendall(c.packet(data[:1000]) + c.packet(data[1000:]))
+    assert read_echo(c, spiped.PacketOpener(c.e_s, c.h_s), 2000) == data
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.sock.close()
+    wait_target_idle(target)
+    assert target.total_received() == 2000
+    assert_served(addr, c.key, target, before=2000)
+
+
+class AfterEofTarget:
+    """Reads one connection to EOF, then sends REPLY and closes."""
+
+    REPLY = b"sent after the target saw EOF"
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(15)
+        self.addr = tcp_addr(self.sock.getsockname()[1])
+        self.result = None
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        got, eof = bytearray(), False
+        try:
+            c, _ = self.sock.accept()
+            with c:
+                c.settimeout(10)
+                while True:
+                    d = c.recv(65536)
+                    if not d:
+                        eof = True
+                        break
+                    got += d
+                c.sendall(self.REPLY)
+                c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.result = (bytes(got), eof)
+        self.done.set()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_partial_packet_then_eof(procs, keyfile, impl):
+    """500 stray bytes then FIN count as a plain EOF: the target sees EOF and
+    its reply still reaches the client."""
+    target = AfterEofTarget()
+    try:
+        addr = start_d(procs, impl, keyfile, target.addr)
+        c = RawClient(addr, key_of(keyfile)).handshake()
+        c.sock.sendall(os.urandom(500))
+        c.sock.shutdown(socket.SHUT_WR)
+        wire = bytearray()
+        while True:
+            d = c.sock.recv(65536)
+            if not d:
+                break
+            wire += d
+        c.sock.close()
+        assert target.done.wait(10)
+        assert target.result == (b"", True)
+        opener = spiped.PacketOpener(c.e_s, c.h_s)
+        assert opener.open(bytes(wire)) == AfterEofTarget.REPLY
+    finally:
+        target.close()
+
+
+# -- the -e end facing a bad server ------------------------------------------
+
+
+def read_to_eof(sock):
+    """All bytes until EOF; a reset counts as the end too."""
+    buf = bytearray()
+    try:
+        while True:
+            d = sock.recv(65536)
+            if not d:
+                break
+            buf += d
+    except ConnectionResetError:
+        pass
+    return bytes(buf)
+
+
+class FakeServer:
+    """Plays the server role toward a spiped -e, one scripted MODE per connection.
+
+    Modes: "wrong-key" (sends its DH value MACed with another key, without
+    checking the client's), "bad-packet" (good handshake, then a packet
+    with a flipped bit), "partial" (good handshake, one packet, 500 stray
+    bytes, FIN), "echo" (good handshake, echoes until EOF).  Records per
+    connection (number, outcome, plaintext or raw bytes received after the
+    handshake).
+    """
+
+    def __init__(self, key, wrong_key, modes):
+        self.key, self.wrong_key, self.modes = key, wrong_key, modes
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(15)
+        self.addr = tcp_addr(self.sock.getsockname()[1])
+        self.results = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        for number, mode in enumerate(self.modes):
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(c, number, mode), daemon=True).start()
+
+    def _one(self, c, number, mode):
+        c.settimeout(10)
+        got, outcome = b"", "error"
+        try:
+            with c:
+                if mode == "wrong-key":
+                    nonce_s = os.urandom(spiped.NONCE_SIZE)
+                    c.sendall(nonce_s)
+                    nonce_c = recv_exact(c, spiped.NONCE_SIZE)
+                    recv_exact(c, spiped.DH_MESSAGE)
+                    _, mac_s = spiped.dhmac_keys(self.wrong_key, nonce_c, nonce_s)
+                    _, y = spiped.dh_keypair(False)
+                    c.sendall(y + spiped.hmac_sha256(mac_s, y))
+                    got, outcome = read_to_eof(c), "closed"
+                else:
+                    sealer, opener = spiped.handshake(c, self.key, client=False, timeout=10)
+                    c.settimeout(10)
+                    if mode == "bad-packet":
+                        packet = bytearray(sealer.seal(b"forged"))
+                        packet[100] ^= 0x08
+                        c.sendall(packet)
+                        got, outcome = read_to_eof(c), "closed"
+                    elif mode == "partial":
+                        c.sendall(sealer.seal(b"before the stray bytes") + os.urandom(500))
+                        c.shutdown(socket.SHUT_WR)
+                        wire = read_to_eof(c)
+                        got, outcome = opener.open(wire), "eof"
+                    else:
+                        wire = read_to_eof(c)
+                        data = opener.open(wire[:len(wire) - len(wire) % spiped.PACKET])
+                        c.sendall(sealer.seal(data))
+                        c.shutdown(socket.SHUT_WR)
+                        got, outcome = data, "echoed"
+        except (OSError, EOFError, spiped.HandshakeError, spiped.BadPacket) as e:
+            outcome = "error: %r" % (e,)
+        with self.lock:
+            self.results.append((number, outcome, got))
+
+    def wait(self, count, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.results) >= count:
+                    return sorted(self.results)
+            time.sleep(0.02)
+        raise AssertionError("fake server finished only %d connections" % len(self.results))
+
+    def close(self):
+        self.sock.close()
+
+
+def plain_exchange(addr, data):
+    """Send DATA, half-close, return everything read up to EOF or reset."""
+    with connect(addr, timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(DROP_TIMEOUT)
+        try:
+            return read_to_eof(s)
+        except socket.timeout:
+            raise AssertionError("no EOF within %ss" % DROP_TIMEOUT)
+
+
+def start_e(procs, impl, keyfile, target):
+    source = tcp_addr(free_port())
+    procs.daemon(IMPLS[impl]("-e", "-F", "-s", source, "-t", target, "-k", keyfile), source)
+    return source
+
+
+@pytest.mark.parametrize("mode", ["wrong-key", "bad-packet"])
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_encrypting_end_against_bad_server(procs, keyfile, otherkey, impl, mode):
+    """-e meets a server with another key, or one sending a forged packet: the
+    plaintext client sees EOF with no data, and the next connection works."""
+    server = FakeServer(key_of(keyfile), key_of(otherkey), [mode, "echo"])
+    try:
+        source = start_e(procs, impl, keyfile, server.addr)
+        with connect(source, timeout=10) as s:
+            s.sendall(b"must stay here")
+            s.settimeout(DROP_TIMEOUT)
+            try:
+                assert read_to_eof(s) == b""
+            except socket.timeout:
+                raise AssertionError("-e did not drop the connection")
+        # With the wrong key no packet may be sent; after a forged packet the
+        # connection must close (what was sent before it is not checked).
+        number, outcome, got = server.wait(1)[0]
+        assert (number, outcome) == (0, "closed")
+        if mode == "wrong-key":
+            assert got == b""
+        assert plain_exchange(source, b"second try") == b"second try"
+        assert server.wait(2)[1] == (1, "echoed", b"second try")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("impl", D_IMPLS)
+def test_encrypting_end_partial_packet_then_eof(procs, keyfile, otherkey, impl):
+    """Stray bytes then FIN from the server: the plaintext client gets the good
+    data and EOF, while its own data still reaches the server."""
+    server = FakeServer(key_of(keyfile), key_of(otherkey), ["partial"])
+    try:
+        source = start_e(procs, impl, keyfile, server.addr)
+        assert plain_exchange(source, b"upstream") == b"before the stray bytes"
+        assert server.wait(1)[0] == (0, "eof", b"upstream")
+    finally:
+        server.close()

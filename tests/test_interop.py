@@ -1,0 +1,437 @@
+"""Interoperability with C spiped 1.6.2: every pairing of -e and -d, both ours and C.
+
+Each test builds the chain
+
+    test client -> spiped -e -> spiped -d -> target
+
+where the -e and -d ends are ours or C (C <-> C is the control that shows
+the test itself is sound), and checks that the bytes arrive intact in both
+directions, end of stream included.
+"""
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import (IMPLS, SPIPED_PY, connect, free_port, have_ipv6, need_c,
+                      sha, tcp_addr, wait_listening)
+
+pytestmark = need_c
+
+# (-e implementation, -d implementation)
+PAIRS = [("ours", "c"), ("c", "ours"), ("ours", "ours"), ("c", "c")]
+PAIR_IDS = ["%s-e_%s-d" % p for p in PAIRS]
+MIXED = PAIRS[:2]
+
+# Handshake flavours: (-e flags, -d flags).
+MODES = {
+    "pfs": ((), ()),
+    "fast-both": (("-f",), ("-f",)),
+    "fast-e-only": (("-f",), ()),
+    "fast-d-only": ((), ("-f",)),
+}
+
+SIZES = [0, 1, 1023, 1024, 1025, 1 << 20, 16 << 20]
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def start_chain(procs, pair, key, target, e_flags=(), d_flags=(), e_source=None,
+                d_source=None):
+    """Start '-d' (to TARGET) then '-e' (to the -d); return the -e source address."""
+    e_impl, d_impl = pair
+    d_source = d_source or tcp_addr(free_port())
+    e_source = e_source or tcp_addr(free_port())
+    procs.daemon(IMPLS[d_impl]("-d", "-F", "-s", d_source, "-t", target,
+                               "-k", key, *d_flags), d_source)
+    procs.daemon(IMPLS[e_impl]("-e", "-F", "-s", e_source, "-t", d_source,
+                               "-k", key, *e_flags), e_source)
+    return e_source
+
+
+def roundtrip(addr, payload, timeout=30.0, sock=None):
+    """Send PAYLOAD to ADDR (or on SOCK) while reading, half-close, read to EOF.
+
+    Fails unless EOF arrives within TIMEOUT; returns the bytes read.
+    """
+    s = sock or connect(addr, timeout=timeout)
+    out = bytearray()
+    state = {"eof": False, "error": None}
+
+    def reader():
+        try:
+            while True:
+                d = s.recv(262144)
+                if not d:
+                    state["eof"] = True
+                    return
+                out.extend(d)
+        except OSError as e:
+            state["error"] = e
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        if payload:
+            s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        t.join(timeout)
+    finally:
+        s.close()
+    assert not t.is_alive(), "no EOF from %s within %ss" % (addr, timeout)
+    assert state["eof"], "reading from %s failed: %r" % (addr, state["error"])
+    return bytes(out)
+
+
+def check_echo(addr, payload, timeout=30.0):
+    got = roundtrip(addr, payload, timeout)
+    assert len(got) == len(payload)
+    assert sha(got) == sha(payload)
+
+
+class LateReplyTarget:
+    """A target that reads each connection to EOF, waits DELAY, then replies.
+
+    The reply is SHA-256(received) followed by REPLY_SIZE random bytes, so the
+    client can check both that the target got everything and that data sent
+    after the client's half-close still comes back.
+    """
+
+    def __init__(self, addr, delay=0.3, reply_size=100000):
+        self.delay = delay
+        self.reply_size = reply_size
+        self.results = []   # (received bytes, saw_eof, reply bytes)
+        self.lock = threading.Lock()
+        if addr.startswith("/"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(addr)
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+            addr = tcp_addr(self.sock.getsockname()[1])
+        self.addr = addr
+        self.sock.listen(16)
+        self.sock.settimeout(30)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(c,), daemon=True).start()
+
+    def _one(self, c):
+        c.settimeout(15)
+        got = bytearray()
+        eof = False
+        reply = b""
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    eof = True
+                    break
+                got += d
+            time.sleep(self.delay)
+            reply = hashlib.sha256(got).digest() + os.urandom(self.reply_size)
+            c.sendall(reply)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            c.close()
+            with self.lock:
+                self.results.append((bytes(got), eof, reply))
+
+    def wait_results(self, count, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.results) >= count:
+                    return list(self.results)
+            time.sleep(0.02)
+        raise AssertionError("target finished %d of %d connections" % (len(self.results), count))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def late_target():
+    made = []
+
+    def make(addr=tcp_addr(0), **kw):
+        t = LateReplyTarget(addr, **kw)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+# -- payloads through every pairing and handshake flavour --------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_payload_sizes_both_directions(procs, keyfile, echo, pair, mode):
+    """Every size goes out and comes back (echo) at the same time, intact."""
+    e_flags, d_flags = MODES[mode]
+    target = echo()
+    addr = start_chain(procs, pair, keyfile, target.addr, e_flags, d_flags)
+    # 16 MiB for every mixed pair in every mode, and for the rest once (PFS).
+    big = pair in MIXED or mode == "pfs"
+    sizes = [n for n in SIZES if big or n < (16 << 20)]
+    for size in sizes:
+        check_echo(addr, os.urandom(size))
+    assert target.connections == len(sizes)
+    assert target.total_received() == sum(sizes)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_require_pfs_both_sides(procs, keyfile, echo, pair):
+    """-g on both ends: a full Diffie-Hellman exchange passes both checks."""
+    target = echo()
+    addr = start_chain(procs, pair, keyfile, target.addr, ("-g",), ("-g",))
+    for size in (1, 5000):
+        check_echo(addr, os.urandom(size))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_half_close_late_reply(procs, keyfile, late_target, pair):
+    """Client half-closes; the target sees EOF and its later reply still arrives."""
+    target = late_target(delay=0.3)
+    addr = start_chain(procs, pair, keyfile, target.addr)
+    payload = os.urandom(3000)
+    s = connect(addr, timeout=15)
+    try:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        started = time.monotonic()
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+    finally:
+        s.close()
+    received, eof, reply = target.wait_results(1)[0]
+    assert eof, "target did not see EOF after the client's half-close"
+    assert received == payload
+    assert len(reply) == 32 + 100000
+    assert bytes(got) == reply
+    assert time.monotonic() - started >= 0.25
+
+
+# -- address forms -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_unix_sockets_everywhere(procs, keyfile, echo, pair, tmp_path):
+    """Unix sockets for the plaintext source, the encrypted hop and the target."""
+    e_sock, d_sock, t_sock = (str(tmp_path / n) for n in ("e.sock", "d.sock", "t.sock"))
+    assert len(t_sock) < 100, "tmp_path too long for a unix socket"
+    target = echo(t_sock)
+    addr = start_chain(procs, pair, keyfile, t_sock, e_source=e_sock, d_source=d_sock)
+    for size in (0, 1025, 200000):
+        check_echo(addr, os.urandom(size))
+    assert target.total_received() == 1025 + 200000
+
+
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback (::1) here")
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_ipv6_loopback(procs, keyfile, echo, pair):
+    target = echo(tcp_addr(0, "::1"))
+    e_source = tcp_addr(free_port("::1"), "::1")
+    d_source = tcp_addr(free_port("::1"), "::1")
+    addr = start_chain(procs, pair, keyfile, target.addr, e_source=e_source, d_source=d_source)
+    for size in (1, 70000):
+        check_echo(addr, os.urandom(size))
+    assert all(peer[0] == "::1" for peer in target.peers)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_hostname_port_form(procs, keyfile, echo, pair):
+    """'localhost:port' for sources and targets (resolved with getaddrinfo)."""
+    target = echo()
+    port = int(target.addr.rsplit(":", 1)[1])
+    e_source = "localhost:%d" % free_port()
+    d_source = "localhost:%d" % free_port()
+    addr = start_chain(procs, pair, keyfile, "localhost:%d" % port,
+                       e_source=e_source, d_source=d_source)
+    check_echo(addr, os.urandom(5000))
+
+
+# -- concurrency -------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pair", PAIRS[:3], ids=PAIR_IDS[:3])
+def test_fifty_concurrent_connections(procs, keyfile, echo, pair):
+    """50 connections open at once, each moving 64 KiB both ways, all intact.
+
+    spiped listens with a backlog of 10, and connecting faster than a busy
+    daemon accepts can overflow it (the kernel then resets connections, C's
+    as well as ours).  So at most 5 connections at a time may be waiting to
+    be proven up (one byte echoed end to end); all 50 then stay open until
+    every one is up, and only then does the bulk data flow on all of them.
+    """
+    count = 50
+    target = echo()
+    addr = start_chain(procs, pair, keyfile, target.addr)
+    payloads = [os.urandom(65536) for _ in range(count)]
+    results = [None] * count
+    pending = threading.BoundedSemaphore(5)
+    all_up = threading.Barrier(count, timeout=40)
+
+    def one(i):
+        try:
+            with pending:
+                s = connect(addr, timeout=40)
+                s.sendall(payloads[i][:1])
+                first = s.recv(1)
+            all_up.wait()
+            results[i] = first + roundtrip(addr, payloads[i][1:], timeout=40, sock=s)
+        except BaseException as e:  # reported below
+            all_up.abort()
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(50)
+    assert not any(t.is_alive() for t in threads)
+    bad = [i for i in range(count)
+           if not isinstance(results[i], bytes) or sha(results[i]) != sha(payloads[i])]
+    assert not bad, "connections %s failed: %r" % (bad, results[bad[0]])
+    assert target.connections == count
+    assert sorted(sha(r) for r in target.received) == sorted(sha(p) for p in payloads)
+
+
+# -- keys --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_empty_key_file(procs, echo, pair, tmp_path):
+    """An empty key file is legal: K = SHA256(b'') on both ends."""
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"")
+    os.chmod(empty, 0o600)
+    target = echo()
+    addr = start_chain(procs, pair, str(empty), target.addr)
+    check_echo(addr, os.urandom(3000))
+
+
+@pytest.mark.parametrize("side", ["e", "d"])
+def test_key_on_stdin(procs, echo, tmp_path, side):
+    """Ours with '-k -' reads the key from stdin; C reads the same bytes from a file."""
+    secret = os.urandom(48)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(secret)
+    os.chmod(keyfile, 0o600)
+    target = echo()
+    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
+    stdin_key = ("-k", "-")
+    file_key = ("-k", str(keyfile))
+    d_cmd = IMPLS["ours" if side == "d" else "c"](
+        "-d", "-F", "-s", d_source, "-t", target.addr, *(stdin_key if side == "d" else file_key))
+    e_cmd = IMPLS["ours" if side == "e" else "c"](
+        "-e", "-F", "-s", e_source, "-t", d_source, *(stdin_key if side == "e" else file_key))
+    for cmd, source, ours_here in ((d_cmd, d_source, side == "d"), (e_cmd, e_source, side == "e")):
+        if ours_here:
+            p = procs.start(cmd, stdin=subprocess.PIPE)
+            p.stdin.write(secret)
+            p.stdin.close()
+            wait_listening(source, p)
+        else:
+            procs.daemon(cmd, source)
+    check_echo(e_source, os.urandom(2000))
+
+
+# -- target with several addresses -------------------------------------------
+
+
+RESOLVER_WRAPPER = r'''
+import runpy, socket, sys
+real = socket.getaddrinfo
+def fake(host, port, *args, **kw):
+    if host == "multi.invalid":
+        port = int(port)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+    return real(host, port, *args, **kw)
+socket.getaddrinfo = fake
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def _refused(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("impl", ["ours", "c"])
+def test_localhost_first_address_refused(procs, keyfile, echo, impl):
+    """With the real resolver: 'localhost' -> ::1 first, target only on 127.0.0.1."""
+    infos = socket.getaddrinfo("localhost", 80, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               socket.IPPROTO_TCP)
+    hosts = [i[4][0] for i in infos]
+    if len(hosts) < 2 or hosts[0] != "::1" or "127.0.0.1" not in hosts:
+        pytest.skip("getaddrinfo('localhost') gives %s here, not ::1 then 127.0.0.1; "
+                    "test_first_target_address_refused covers ours" % hosts)
+    target = echo()
+    t_port = int(target.addr.rsplit(":", 1)[1])
+    assert _refused("::1", t_port)
+    pair = (impl, impl)
+    addr = start_chain(procs, pair, keyfile, "localhost:%d" % t_port)
+    check_echo(addr, os.urandom(4000), timeout=15)
+    assert target.connections == 1
+
+
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback (::1) here")
+@pytest.mark.parametrize("side", ["e", "d"])
+def test_first_target_address_refused(procs, keyfile, echo, tmp_path, side):
+    """A target name giving [::1, 127.0.0.1] with only 127.0.0.1 listening: the
+    connection falls through to the second address.
+
+    This machine's 'localhost' has a single address, so ours runs under a
+    wrapper whose getaddrinfo() answers 'multi.invalid' with ::1 then
+    127.0.0.1 (C cannot be given such a resolver; its own -t list order is
+    what the C test would exercise).
+    """
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(RESOLVER_WRAPPER)
+    target = echo()
+    t_port = int(target.addr.rsplit(":", 1)[1])
+    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
+    d_port = int(d_source.rsplit(":", 1)[1])
+    d_target = "multi.invalid:%d" % t_port if side == "d" else target.addr
+    e_target = "multi.invalid:%d" % d_port if side == "e" else d_source
+    d_cmd = [sys.executable, str(wrapper), SPIPED_PY, "-d", "-F", "-s", d_source,
+             "-t", d_target, "-k", keyfile]
+    e_cmd = [sys.executable, str(wrapper), SPIPED_PY, "-e", "-F", "-s", e_source,
+             "-t", e_target, "-k", keyfile]
+    procs.daemon(d_cmd, d_source)
+    procs.daemon(e_cmd, e_source)
+    assert _refused("::1", d_port if side == "e" else t_port)
+    for size in (1, 4000):
+        check_echo(e_source, os.urandom(size), timeout=15)
+    assert target.connections == 2
