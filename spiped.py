@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import os
 import pwd
+import queue
 import re
 import grp
 import selectors
@@ -386,13 +387,17 @@ _FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
 _STRIDE_PAD = bytes(STRIDE - PADDED)
 
 
+_IPAD = bytes(b ^ 0x36 for b in range(256))  # HMAC's key paddings as tables
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
 class _Mac:
     """HMAC-SHA256 with the key's inner and outer states computed once."""
 
     def __init__(self, key):
         key = key.ljust(64, b"\0")
-        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self.inner = hashlib.sha256(key.translate(_IPAD))
+        self.outer = hashlib.sha256(key.translate(_OPAD))
 
     def digest(self, data, suffix):
         h = self.inner.copy()
@@ -552,19 +557,26 @@ class _DeadlineIO:
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
-              nonce=None, secret=None):
+              nonce=None, secret=None, keys=None, after_nonce=None):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     Returns (sealer, opener) for this side.  TIMEOUT bounds the whole
-    exchange (None = no limit).  NONCE and SECRET fix the random values
-    (for known-answer tests).  Raises HandshakeError.
+    exchange (None = no limit).  KEYS (a DHKeyPool) supplies a key pair
+    computed ahead of time; AFTER_NONCE() runs once our nonce is sent.
+    NONCE and SECRET fix the random values (for known-answer tests).
+    Raises HandshakeError.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     io = _DeadlineIO(sock, deadline)
     try:
         mine = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         io.send(mine)  # never wait for the peer's nonce first
-        exponent, y = dh_keypair(fast, secret)
+        if after_nonce is not None:
+            after_nonce()
+        if keys is not None and not fast and secret is None:
+            exponent, y = keys.take()
+        else:
+            exponent, y = dh_keypair(fast, secret)
         theirs = io.recv(NONCE_SIZE)
         nonce_c, nonce_s = (mine, theirs) if client else (theirs, mine)
         mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
@@ -583,6 +595,39 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
         return PacketSealer(e_c, h_c), PacketOpener(e_s, h_s)
     return PacketSealer(e_s, h_s), PacketOpener(e_c, h_c)
 
+class DHKeyPool:
+    """Diffie-Hellman key pairs computed ahead of time by a background thread.
+
+    Our own y = 2^x mod p then costs nothing on a connection's critical
+    path; only the shared value is computed while the peer waits.  Each
+    pair is used once.  take() computes inline when the pool is empty.
+    The thread starts on first use (so after any fork).
+    """
+
+    def __init__(self, size=4):
+        self.size = size
+        self.ready = []
+        self.cond = threading.Condition()
+        self.thread = None
+
+    def take(self):
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._fill, daemon=True)
+                self.thread.start()
+            pair = self.ready.pop() if self.ready else None
+            self.cond.notify()
+        return pair if pair is not None else dh_keypair(False)
+
+    def _fill(self):
+        while True:
+            with self.cond:
+                while len(self.ready) >= self.size:
+                    self.cond.wait()
+            pair = dh_keypair(False)  # GMP releases the interpreter lock
+            with self.cond:
+                self.ready.append(pair)
+
 # ---------------------------------------------------------------------------
 # 6. Relays and the connection
 # ---------------------------------------------------------------------------
@@ -596,6 +641,15 @@ def tune_socket(sock, keepalive):
                                  (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))):
         try:
             sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
+def _nodelay(sock):
+    """TCP_NODELAY from the first byte: the handshake's small messages go out at once."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
 
@@ -735,6 +789,54 @@ def _shutdown(sock, how):
             raise
 
 
+class Workers:
+    """Threads that are reused: a finished task's thread waits for the next.
+
+    Starting a thread costs a clone, a stack and a hand-shake with the
+    starter; connection set-up pays that twice per connection, so
+    finished threads wait up to IDLE_TIMEOUT seconds for new work (at most
+    IDLE_MAX of them) instead of exiting.
+    """
+
+    IDLE_MAX = 64
+    IDLE_TIMEOUT = 30.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle = 0        # waiting workers minus queued tasks
+        self.tasks = queue.SimpleQueue()
+
+    def submit(self, task):
+        """Run TASK() in a thread of its own; raises RuntimeError if none can start."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.tasks.put(task)
+                return
+        threading.Thread(target=self._work, args=(task,), daemon=True).start()
+
+    def _work(self, task):
+        while True:
+            try:
+                task()
+            except Exception:  # tasks handle their own errors; never lose a worker
+                pass
+            task = None
+            with self.lock:
+                if self.idle >= self.IDLE_MAX:
+                    return
+                self.idle += 1
+            try:
+                task = self.tasks.get(timeout=self.IDLE_TIMEOUT)
+            except queue.Empty:
+                with self.lock:
+                    try:  # a task queued for us just as we gave up
+                        task = self.tasks.get_nowait()
+                    except queue.Empty:
+                        self.idle -= 1
+                        return
+
+
 class Connection:
     """The life of one accepted connection: dial, handshake, two relays, teardown."""
 
@@ -777,11 +879,17 @@ class Connection:
                 plain, sealed = self.client, self.target
             outward = self.up if not cfg.decrypt else self.down
             inward = self.down if not cfg.decrypt else self.up
-            other = threading.Thread(target=self._pipe, daemon=True,
-                                     args=(relay_open, sealed, opener, plain, inward))
-            other.start()
+            other_done = threading.Event()
+
+            def other():
+                try:
+                    self._pipe(relay_open, sealed, opener, plain, inward)
+                finally:
+                    other_done.set()
+
+            self.server.workers.submit(other)
             self._pipe(relay_seal, plain, sealer, sealed, outward)
-            other.join()
+            other_done.wait()
         except Exception as e:  # a bug must not take the daemon down
             self.failed = "internal error: %r" % (e,)
         finally:
@@ -795,21 +903,25 @@ class Connection:
         cfg = self.config
         timeout = cfg.timeout
         deadline = None if timeout is None else self.started + timeout
+        _nodelay(self.client)
         dialer = Dialer(self.server.targets, cfg.bind)
         try:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
                 # target connect is under way; one deadline covers both.
-                dialer.start()
                 keys = handshake(self.client, cfg.key, client=False, fast=cfg.fast,
+                                 after_nonce=dialer.start,
                                  require_pfs=cfg.require_pfs,
                                  timeout=None if deadline is None else
-                                 max(deadline - time.monotonic(), 1e-3))
+                                 max(deadline - time.monotonic(), 1e-3),
+                                 keys=self.server.dh_keys)
                 self.target = dialer.finish(deadline)
                 return keys
             self.target = dialer.finish(deadline)
+            _nodelay(self.target)
             return handshake(self.target, cfg.key, client=True, fast=cfg.fast,
-                             require_pfs=cfg.require_pfs, timeout=timeout)
+                             require_pfs=cfg.require_pfs, timeout=timeout,
+                             keys=self.server.dh_keys)
         finally:
             dialer.close()
 
@@ -920,6 +1032,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = family
         self.targets = targets
         self.stats = Stats()
+        self.dh_keys = DHKeyPool()
+        self.workers = Workers()
         self.live = set()
         self.lock = threading.Lock()
         self.next_number = 0
@@ -1036,17 +1150,14 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             log.event("connection %d: accepted from %s"
                       % (connection.number, connection.describe_peer()))
         try:
-            self.process_request(connection, peer)  # ThreadingMixIn: a thread each
+            self.process_request(connection, peer)
         except RuntimeError:  # cannot start a thread: drop this one
             sock.close()
             self.connection_closed(connection)
 
-    def finish_request(self, connection, peer):
-        """Runs in the connection's thread (ThreadingMixIn hook)."""
-        connection.run()
-
-    def shutdown_request(self, connection):
-        """Connection.run() closed its sockets already."""
+    def process_request(self, connection, peer):
+        """Run the connection in a thread of its own (a reused one if idle)."""
+        self.workers.submit(connection.run)
 
     def connection_closed(self, connection):
         """Called by each connection as it ends; frees its slot."""
@@ -1282,6 +1393,19 @@ def inherited_listener(environ=os.environ):
     if count > 1:
         log.warn("systemd passed %d sockets; serving on the first only" % count)
     return sock
+
+
+def _limit_malloc_arenas(count=2):
+    """Keep glibc from giving each busy thread a malloc arena of its own.
+
+    With one arena per thread, memory freed by one connection is not
+    reused by the next, and a few hundred threads hold tens of MiB.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-8, count)  # M_ARENA_MAX
+    except (ImportError, OSError, AttributeError):
+        pass
 
 
 def _resolve_or_retry(addr, retry, resolver=resolve):
@@ -1646,6 +1770,7 @@ def _run_spiped(opts):
         drop_privileges(*identity)
 
     threading.stack_size(512 * 1024)
+    _limit_malloc_arenas()
     if "-R" not in opts and 0 < opts["-r"] < float("inf"):  # "-r nan": never
         threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
                          daemon=True).start()
