@@ -1135,6 +1135,7 @@ class Server(socketserver.TCPServer):
                 self.accept_paused_until = time.monotonic() + 0.25
             return
         self.accept_paused_until = 0.0
+        self.accept_error_logged = False  # the next exhaustion gets its line again
         sock.setblocking(True)
         connection = Connection(self, sock, peer)
         limit = self.config.max_connections
@@ -1165,8 +1166,7 @@ class Server(socketserver.TCPServer):
         """Called by each connection as it ends; frees its slot."""
         with self.lock:
             self.live.discard(connection)
-            self.accept_error_logged = False
-            self.accept_paused_until = 0.0
+            self.accept_paused_until = 0.0  # a descriptor was freed: accept again
         with self.stats.lock:
             self.stats.live -= 1
             self.stats.bytes_in += connection.up[0]
