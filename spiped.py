@@ -408,13 +408,22 @@ class _Mac:
         return o.digest()
 
 
-class PacketSealer:
-    """Turns plaintext into packets for one direction; owns its packet counter."""
+class _PacketKeys:
+    """One direction's cipher and MAC keys and its packet counter."""
 
     def __init__(self, cipher_key, mac_key, number=0):
         self._ecb = AES.new(cipher_key, AES.MODE_ECB)
         self._mac = _Mac(mac_key)
         self.number = number
+
+    def _keystream(self, first, count):
+        """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
+        return self._ecb.encrypt(b"".join([_be64(n).join(_LOW_HALVES)
+                                           for n in range(first, first + count)]))
+
+
+class PacketSealer(_PacketKeys):
+    """Turns plaintext into packets for one direction; owns its packet counter."""
 
     def seal(self, data):
         """Packets (1060 bytes each) carrying DATA in chunks of up to 1024 bytes."""
@@ -425,7 +434,6 @@ class PacketSealer:
         count = (size + PAYLOAD - 1) // PAYLOAD
         n = self.number
         plain = []
-        counters = []
         for k in range(count):
             chunk = view[k * PAYLOAD:(k + 1) * PAYLOAD]
             plain.append(chunk)
@@ -433,8 +441,7 @@ class PacketSealer:
                 plain.append(_FULL_TRAILER)
             else:
                 plain.append(bytes(PAYLOAD - len(chunk)) + _be32(len(chunk)) + _STRIDE_PAD)
-            counters.append(_be64(n + k).join(_LOW_HALVES))
-        cipher = memoryview(strxor(b"".join(plain), self._ecb.encrypt(b"".join(counters))))
+        cipher = memoryview(strxor(b"".join(plain), self._keystream(n, count)))
         out = []
         mac = self._mac.digest
         for k in range(count):
@@ -445,13 +452,8 @@ class PacketSealer:
         return b"".join(out)
 
 
-class PacketOpener:
+class PacketOpener(_PacketKeys):
     """Checks and decrypts packets for one direction; owns its packet counter."""
-
-    def __init__(self, cipher_key, mac_key, number=0):
-        self._ecb = AES.new(cipher_key, AES.MODE_ECB)
-        self._mac = _Mac(mac_key)
-        self.number = number
 
     def open(self, wire):
         """Plaintext of the whole packets in WIRE (a multiple of 1060 bytes).
@@ -466,7 +468,6 @@ class PacketOpener:
         mac = self._mac.digest
         compare = hmac.compare_digest
         cts = []
-        counters = []
         why = None
         for k in range(count):
             base = k * PACKET
@@ -476,11 +477,10 @@ class PacketOpener:
                 break
             cts.append(ct)
             cts.append(_STRIDE_PAD)
-            counters.append(_be64(n + k).join(_LOW_HALVES))
-        good = len(counters)
+        good = len(cts) // 2
         out = []
         if good:
-            plain = memoryview(strxor(b"".join(cts), self._ecb.encrypt(b"".join(counters))))
+            plain = memoryview(strxor(b"".join(cts), self._keystream(n, good)))
             for k in range(good):
                 base = k * STRIDE
                 length = int.from_bytes(plain[base + PAYLOAD:base + PADDED], "big")
@@ -1583,6 +1583,8 @@ def _parse_number(option, text, kind):
         value = _strtod(text)
         if value is None:
             raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+        if value != value and option != "-r":  # "nan": usage, but C takes "-r nan"
+            raise UsageError(None)
         if value == "range" or value < 0:
             raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
                               % (option, text))
@@ -1632,8 +1634,6 @@ def parse_spiped_args(args):
             value = _parse_number(option, value, "int")
         elif option in ("-o", "-r", "--drain-timeout"):
             value = _parse_number(option, value, "float")
-            if value != value and option != "-r":  # C takes "-r nan"
-                raise UsageError(None)
         elif option == "--socket-mode":
             try:
                 value = int(value, 8)
@@ -1820,8 +1820,6 @@ def spipe_main(args):
                 check_address_syntax(value)
             if option == "-o":
                 value = _parse_number(option, value, "float")
-                if value != value:
-                    raise UsageError(None)
             seen[option] = value
         if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
             raise UsageError(None)
