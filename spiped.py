@@ -852,14 +852,20 @@ class Connection:
         self.down = [0]    # plaintext bytes target -> source
         self.lock = threading.Lock()
         self.failed = None
+        self.relays = 0    # directions still running
 
     def describe_peer(self):
         return format_sockaddr(self.client.family, self.peer)
 
     def run(self):
-        """Serve the connection to its end; never raises."""
+        """Serve the connection: set-up here, then one relay per direction.
+
+        Never raises.  Whichever relay ends last closes both sockets, so
+        neither thread waits for the other.
+        """
         cfg = self.config
         stats = self.server.stats
+        relaying = 0
         try:
             try:
                 sealer, opener = self._establish()
@@ -879,24 +885,43 @@ class Connection:
                 plain, sealed = self.client, self.target
             outward = self.up if not cfg.decrypt else self.down
             inward = self.down if not cfg.decrypt else self.up
-            other_done = threading.Event()
+            self.relays = relaying = 2
 
             def other():
                 try:
                     self._pipe(relay_open, sealed, opener, plain, inward)
                 finally:
-                    other_done.set()
+                    self._relay_done()
 
-            self.server.workers.submit(other)
+            try:
+                self.server.workers.submit(other)
+            except RuntimeError:  # no thread to be had: give up this one
+                self.relays = relaying = 0
+                self.failed = "cannot start a thread"
+                return
             self._pipe(relay_seal, plain, sealer, sealed, outward)
-            other_done.wait()
         except Exception as e:  # a bug must not take the daemon down
             self.failed = "internal error: %r" % (e,)
+            self._abort(self.failed)
         finally:
-            for sock in (self.client, self.target):
-                if sock is not None:
-                    sock.close()
-            self._closed()
+            if relaying:
+                self._relay_done()
+            else:
+                self._teardown()
+
+    def _relay_done(self):
+        """One direction has ended; the last one tears the connection down."""
+        with self.lock:
+            self.relays -= 1
+            last = self.relays == 0
+        if last:
+            self._teardown()
+
+    def _teardown(self):
+        for sock in (self.client, self.target):
+            if sock is not None:
+                sock.close()
+        self._closed()
 
     def _establish(self):
         """Connect to the target and run the handshake; (sealer, opener)."""
@@ -1165,13 +1190,17 @@ class Server(socketserver.TCPServer):
     def connection_closed(self, connection):
         """Called by each connection as it ends; frees its slot."""
         with self.lock:
+            # Wake the accept loop only when it waits for this: a free slot,
+            # a free descriptor, or the end of a drain.
+            waiting = self.full() or self.accept_paused_until or self.stopping
             self.live.discard(connection)
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
         with self.stats.lock:
             self.stats.live -= 1
             self.stats.bytes_in += connection.up[0]
             self.stats.bytes_out += connection.down[0]
-        self.wake()
+        if waiting:
+            self.wake()
 
     # -- shutdown ---------------------------------------------------------
 
