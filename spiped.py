@@ -338,12 +338,26 @@ def traffic_keys(key, nonce_client, nonce_server, shared):
     return dk[0:32], dk[32:64], dk[64:96], dk[96:128]
 
 
+_GMP_PRIME = None  # DH_PRIME as a Cryptodome Integer, made on first use
+
+
 def _modexp(base, exponent):
-    """BASE ** EXPONENT mod p as 256 big-endian bytes (GMP when available)."""
+    """BASE ** EXPONENT mod p as 256 big-endian bytes.
+
+    BASE is 256 big-endian bytes, EXPONENT an int.  Uses GMP through
+    Cryptodome when available; big numbers enter it via from_bytes, which
+    is far cheaper than converting a Python int.
+    """
+    global _GMP_PRIME
     if _BigInt is not None:
-        value = pow(_BigInt(base), _BigInt(exponent), _BigInt(DH_PRIME))
-        return value.to_bytes(DH_SIZE)
-    return pow(base, exponent, DH_PRIME).to_bytes(DH_SIZE, "big")
+        if _GMP_PRIME is None:
+            _GMP_PRIME = _BigInt.from_bytes(DH_PRIME_BYTES)
+        exp = _BigInt.from_bytes(exponent.to_bytes((exponent.bit_length() + 7) // 8, "big"))
+        return pow(_BigInt.from_bytes(base), exp, _GMP_PRIME).to_bytes(DH_SIZE)
+    return pow(int.from_bytes(base, "big"), exponent, DH_PRIME).to_bytes(DH_SIZE, "big")
+
+
+_DH_TWO = (2).to_bytes(DH_SIZE, "big")
 
 
 def dh_keypair(fast, secret=None):
@@ -356,14 +370,14 @@ def dh_keypair(fast, secret=None):
     if secret is None:
         secret = os.urandom(32)
     exponent = (1 << 258) + int.from_bytes(secret, "big")
-    return exponent, _modexp(2, exponent)
+    return exponent, _modexp(_DH_TWO, exponent)
 
 
 def dh_shared(exponent, y_peer):
     """The shared value y_peer^x mod p; 1 when this side skipped DH (-f)."""
     if exponent is None:
         return DH_ONE
-    return _modexp(int.from_bytes(y_peer, "big"), exponent)
+    return _modexp(bytes(y_peer), exponent)
 
 
 def check_dh_message(message, dhmac, require_pfs):
