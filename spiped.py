@@ -27,13 +27,13 @@ Runs on Python 3.9+ with the standard library and Cryptodome
 """
 
 import errno
+import grp
 import hashlib
 import hmac
 import os
 import pwd
 import queue
 import re
-import grp
 import selectors
 import signal
 import socket
@@ -47,7 +47,7 @@ import time
 try:
     from Cryptodome.Cipher import AES
     from Cryptodome.Util.strxor import strxor
-except ImportError:  # Debian's python3-pycryptodome installs as "Crypto".
+except ImportError:  # PyPI's pycryptodome (not -x) installs as "Crypto".
     try:
         from Crypto.Cipher import AES
         from Crypto.Util.strxor import strxor
@@ -1078,7 +1078,7 @@ class Server(socketserver.TCPServer):
         self.live = set()
         self.lock = threading.Lock()
         self.next_number = 0
-        self.unlink_path = None
+        self.unlink_path = self.unlink_ident = None
         self.stopping = False
         self.drain_deadline = None
         self.on_tick = None
@@ -1087,20 +1087,19 @@ class Server(socketserver.TCPServer):
             os.set_blocking(fd, False)
         self.accept_paused_until = 0.0
         self.accept_error_logged = False
-        if listener is not None:
-            super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+        super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+        if listener is not None:  # systemd bound and listens for us
             self.socket.close()
             self.socket = listener
             self.server_address = listener.getsockname()
         else:
-            super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
             try:
                 self.server_bind()
                 if socket_mode is not None and family == socket.AF_UNIX:
                     os.chmod(sockaddr, socket_mode)
                 self.server_activate()
             except OSError:
-                self.socket.close()
+                self.server_close()
                 raise
             if family == socket.AF_UNIX:
                 self.unlink_path = sockaddr
