@@ -867,6 +867,7 @@ class Connection:
         self.lock = threading.Lock()
         self.failed = None
         self.relays = 0    # directions still running
+        self.relays_started = False
 
     def describe_peer(self):
         return format_sockaddr(self.client.family, self.peer)
@@ -900,6 +901,7 @@ class Connection:
             outward = self.up if not cfg.decrypt else self.down
             inward = self.down if not cfg.decrypt else self.up
             self.relays = relaying = 2
+            self.relays_started = True
 
             def other():
                 try:
@@ -994,7 +996,7 @@ class Connection:
 
     def _closed(self):
         self.server.connection_closed(self)
-        if log.events and self.target is not None:
+        if log.events and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
