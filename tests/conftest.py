@@ -189,16 +189,19 @@ def otherkey(tmp_path):
     return str(path)
 
 
-class EchoServer:
-    """A threaded target that echoes each connection until EOF, then half-closes.
+class TargetServer:
+    """A listening target that runs handle(conn) in a thread per connection.
 
-    Records how many connections it saw and every byte it received.
+    ADDR is a unix path or "[host]:port" (default: a free port on
+    127.0.0.1); .addr is the address to give spiped.  Counts accepted
+    connections and records their peers.
     """
 
-    def __init__(self, addr=None, mode="echo"):
+    backlog = 128
+
+    def __init__(self, addr=None):
         if addr is None:
             addr = tcp_addr(0)
-        self.mode = mode
         if addr.startswith("/"):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(addr)
@@ -211,13 +214,11 @@ class EchoServer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((host, int(port)))
             self.addr = "[%s]:%d" % (host, self.sock.getsockname()[1])
-        self.sock.listen(128)
+        self.sock.listen(self.backlog)
         self.lock = threading.Lock()
         self.connections = 0
-        self.received = []
         self.peers = []
         self.closed = False
-        self.threads = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -230,11 +231,41 @@ class EchoServer:
             with self.lock:
                 self.connections += 1
                 self.peers.append(peer)
-            t = threading.Thread(target=self._one, args=(c,), daemon=True)
-            self.threads.append(t)
-            t.start()
+            threading.Thread(target=self._run, args=(c,), daemon=True).start()
 
-    def _one(self, c):
+    def _run(self, c):
+        try:
+            self.handle(c)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        # shutdown() wakes the thread blocked in accept(); close() alone would not.
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class EchoServer(TargetServer):
+    """A target that echoes each connection until EOF, then half-closes.
+
+    Records every byte it received, per connection.
+    """
+
+    def __init__(self, addr=None, mode="echo"):
+        self.mode = mode
+        self.received = []
+        super().__init__(addr)
+
+    def handle(self, c):
         got = bytearray()
         try:
             while True:
@@ -249,24 +280,13 @@ class EchoServer:
             c.settimeout(10)
             while c.recv(65536):
                 pass
-        except OSError:
-            pass
         finally:
             with self.lock:
                 self.received.append(bytes(got))
-            c.close()
 
     def total_received(self):
         with self.lock:
             return sum(len(r) for r in self.received)
-
-    def close(self):
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import (IMPLS, SPIPED_PY, connect, free_port, have_ipv6, need_c,
-                      sha, tcp_addr, wait_listening)
+from conftest import (IMPLS, SPIPED_PY, TargetServer, connect, free_port, have_ipv6,
+                      need_c, sha, tcp_addr, wait_listening)
 
 pytestmark = need_c
 
@@ -95,7 +95,7 @@ def check_echo(addr, payload, timeout=30.0):
     assert sha(got) == sha(payload)
 
 
-class LateReplyTarget:
+class LateReplyTarget(TargetServer):
     """A target that reads each connection to EOF, waits DELAY, then replies.
 
     The reply is SHA-256(received) followed by REPLY_SIZE random bytes, so the
@@ -103,32 +103,15 @@ class LateReplyTarget:
     after the client's half-close still comes back.
     """
 
+    backlog = 16
+
     def __init__(self, addr, delay=0.3, reply_size=100000):
         self.delay = delay
         self.reply_size = reply_size
         self.results = []   # (received bytes, saw_eof, reply bytes)
-        self.lock = threading.Lock()
-        if addr.startswith("/"):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(addr)
-        else:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.sock.bind(("127.0.0.1", 0))
-            addr = tcp_addr(self.sock.getsockname()[1])
-        self.addr = addr
-        self.sock.listen(16)
-        self.sock.settimeout(30)
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(addr if addr.startswith("/") else None)
 
-    def _serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(c,), daemon=True).start()
-
-    def _one(self, c):
+    def handle(self, c):
         c.settimeout(15)
         got = bytearray()
         eof = False
@@ -144,10 +127,7 @@ class LateReplyTarget:
             reply = hashlib.sha256(got).digest() + os.urandom(self.reply_size)
             c.sendall(reply)
             c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         finally:
-            c.close()
             with self.lock:
                 self.results.append((bytes(got), eof, reply))
 
@@ -159,9 +139,6 @@ class LateReplyTarget:
                     return list(self.results)
             time.sleep(0.02)
         raise AssertionError("target finished %d of %d connections" % (len(self.results), count))
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import (HAVE_C, SPIPED_PY, c_spiped, connect, exchange, free_port, need_c,
-                      ours, tcp_addr, wait_listening)
+from conftest import (HAVE_C, SPIPED_PY, TargetServer, c_spiped, connect, exchange,
+                      free_port, need_c, ours, tcp_addr, wait_listening)
 import spiped
 
 # Put the socket given as argv[1] ("-" for none) on fd 3, set the variables
@@ -203,50 +203,27 @@ def front(procs, target, keyfile, impl=ours):
     return src
 
 
-class ReplyServer:
+class ReplyServer(TargetServer):
     """A target that reads to EOF, then sends REPLY bytes and closes."""
+
+    backlog = 16
 
     def __init__(self, reply):
         self.reply = reply
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
         self.received = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(c,), daemon=True).start()
-
-    def _one(self, c):
+    def handle(self, c):
         got = 0
         c.settimeout(10)
-        try:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    break
-                got += len(d)
-            self.received.append(got)
-            c.sendall(self.reply)
-            c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            c.close()
-
-    def close(self):
-        # shutdown() wakes the thread blocked in accept(); close() alone would not.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            got += len(d)
+        self.received.append(got)
+        c.sendall(self.reply)
+        c.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture
