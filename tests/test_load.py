@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import c_spiped, connect, free_port, need_c, ours, tcp_addr
+from conftest import TargetServer, c_spiped, connect, free_port, need_c, ours, tcp_addr
 from test_faults import Baseline, assert_no_leak
 
 HEAVY = os.environ.get("SPIPED_HEAVY") == "1"
@@ -42,28 +42,20 @@ def start_pair(procs, tmp_path, keyfile, target, e_impl="ours", d_impl="ours", e
     return e_addr, started
 
 
-class Echo:
+class Echo(TargetServer):
     """A threaded echo target (its own, so that load tests control the buffers)."""
 
+    backlog = 1024
+
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
         self.errors = []
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+    @property
+    def accepted(self):
+        return self.connections
 
-    def _one(self, conn):
+    def handle(self, conn):
         conn.settimeout(60)
         try:
             while True:
@@ -74,11 +66,6 @@ class Echo:
             conn.shutdown(socket.SHUT_WR)
         except OSError as e:
             self.errors.append(repr(e))
-        finally:
-            conn.close()
-
-    def close(self):
-        self.sock.close()
 
 
 def transfer(addr, data, timeout=60, sock=None):
