@@ -1736,13 +1736,12 @@ def _install_signals(server, drain_timeout, notifier):
     return pending
 
 
-def spiped_main(args):
-    """spiped: returns the exit status."""
-    log.prog = "spiped"
+def _cli(usage, parse, run):
+    """PARSE() the command line, then RUN(options); C's messages and exit codes."""
     try:
-        opts = parse_spiped_args(args)
+        opts = parse()
     except UsageError as e:
-        _print_usage(SPIPED_USAGE, e.args[0] if e.args else None)
+        _print_usage(usage, e.args[0] if e.args else None)
         return 1
     except SpipedError as e:
         for line in e.lines:
@@ -1755,11 +1754,17 @@ def spiped_main(args):
                  " (or apt install python3-pycryptodome)")
         return 1
     try:
-        return _run_spiped(opts)
+        return run(opts)
     except SpipedError as e:
         for line in e.lines:
             log.warn(line)
         return 1
+
+
+def spiped_main(args):
+    """spiped: returns the exit status."""
+    log.prog = "spiped"
+    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args), _run_spiped)
 
 
 def _run_spiped(opts):
@@ -1845,49 +1850,42 @@ def _run_spiped(opts):
 # -- spipe -------------------------------------------------------------------
 
 
+def parse_spipe_args(args):
+    """Options dict from spipe's command line; raises UsageError/SpipedError/_Exit."""
+    seen = {}
+    for option, value in getopt_c(args, "fgjv", "tkbo"):
+        if option is None:
+            if value:
+                raise UsageError(None)
+            break
+        if option in seen:
+            raise UsageError(None)
+        if option == "-v":
+            _print_version()
+            raise _Exit(0)
+        if option == "-t":
+            check_address_syntax(value)
+        if option == "-o":
+            value = _parse_number(option, value, "float")
+        seen[option] = value
+    if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
+        raise UsageError(None)
+    timeout = seen.get("-o") or DEFAULT_TIMEOUT
+    seen["-o"] = None if timeout == float("inf") else timeout
+    return seen
+
+
 def spipe_main(args):
     """spipe: one encrypted connection with stdin/stdout as the plaintext end."""
     log.prog = "spipe"
-    seen = {}
-    try:
-        for option, value in getopt_c(args, "fgjv", "tkbo"):
-            if option is None:
-                if value:
-                    raise UsageError(None)
-                break
-            if option in seen:
-                raise UsageError(None)
-            if option == "-v":
-                _print_version()
-                return 0
-            if option == "-t":
-                check_address_syntax(value)
-            if option == "-o":
-                value = _parse_number(option, value, "float")
-            seen[option] = value
-        if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
-            raise UsageError(None)
-    except UsageError as e:
-        _print_usage(SPIPE_USAGE, e.args[0] if e.args else None)
-        return 1
-    except SpipedError as e:
-        for line in e.lines:
-            log.warn(line)
-        return 1
-    if AES is None:
-        log.warn("Cryptodome is missing: pip install pycryptodomex"
-                 " (or apt install python3-pycryptodome)")
-        return 1
-    timeout = seen.get("-o") or DEFAULT_TIMEOUT
-    timeout = None if timeout == float("inf") else timeout
-    try:
-        targets = resolve(seen["-t"])
-        bind = bind_address(seen["-b"])[0][1] if "-b" in seen else None
-        key = read_key(seen["-k"])
-    except SpipedError as e:
-        for line in e.lines:
-            log.warn(line)
-        return 1
+    return _cli(SPIPE_USAGE, lambda: parse_spipe_args(args), _run_spipe)
+
+
+def _run_spipe(opts):
+    timeout = opts["-o"]
+    targets = resolve(opts["-t"])
+    bind = bind_address(opts["-b"])[0][1] if "-b" in opts else None
+    key = read_key(opts["-k"])
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
@@ -1897,12 +1895,12 @@ def spipe_main(args):
         log.warn("Could not connect")
         return 1
     try:
-        sealer, opener = handshake(sock, key, client=True, fast="-f" in seen,
-                                   require_pfs="-g" in seen, timeout=timeout)
+        sealer, opener = handshake(sock, key, client=True, fast="-f" in opts,
+                                   require_pfs="-g" in opts, timeout=timeout)
     except HandshakeError:
         log.warn("Handshake failed")
         return 1
-    tune_socket(sock, "-j" not in seen)
+    tune_socket(sock, "-j" not in opts)
     return _spipe_relay(sock, sealer, opener)
 
 
