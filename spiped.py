@@ -166,10 +166,11 @@ class Log:
             self.syslog = syslog
         return self.syslog
 
-    def use_syslog(self):
-        """Send warnings (and events) to syslog from now on."""
+    def use_syslog(self, warnings=True):
+        """Send events, and WARNINGS too, to syslog from now on."""
         self._syslog()
-        self.warn_to_syslog = self.events_to_syslog = True
+        self.events_to_syslog = True
+        self.warn_to_syslog = warnings
 
     def warn(self, msg):
         """A warning or error line, as C spiped prints them."""
@@ -185,7 +186,7 @@ class Log:
     def event(self, msg):
         """A per-connection or statistics line (only with --log-connections or on demand)."""
         if self.events_to_syslog:
-            self._syslog().syslog(self.syslog.LOG_INFO, msg)
+            self.syslog.syslog(self.syslog.LOG_INFO, msg)
         else:
             self.warn(msg)
 
@@ -918,7 +919,7 @@ class Connection:
             self._pipe(relay_seal, plain, sealer, sealed, outward)
         except Exception as e:  # a bug must not take the daemon down
             self.failed = "internal error: %r" % (e,)
-            self._abort(self.failed)
+            self.abort(self.failed)
         finally:
             if relaying:
                 self._relay_done()
@@ -975,11 +976,11 @@ class Connection:
                 relay(src, worker, dst.sendall, counter)
             _shutdown(dst, socket.SHUT_WR)
         except BadPacket as e:
-            self._abort("bad packet: %s" % e)
+            self.abort("bad packet: %s" % e)
         except OSError as e:
-            self._abort(e.strerror or str(e))
+            self.abort(e.strerror or str(e))
 
-    def _abort(self, why):
+    def abort(self, why):
         """Close both directions now: wakes the other relay thread."""
         with self.lock:
             if self.failed is None:
@@ -1232,7 +1233,7 @@ class Server(socketserver.TCPServer):
         with self.lock:
             live = list(self.live)
         for connection in live:
-            connection._abort("drain timeout")
+            connection.abort("drain timeout")
 
     def server_close(self):
         super().server_close()
@@ -1773,14 +1774,16 @@ def _run_spiped(opts):
     source, target = opts["-s"], opts["-t"]
     pidfile = opts.get("-p") or source + ".pid"
     log.events = "--log-connections" in opts
-    if "--syslog" in opts and foreground and log.events:
-        log.events_to_syslog = True
-        log._syslog()
+    if "--syslog" in opts and foreground:
+        log.use_syslog(warnings=False)  # C's warnings stay on stderr with -F
 
-    if wait_dns and not foreground:
+    def go_background():
         daemonize(pidfile)
         if "--syslog" in opts:
             log.use_syslog()
+
+    if wait_dns and not foreground:
+        go_background()
 
     listener = inherited_listener()
     if listener is None:
@@ -1814,9 +1817,7 @@ def _run_spiped(opts):
     identity = lookup_identity(opts["-u"]) if "-u" in opts else None
 
     if not wait_dns and not foreground:
-        daemonize(pidfile)
-        if "--syslog" in opts:
-            log.use_syslog()
+        go_background()
     if identity is not None:
         drop_privileges(*identity)
 
