@@ -135,6 +135,17 @@ def assert_served(addr, key, target, before=0):
     assert target.total_received() == before + len(sent)
 
 
+def send_and_expect_drop(addr, payload):
+    """Connect to ADDR, send PAYLOAD, and see the connection end with nothing back."""
+    with connect(addr, timeout=10) as s:
+        s.sendall(payload)
+        s.settimeout(DROP_TIMEOUT)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+
+
 def wait_target_idle(target, timeout=5.0):
     """Wait until every connection the echo target accepted has ended."""
     deadline = time.monotonic() + timeout
@@ -223,13 +234,7 @@ def test_wrong_key_through_c_client(procs, keyfile, otherkey, echo, impl):
     addr = start_d(procs, impl, keyfile, target.addr)
     e_source = tcp_addr(free_port())
     procs.daemon(IMPLS["c"]("-e", "-F", "-s", e_source, "-t", addr, "-k", otherkey), e_source)
-    with connect(e_source, timeout=10) as s:
-        s.sendall(b"secret data")
-        s.settimeout(DROP_TIMEOUT)
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+    send_and_expect_drop(e_source, b"secret data")
     wait_target_idle(target)
     assert target.total_received() == 0
     assert_served(addr, key_of(keyfile), target)
@@ -250,13 +255,7 @@ def test_require_pfs_against_fast(procs, keyfile, echo, d_impl, e_impl, d_flag, 
     e_source = tcp_addr(free_port())
     procs.daemon(IMPLS[e_impl]("-e", "-F", "-s", e_source, "-t", addr, "-k", keyfile,
                                e_flag), e_source)
-    with connect(e_source, timeout=10) as s:
-        s.sendall(b"must not arrive")
-        s.settimeout(DROP_TIMEOUT)
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+    send_and_expect_drop(e_source, b"must not arrive")
     wait_target_idle(target)
     assert target.total_received() == 0
     # The -d end still serves a client whose handshake suits its flag.
