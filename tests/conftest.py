@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPIPED_PY = os.path.join(ROOT, "spiped.py")
-VECTORS = os.path.join(os.path.dirname(ROOT), "shared", "vectors")
+VECTORS = os.path.join(ROOT, "tests", "vectors")
 C_SPIPED = shutil.which("spiped", path="/usr/bin:/usr/local/bin") or "/usr/bin/spiped"
 C_SPIPE = shutil.which("spipe", path="/usr/bin:/usr/local/bin") or "/usr/bin/spipe"
 sys.path.insert(0, ROOT)
