@@ -381,6 +381,30 @@ def dh_shared(exponent, y_peer):
     return _modexp(bytes(y_peer), exponent)
 
 
+def key_ring(key):
+    """KEY as a key ring: a tuple of (name, K); a bare 32-byte K becomes ((None, K),)."""
+    if isinstance(key, (bytes, bytearray)):
+        return ((None, bytes(key)),)
+    return tuple(key)
+
+
+def match_key(ring, nonce_client, nonce_server, message):
+    """(name, K, dhmac_C, dhmac_S) of the RING key whose dhmac_C authenticates
+    the client's DH MESSAGE, or None.
+
+    Every key is tried, each compared in constant time, whichever matches:
+    the time taken says nothing about which key (if any) the client used.
+    The first matching key wins.
+    """
+    y, mac = message[:DH_SIZE], message[DH_SIZE:]
+    found = None
+    for name, key in ring:
+        mac_c, mac_s = dhmac_keys(key, nonce_client, nonce_server)
+        if hmac.compare_digest(hmac_sha256(mac_c, y), mac) and found is None:
+            found = (name, key, mac_c, mac_s)
+    return found
+
+
 def check_dh_message(message, dhmac, require_pfs):
     """Validate the peer's y || MAC; raises HandshakeError, returns y."""
     y, mac = message[:DH_SIZE], message[DH_SIZE:]
@@ -571,16 +595,29 @@ class _DeadlineIO:
         self.sock.setblocking(True)
 
 
+class HandshakeResult(tuple):
+    """(sealer, opener); .key_name names the key the exchange used."""
+
+    def __new__(cls, sealer, opener, key_name=None):
+        pair = super().__new__(cls, (sealer, opener))
+        pair.key_name = key_name
+        return pair
+
+
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
               nonce=None, secret=None, keys=None, after_nonce=None):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
-    Returns (sealer, opener) for this side.  TIMEOUT bounds the whole
-    exchange (None = no limit).  KEYS (a DHKeyPool) supplies a key pair
-    computed ahead of time; AFTER_NONCE() runs once our nonce is sent.
-    NONCE and SECRET fix the random values (for known-answer tests).
-    Raises HandshakeError.
+    KEY is one K or a key ring (see key_ring()); a client uses the ring's
+    first key, a server whichever key the client's DH message proves.
+    Returns a HandshakeResult: (sealer, opener) for this side, and the
+    key's name.  TIMEOUT bounds the whole exchange (None = no limit).
+    KEYS (a DHKeyPool) supplies a key pair computed ahead of time;
+    AFTER_NONCE() runs once our nonce is sent.  NONCE and SECRET fix the
+    random values (for known-answer tests).  Raises HandshakeError.
     """
+    ring = key_ring(key)
+    key_name, key = ring[0]
     deadline = None if timeout is None else time.monotonic() + timeout
     io = _DeadlineIO(sock, deadline)
     try:
@@ -594,21 +631,34 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
             exponent, y = dh_keypair(fast, secret)
         theirs = io.recv(NONCE_SIZE)
         nonce_c, nonce_s = (mine, theirs) if client else (theirs, mine)
-        mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
-        own_mac, peer_mac = (mac_c, mac_s) if client else (mac_s, mac_c)
-        hello = y + hmac_sha256(own_mac, y)
         if client:
-            io.send(hello)
-        y_peer = check_dh_message(io.recv(DH_MESSAGE), peer_mac, require_pfs)
-        if not client:
-            io.send(hello)  # only once the client's value passed the checks
+            mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
+            io.send(y + hmac_sha256(mac_c, y))
+            y_peer = check_dh_message(io.recv(DH_MESSAGE), mac_s, require_pfs)
+        else:
+            message = io.recv(DH_MESSAGE)
+            if len(ring) == 1:
+                mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
+            else:
+                key_name, key, mac_c, mac_s = _server_key(ring, nonce_c, nonce_s, message)
+            y_peer = check_dh_message(message, mac_c, require_pfs)
+            io.send(y + hmac_sha256(mac_s, y))  # only once the client's value passed
         shared = dh_shared(exponent, y_peer)
     finally:
         io.close()
     e_c, h_c, e_s, h_s = traffic_keys(key, nonce_c, nonce_s, shared)
     if client:
-        return PacketSealer(e_c, h_c), PacketOpener(e_s, h_s)
-    return PacketSealer(e_s, h_s), PacketOpener(e_c, h_c)
+        return HandshakeResult(PacketSealer(e_c, h_c), PacketOpener(e_s, h_s), key_name)
+    return HandshakeResult(PacketSealer(e_s, h_s), PacketOpener(e_c, h_c), key_name)
+
+
+def _server_key(ring, nonce_c, nonce_s, message):
+    """match_key() for a server with several keys; no match is a bad MAC."""
+    found = match_key(ring, nonce_c, nonce_s, message)
+    if found is None:
+        raise HandshakeError("bad-mac", "bad MAC on the peer's DH value (no accepted key)")
+    return found
+
 
 class DHKeyPool:
     """Diffie-Hellman key pairs computed ahead of time by a background thread.
