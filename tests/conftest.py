@@ -354,3 +354,13 @@ def rss_kib(pid):
 def terminate(proc, sig=signal.SIGTERM, timeout=10):
     proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+def wait_for(predicate, timeout=10.0, step=0.02):
+    """Poll PREDICATE until it is true or TIMEOUT seconds passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
