@@ -919,6 +919,7 @@ class Connection:
         self.failed = None
         self.relays = 0    # directions still running
         self.relays_started = False
+        self.keyring = self.config.keyring  # a reload leaves this connection's keys alone
 
     def describe_peer(self):
         return format_sockaddr(self.client.family, self.peer)
@@ -934,7 +935,7 @@ class Connection:
         relaying = 0
         try:
             try:
-                sealer, opener = self._establish()
+                sealer, opener = sealer_opener = self._establish()
             except ConnectError as e:
                 stats.count("connect_failures")
                 self._event("connect to %s failed: %s" % (cfg.target, e))
@@ -943,6 +944,7 @@ class Connection:
                 stats.count_handshake(e.reason)
                 self._event("handshake failed: %s" % e)
                 return
+            self._key_used(sealer_opener.key_name)
             for sock in (self.client, self.target):
                 tune_socket(sock, cfg.keepalive)
             if cfg.decrypt:
@@ -976,6 +978,13 @@ class Connection:
             else:
                 self._teardown()
 
+    def _key_used(self, name):
+        """Count and log the key this connection's handshake used."""
+        if name is None:
+            return
+        self.server.stats.count_key(name)
+        self._event("key %s" % name)
+
     def _relay_done(self):
         """One direction has ended; the last one tears the connection down."""
         with self.lock:
@@ -1001,7 +1010,7 @@ class Connection:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
                 # target connect is under way; one deadline covers both.
-                keys = handshake(self.client, cfg.key, client=False, fast=cfg.fast,
+                keys = handshake(self.client, self.keyring, client=False, fast=cfg.fast,
                                  after_nonce=dialer.start,
                                  require_pfs=cfg.require_pfs,
                                  timeout=None if deadline is None else
@@ -1011,7 +1020,7 @@ class Connection:
                 return keys
             self.target = dialer.finish(deadline)
             _nodelay(self.target)
-            return handshake(self.target, cfg.key, client=True, fast=cfg.fast,
+            return handshake(self.target, self.keyring, client=True, fast=cfg.fast,
                              require_pfs=cfg.require_pfs, timeout=timeout,
                              keys=self.server.dh_keys)
         finally:
@@ -1071,6 +1080,7 @@ class Stats:
         self.connect_failures = 0
         self.limit_reached = 0
         self.handshake_failures = dict.fromkeys(self.REASONS, 0)
+        self.keys = {}       # key name -> connections that used it
 
     def count(self, name, amount=1):
         with self.lock:
@@ -1080,6 +1090,16 @@ class Stats:
         with self.lock:
             self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
 
+    def add_keys(self, names):
+        """List NAMES in the per-key counts (from 0) so an unused key shows."""
+        with self.lock:
+            for name in names:
+                self.keys.setdefault(name, 0)
+
+    def count_key(self, name):
+        with self.lock:
+            self.keys[name] = self.keys.get(name, 0) + 1
+
     def summary(self, live_connections=()):
         with self.lock:
             up = self.bytes_in + sum(c.up[0] for c in live_connections)
@@ -1088,16 +1108,26 @@ class Stats:
             return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
                     "handshake_failures=%s connect_failures=%d limit_reached=%d"
                     % (self.live, self.total, up, down, failures,
-                       self.connect_failures, self.limit_reached))
+                       self.connect_failures, self.limit_reached)
+                    + self._keys_summary())
+
+    def _keys_summary(self):
+        if not self.keys:
+            return ""
+        return " keys=" + ",".join("%s=%d" % kv for kv in self.keys.items())
 
 
 class Config:
-    """Everything a connection needs to know, fixed at start-up."""
+    """Everything a connection needs to know, fixed at start-up.
+
+    Except .keyring ((name, K), ...; -k first): a reload (SIGHUP) replaces
+    it in one assignment, and each connection reads it once, at accept.
+    """
 
     def __init__(self, **kw):
         self.decrypt = False
         self.source = self.target = None
-        self.key = b""
+        self.keyring = ()
         self.fast = self.require_pfs = False
         self.timeout = DEFAULT_TIMEOUT
         self.keepalive = True
@@ -1457,6 +1487,64 @@ class Notifier:
             self.next_ping = time.monotonic() + self.watchdog
 
 
+class KeyFiles:
+    """The key files of the command line: -k first, then each --accept-key.
+
+    load() reads them into a key ring at start-up; reload() reads them
+    again on SIGHUP and swaps config.keyring in one assignment, or, if
+    any file cannot be read, changes nothing.  A key read from stdin
+    (-k -) cannot be read again and is kept.
+    """
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        names = ["stdin" if p == "-" else os.path.basename(p.rstrip("/")) or p
+                 for p in self.paths]
+        # Names appear in logs and statistics: base names unless two clash.
+        self.names = names if len(set(names)) == len(names) else \
+            ["stdin" if p == "-" else p for p in self.paths]
+        self.stdin_key = None
+
+    def load(self):
+        """The key ring ((name, K), ...); read_key()'s errors (C's lines) propagate."""
+        ring = []
+        for path, name in zip(self.paths, self.names):
+            if path == "-" and self.stdin_key is not None:
+                key = self.stdin_key
+            else:
+                key = read_key(path)
+                if path == "-":
+                    self.stdin_key = key
+            ring.append((name, key))
+        return tuple(ring)
+
+    def _reread(self):
+        """load() again, where an empty file is an error too (a file being rewritten)."""
+        ring = self.load()
+        empty = hashlib.sha256(b"").digest()
+        for (name, key), path in zip(ring, self.paths):
+            if path != "-" and key == empty:
+                raise SpipedError("%s: file is empty" % path)
+        return ring
+
+    def reload(self, config, stats, notifier):
+        """SIGHUP, run in the accept loop: new keys for new connections, or none."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notifier.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+        try:
+            ring = self._reread()
+        except SpipedError as e:
+            log.warn("Key reload failed, still using the %d keys loaded before: %s"
+                     % (len(config.keyring), e.lines[0]))
+        else:
+            config.keyring = ring
+            stats.add_keys(name for name, _ in ring)
+            kept = " (the key from stdin is kept: stdin cannot be read again)" \
+                if "-" in self.paths else ""
+            log.event("reloaded %d key%s%s" % (len(ring), "" if len(ring) == 1 else "s", kept))
+        notifier.send("READY=1")
+
+
 def inherited_listener(environ=os.environ):
     """The listening socket systemd passed us (fd 3), or None.
 
@@ -1556,9 +1644,13 @@ Extensions (long options; every C command line keeps its meaning):
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
                          then close them and exit 0
   --socket-mode MODE     octal permissions for a unix source socket
+  --accept-key FILE      (-d only; may repeat) also accept clients that use
+                         the key in FILE; answer each with the key it used
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
-logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
+logs one statistics line; SIGHUP re-reads -k and every --accept-key file
+(new connections use the new keys, live ones keep theirs; if a file cannot
+be read nothing changes) where C spiped would exit.  systemd: socket activation (LISTEN_FDS) and
 readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
 """
 
@@ -1710,7 +1802,7 @@ def parse_spiped_args(args):
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
                                   ("--syslog", "--log-connections", "--help"),
-                                  ("--drain-timeout", "--socket-mode")):
+                                  ("--drain-timeout", "--socket-mode", "--accept-key")):
         if option is None:
             if value:
                 raise UsageError(None)
@@ -1718,6 +1810,9 @@ def parse_spiped_args(args):
         if option == "--help":
             sys.stdout.write(SPIPED_USAGE + "\n" + SPIPED_LONG_HELP)
             raise _Exit(0)
+        if option == "--accept-key":  # the one option that may repeat
+            seen.setdefault(option, []).append(value)
+            continue
         if option in seen:
             raise UsageError(None)
         if option == "-v":
@@ -1744,6 +1839,8 @@ def parse_spiped_args(args):
         raise UsageError(None)
     if "-f" in seen and "-g" in seen:
         raise UsageError(None)
+    if "--accept-key" in seen and "-e" in seen:  # -e always uses -k alone
+        raise UsageError(None)
     rtime = seen.get("-r") or DEFAULT_RTIME
     if "-R" in seen and rtime != DEFAULT_RTIME:
         raise UsageError(None)
@@ -1754,7 +1851,8 @@ def parse_spiped_args(args):
 
 
 def _install_signals(server, drain_timeout, notifier):
-    """SIGTERM drains (second one exits at once); SIGINT as C; SIGUSR1 stats."""
+    """SIGTERM drains (second one exits at once); SIGINT as C; SIGUSR1 stats;
+    SIGHUP reloads the keys."""
     pid1 = os.getpid() == 1
     pending = []
 
@@ -1774,11 +1872,16 @@ def _install_signals(server, drain_timeout, notifier):
         pending.append("stats")
         server.wake()
 
+    def on_hup(signum, frame):
+        pending.append("reload")
+        server.wake()
+
     def on_int(signum, frame):
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGHUP, on_hup)  # C would exit; we reload the keys
     if pid1:
         log.warn("WARNING: Applying workaround for Docker signal-handling bug")
         signal.signal(signal.SIGINT, on_int)
@@ -1849,9 +1952,10 @@ def _run_spiped(opts):
     bind = None
     if "-b" in opts:
         bind = _resolve_or_retry(opts["-b"], wait_dns, bind_address)[0][1]
-    key = read_key(opts["-k"])
+    key_files = KeyFiles([opts["-k"]] + opts.get("--accept-key", []))
+    keyring = key_files.load()
 
-    config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
+    config = Config(decrypt="-d" in opts, source=source, target=target, keyring=keyring,
                     fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
                     keepalive="-j" not in opts, bind=bind,
                     max_connections=opts.get("-n", DEFAULT_MAXCONN))
@@ -1878,10 +1982,13 @@ def _run_spiped(opts):
                          daemon=True).start()
     notifier = Notifier()
     pending = _install_signals(server, opts.get("--drain-timeout"), notifier)
+    server.stats.add_keys(name for name, _ in keyring)
 
     def on_tick():
         while pending:
-            pending.pop()
+            if pending.pop(0) == "reload":
+                key_files.reload(config, server.stats, notifier)
+                continue
             with server.lock:
                 live = list(server.live)
             log.event(server.stats.summary(live))
