@@ -116,3 +116,190 @@ def test_match_key_checks_garbage_after_the_mac():
         spiped.check_dh_message(message, found_c, False)
     assert info.value.reason == "garbage"
     assert spiped.match_key((("a", keys[0]),), nc, ns, message) is None
+
+
+# -- the daemon: ours -d with several keys, C clients ------------------------
+
+
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def recv_exact(sock, size):
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ConnectionError("EOF after %d of %d bytes" % (len(buf), size))
+        buf += chunk
+    return bytes(buf)
+
+
+def make_key(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(os.urandom(32))
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+class KeyDaemon:
+    """Our spiped -d -k NEW --accept-key OLD... in front of an echo target; log in a file."""
+
+    def __init__(self, procs, tmp_path, echo, key, accept=(), extra=()):
+        self.procs = procs
+        self.tmp_path = tmp_path
+        self.target = echo()
+        self.addr = tcp_addr(free_port())
+        self.log = str(tmp_path / "d.log")
+        cmd = ours("-d", "-F", "-s", self.addr, "-t", self.target.addr, "-k", key,
+                   "--log-connections", *extra)
+        for path in accept:
+            cmd += ["--accept-key", path]
+        with open(self.log, "wb") as f:
+            self.proc = procs.daemon(cmd, self.addr, stderr=f)
+
+    def text(self):
+        return read_text(self.log)
+
+    def wait_log(self, pred, timeout=15):
+        assert wait_for(lambda: pred(self.text()), timeout), self.text()
+        return self.text()
+
+    def encryptor(self, key, fast=False):
+        """A C spiped -e in front of us using KEY; its plaintext address."""
+        addr = tcp_addr(free_port())
+        self.procs.daemon(c_spiped("-e", "-F", "-s", addr, "-t", self.addr, "-k", key,
+                                   *(["-f"] if fast else [])), addr)
+        return addr
+
+    def reload(self, pred):
+        """SIGHUP, then wait until the log has one more reload line satisfying PRED."""
+        before = self.text().count("reload")
+        self.proc.send_signal(signal.SIGHUP)
+        text = self.wait_log(lambda t: t.count("reload") > before)
+        line = [l for l in text.splitlines() if "reload" in l][-1]
+        assert pred(line), line
+        assert self.proc.poll() is None
+        return line
+
+    def stats(self):
+        before = self.text().count("stats:")
+        self.proc.send_signal(signal.SIGUSR1)
+        text = self.wait_log(lambda t: t.count("stats:") > before)
+        return [l for l in text.splitlines() if "stats:" in l][-1]
+
+
+def served(addr, payload=None):
+    payload = payload or os.urandom(5000)
+    return exchange(addr, payload, timeout=20) == payload
+
+
+def spipe_served(daemon, key, fast=False):
+    data = os.urandom(3000)
+    r = subprocess.run([C_SPIPE, "-t", daemon.addr, "-k", key] + (["-f"] if fast else []),
+                       input=data, capture_output=True, timeout=30)
+    return r.returncode == 0 and r.stdout == data
+
+
+@need_c
+@pytest.mark.parametrize("fast", [False, True], ids=["pfs", "fast"])
+def test_c_clients_with_either_accepted_key(procs, tmp_path, echo, fast):
+    new, old, third = (make_key(tmp_path, n) for n in ("new.key", "old.key", "third.key"))
+    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    assert served(d.encryptor(new, fast))
+    assert served(d.encryptor(old, fast))
+    assert spipe_served(d, new, fast) and spipe_served(d, old, fast)
+    assert exchange(d.encryptor(third, fast), b"x" * 100, timeout=20) == b""
+    assert not spipe_served(d, third, fast)
+    text = d.wait_log(lambda t: t.count("handshake failed") >= 2)
+    assert "key new.key" in text and "key old.key" in text
+    line = d.stats()
+    assert " keys=new.key=2,old.key=2" in line, line
+    assert "bad-mac=2" in line, line
+
+
+@need_c
+def test_sighup_rotates_the_key_and_live_connections_keep_theirs(procs, tmp_path, echo):
+    new, old = make_key(tmp_path, "new.key"), make_key(tmp_path, "old.key")
+    replaced = str(tmp_path / "replaced.key")
+    with open(new, "rb") as f, open(replaced, "wb") as g:
+        g.write(f.read())
+    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    through_replaced = d.encryptor(replaced)   # the -k key before the reload
+    live = connect(through_replaced, timeout=20)
+    first = os.urandom(200000)
+    live.sendall(first)
+    assert recv_exact(live, len(first)) == first
+    d.wait_log(lambda t: "key new.key" in t)
+
+    with open(new + ".tmp", "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(new + ".tmp", 0o600)
+    os.rename(new + ".tmp", new)
+    d.reload(lambda l: "reloaded 2 keys" in l)
+
+    second = os.urandom(300000)
+    live.sendall(second)
+    assert recv_exact(live, len(second)) == second  # byte-exact across the reload
+    assert served(d.encryptor(new))
+    assert served(d.encryptor(old))
+    assert not served(d.encryptor(replaced))
+    assert not spipe_served(d, replaced)
+    live.shutdown(socket.SHUT_WR)
+    assert live.recv(1) == b""
+    live.close()
+    assert wait_for(lambda: first + second in d.target.received)  # the target's view too
+    line = d.stats()
+    assert " keys=new.key=2,old.key=1" in line, line  # the live one and the new client
+
+
+@need_c
+@pytest.mark.parametrize("damage", ["missing", "empty", "directory"])
+def test_failed_reload_keeps_the_keys_in_use(procs, tmp_path, echo, damage):
+    new, old = make_key(tmp_path, "new.key"), make_key(tmp_path, "old.key")
+    saved_old = str(tmp_path / "saved-old.key")
+    with open(old, "rb") as f, open(saved_old, "wb") as g:
+        g.write(f.read())
+    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    os.unlink(old)
+    if damage == "empty":
+        open(old, "wb").close()
+    elif damage == "directory":
+        os.mkdir(old)
+    with open(new, "wb") as f:   # a good change that must not be taken alone
+        f.write(os.urandom(32))
+    line = d.reload(lambda l: "Key reload failed" in l)
+    assert old in line, line
+    assert {"missing": "No such file or directory", "empty": "file is empty",
+            "directory": "Is a directory"}[damage] in line, line
+    assert served(d.encryptor(saved_old))   # the keys in use stay in use
+    assert not served(d.encryptor(new))     # the new -k content was not taken
+    assert d.proc.poll() is None
+
+
+def test_accept_key_with_e_is_a_usage_error(keyfile, otherkey):
+    r = subprocess.run(ours("-e", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
+                            "--accept-key", otherkey), capture_output=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith(b"usage: spiped"), r.stderr
+    r = subprocess.run(ours("-d", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
+                            "-k", otherkey), capture_output=True, timeout=30)
+    assert r.returncode == 1 and r.stderr.startswith(b"usage: spiped"), r.stderr
+
+
+def test_spipe_does_not_know_accept_key(keyfile, otherkey):
+    r = subprocess.run(ours("spipe", "-t", "[127.0.0.1]:2", "-k", keyfile,
+                            "--accept-key", otherkey), capture_output=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith(b"spipe: illegal option -- --accept-key\nusage: spipe"), r.stderr
+
+
+def test_missing_accept_key_at_start_is_fatal_with_c_lines(tmp_path, keyfile):
+    missing = str(tmp_path / "nope.key")
+    r = subprocess.run(ours("-d", "-F", "-s", tcp_addr(free_port()), "-t", "[127.0.0.1]:2",
+                            "-k", keyfile, "--accept-key", missing),
+                       capture_output=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.decode() == ("spiped: Cannot open file: %s: No such file or directory\n"
+                                 "spiped: Error reading shared secret\n" % missing)
