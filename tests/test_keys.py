@@ -4,16 +4,18 @@ The handshake with a key ring is tested on a socketpair; the daemon is
 tested against C spiped -e and C spipe, with either key, PFS and -f.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
 import spiped
 from conftest import (C_SPIPE, connect, c_spiped, exchange, need_c, ours,
-                      tcp_addr, free_port, wait_for)
+                      tcp_addr, free_port, wait_for, wait_listening)
 
 # -- the handshake with a key ring ------------------------------------------
 
@@ -146,7 +148,7 @@ def make_key(tmp_path, name):
 class KeyDaemon:
     """Our spiped -d -k NEW --accept-key OLD... in front of an echo target; log in a file."""
 
-    def __init__(self, procs, tmp_path, echo, key, accept=(), extra=()):
+    def __init__(self, procs, tmp_path, echo, key, accept=(), extra=(), input=None, **kw):
         self.procs = procs
         self.tmp_path = tmp_path
         self.target = echo()
@@ -157,7 +159,13 @@ class KeyDaemon:
         for path in accept:
             cmd += ["--accept-key", path]
         with open(self.log, "wb") as f:
-            self.proc = procs.daemon(cmd, self.addr, stderr=f)
+            if input is None:
+                self.proc = procs.daemon(cmd, self.addr, stderr=f, **kw)
+            else:  # the key on stdin (-k -)
+                self.proc = procs.start(cmd, stderr=f, **kw)
+                self.proc.stdin.write(input)
+                self.proc.stdin.close()
+                wait_listening(self.addr, self.proc)
 
     def text(self):
         return read_text(self.log)
@@ -175,6 +183,7 @@ class KeyDaemon:
 
     def reload(self, pred):
         """SIGHUP, then wait until the log has one more reload line satisfying PRED."""
+        assert wait_for(lambda: catches(self.proc.pid, signal.SIGHUP))
         before = self.text().count("reload")
         self.proc.send_signal(signal.SIGHUP)
         text = self.wait_log(lambda t: t.count("reload") > before)
@@ -184,10 +193,18 @@ class KeyDaemon:
         return line
 
     def stats(self):
+        assert wait_for(lambda: catches(self.proc.pid, signal.SIGUSR1))
         before = self.text().count("stats:")
         self.proc.send_signal(signal.SIGUSR1)
         text = self.wait_log(lambda t: t.count("stats:") > before)
         return [l for l in text.splitlines() if "stats:" in l][-1]
+
+
+def catches(pid, signum):
+    """True once process PID has a handler for SIGNUM (its handlers come after bind)."""
+    with open("/proc/%d/status" % pid) as f:
+        mask = next(int(l.split()[1], 16) for l in f if l.startswith("SigCgt:"))
+    return bool(mask & (1 << (signum - 1)))
 
 
 def served(addr, payload=None):
@@ -303,3 +320,94 @@ def test_missing_accept_key_at_start_is_fatal_with_c_lines(tmp_path, keyfile):
     assert r.returncode == 1
     assert r.stderr.decode() == ("spiped: Cannot open file: %s: No such file or directory\n"
                                  "spiped: Error reading shared secret\n" % missing)
+
+
+# -- reload details: systemd, stdin, PID 1, -e --------------------------------
+
+
+def test_reload_tells_systemd_reloading_then_ready(procs, tmp_path, echo):
+    key = make_key(tmp_path, "new.key")
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(15)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        d = KeyDaemon(procs, tmp_path, echo, key, env=env)
+
+        def next_message():
+            return listener.recv(4096).decode()
+        while "READY=1" not in next_message().split("\n"):
+            pass
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        d.reload(lambda l: "reloaded 1 key" in l)
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        messages = []
+        while "READY=1" not in messages:
+            messages += next_message().split("\n")
+        reloading = messages.index("RELOADING=1")
+        assert reloading < messages.index("READY=1")
+        usec = [m for m in messages if m.startswith("MONOTONIC_USEC=")]
+        assert len(usec) == 1 and before <= int(usec[0].split("=")[1]) <= after, messages
+    finally:
+        listener.close()
+
+
+def test_reload_keeps_the_stdin_key_and_says_so(procs, tmp_path, echo):
+    secret = os.urandom(32)
+    same = tmp_path / "same.key"
+    same.write_bytes(secret)
+    old = make_key(tmp_path, "old.key")
+    d = KeyDaemon(procs, tmp_path, echo, "-", [old], stdin=subprocess.PIPE, input=secret)
+    line = d.reload(lambda l: "reloaded 2 keys" in l)
+    assert "stdin" in line, line
+    client = tcp_addr(free_port())
+    procs.daemon(ours("-e", "-F", "-s", client, "-t", d.addr, "-k", str(same)), client)
+    assert served(client)
+    d.wait_log(lambda t: "key stdin" in t)
+
+
+def _children(pid):
+    found = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+            found += [int(x) for x in f.read().split()]
+    return found
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare(1)")
+def test_sighup_reloads_as_pid_1(procs, tmp_path, echo):
+    """In a PID namespace (as in a container) SIGHUP reloads too; it does not kill."""
+    key = make_key(tmp_path, "new.key")
+    target = echo()
+    addr = tcp_addr(free_port())
+    log = str(tmp_path / "pid1.log")
+    probe = subprocess.run(["unshare", "-fp", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a PID namespace here: %r" % probe.stderr)
+    with open(log, "wb") as f:
+        wrapper = procs.daemon(["unshare", "-fp", "--mount-proc"]
+                               + ours("-d", "-F", "-s", addr, "-t", target.addr, "-k", key),
+                               addr, stderr=f)
+    assert wait_for(lambda: _children(wrapper.pid))
+    pid = _children(wrapper.pid)[0]
+    assert wait_for(lambda: catches(pid, signal.SIGHUP)), read_text(log)
+    assert "Docker signal-handling bug" in read_text(log)  # it runs as PID 1
+    os.kill(pid, signal.SIGHUP)
+    assert wait_for(lambda: "reloaded 1 key" in read_text(log)), read_text(log)
+    assert wrapper.poll() is None
+    client = tcp_addr(free_port())
+    procs.daemon(ours("-e", "-F", "-s", client, "-t", addr, "-k", key), client)
+    assert served(client)
+
+
+def test_log_connections_on_e_names_the_k_file(procs, tmp_path, echo):
+    key = make_key(tmp_path, "tunnel.key")
+    d = KeyDaemon(procs, tmp_path, echo, key)
+    client = tcp_addr(free_port())
+    log = str(tmp_path / "e.log")
+    with open(log, "wb") as f:
+        procs.daemon(ours("-e", "-F", "-s", client, "-t", d.addr, "-k", key,
+                          "--log-connections"), client, stderr=f)
+    assert served(client)
+    assert wait_for(lambda: "connection 1: key tunnel.key" in read_text(log)), read_text(log)
