@@ -392,7 +392,7 @@ def test_sighup_reloads_as_pid_1(procs, tmp_path, echo):
     assert wait_for(lambda: _children(wrapper.pid))
     pid = _children(wrapper.pid)[0]
     assert wait_for(lambda: catches(pid, signal.SIGHUP)), read_text(log)
-    assert "Docker signal-handling bug" in read_text(log)  # it runs as PID 1
+    assert wait_for(lambda: "Docker signal-handling bug" in read_text(log))  # it is PID 1
     os.kill(pid, signal.SIGHUP)
     assert wait_for(lambda: "reloaded 1 key" in read_text(log)), read_text(log)
     assert wrapper.poll() is None
