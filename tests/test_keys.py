@@ -411,3 +411,35 @@ def test_log_connections_on_e_names_the_k_file(procs, tmp_path, echo):
                           "--log-connections"), client, stderr=f)
     assert served(client)
     assert wait_for(lambda: "connection 1: key tunnel.key" in read_text(log)), read_text(log)
+
+
+# -- service definitions: reload is SIGHUP ------------------------------------
+
+CONTRIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib")
+
+
+def test_systemd_unit_reloads_with_sighup():
+    with open(os.path.join(CONTRIB, "systemd", "spiped@.service")) as f:
+        lines = [l.strip() for l in f if l.startswith("ExecReload=")]
+    assert lines == ["ExecReload=/bin/kill -HUP $MAINPID"]
+
+
+def test_openrc_reload_signals_hup_through_supervise_daemon(tmp_path):
+    """Source the script as openrc-run would, with stand-ins, and run reload."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "supervise-daemon"
+    stub.write_text('#!/bin/sh\nprintf "%%s\\n" "$*" >> "%s"\n' % calls)
+    os.chmod(stub, 0o755)
+    harness = tmp_path / "harness.sh"
+    harness.write_text(
+        'ebegin() { :; }\neend() { return "$1"; }\n'
+        'RC_SVCNAME=spiped.smtp\n. "$1"\n'
+        'case " $extra_started_commands " in *" reload "*) ;; *) exit 3;; esac\n'
+        'reload\n')
+    env = dict(os.environ, PATH="%s:%s" % (bin_dir, os.environ.get("PATH", "/usr/bin:/bin")))
+    r = subprocess.run(["/bin/sh", str(harness), os.path.join(CONTRIB, "openrc", "spiped")],
+                       capture_output=True, text=True, timeout=20, env=env)
+    assert r.returncode == 0, r.stderr
+    assert calls.read_text() == "spiped.smtp --signal HUP\n"
