@@ -813,7 +813,7 @@ class Bench:
     # -- one sample's processes ---------------------------------------------
 
     def rig(self, stack, server_mode, pair, client_mode, fast=False,
-            server_opts=(), **client_opts):
+            server_opts=(), d_opts=(), **client_opts):
         """Start target, daemons (unless PAIR is "direct") and a waiting client.
 
         Everything is spawned at once, then each listener is awaited through
@@ -832,7 +832,7 @@ class Bench:
         if pair != "direct":
             enc, dec = PAIRS[pair]
             dport, eport = self.free_port(), self.free_port()
-            d, dlog = self._daemon(stack, dec, "d", dport, tport, fast)
+            d, dlog = self._daemon(stack, dec, "d", dport, tport, fast, d_opts)
             e, elog = self._daemon(stack, enc, "e", eport, dport, fast)
             waits += [(d, dport, "%s -d" % dec, dlog), (e, eport, "%s -e" % enc, elog)]
             entry = eport
@@ -847,13 +847,13 @@ class Bench:
         rig.startup_s = time.monotonic() - t0
         return rig
 
-    def _daemon(self, stack, impl, mode, src, tgt, fast):
-        """Spawn one spiped daemon (-F, -n 0); its output goes to a log file."""
+    def _daemon(self, stack, impl, mode, src, tgt, fast, extra=()):
+        """Spawn one spiped daemon (-F, -n 0, then EXTRA); its output goes to a log file."""
         self.nlog += 1
         log = os.path.join(self.tmp, "daemon%d.log" % self.nlog)
         cmd = self.impls[impl] + [
             "-" + mode, "-s", "[%s]:%d" % (HOST, src), "-t", "[%s]:%d" % (HOST, tgt),
-            "-k", self.key, "-F", "-n", "0"] + (["-f"] if fast else [])
+            "-k", self.key, "-F", "-n", "0"] + (["-f"] if fast else []) + list(extra)
         with open(log, "wb") as lf:
             p = self.spawn(stack, cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
         return p, log
@@ -1057,6 +1057,33 @@ class Runner:
             for pair in interleave(["cc", "oo"], rep):
                 self.sample("echo", pair, run(pair))
 
+    # 7: -d CPU per PFS connection with one key and with three (--accept-key)
+    def keys(self):
+        dur = self.cfg["conn_seconds"]
+        progress("keys: ours -d with 1 and 3 accepted keys, PFS, %.1f s per run" % dur)
+        extra = []
+        for n in (1, 2):
+            path = os.path.join(self.b.tmp, "accept%d" % n)
+            with open(path, "wb") as f:
+                f.write(os.urandom(32))
+            os.chmod(path, 0o600)
+            extra += ["--accept-key", path]
+
+        def run(d_opts):
+            def fn(stack):
+                rig = self.b.rig(stack, "echo", "oo", "conns", d_opts=d_opts, threads=1,
+                                 cap=dur, count=self.cfg["conn_max"], timeout=10)
+                c0 = cpu_seconds(rig.d.pid)
+                res = rig.go(dur + 40)
+                if res.get("ok"):
+                    res["cpu_d_ms_per_conn"] = 1000 * (cpu_seconds(rig.d.pid) - c0) / res["ok"]
+                return res
+            return fn
+
+        for rep in range(self.cfg["repeats"]):
+            for variant in interleave(["key1", "key3"], rep):
+                self.sample("keys", variant, run(extra if variant == "key3" else []))
+
     # 5: 100 concurrent connections
     def multi(self):
         n, size, cap = self.cfg["multi_conns"], self.cfg["multi_bytes"], self.cfg["multi_cap"]
@@ -1096,7 +1123,7 @@ def _short(res):
     """One-line summary of a sample for the progress log."""
     if "error" in res and len(res) <= 3:
         return "ERROR " + res["error"]
-    keys = ["mib_s", "conn_s", "setup_ms_p50", "p50_us", "p99_us", "seconds",
+    keys = ["mib_s", "conn_s", "cpu_d_ms_per_conn", "setup_ms_p50", "p50_us", "p99_us", "seconds",
             "errors", "cpu_e_s_per_gib", "cpu_d_s_per_gib", "rss_e_mib",
             "rss_d_mib", "error"]
     parts = []
@@ -1155,6 +1182,8 @@ ROWS = [
      "echo", "p50_us", "cc", "oo", ("ratio", "<=", 1.5)),
     ("echo_p99", "64 B echo round trip p99", "µs", "lower",
      "echo", "p99_us", "cc", "oo", None),
+    ("keys_cpu", "-d CPU per PFS conn, 3 keys (C col: 1 key)", "ms", "lower",
+     "keys", "cpu_d_ms_per_conn", "key1", "key3", ("ratio", "<=", 1.10)),
     ("multi_ref", "100 conns, echo all, direct (ref)", "s", "lower",
      "multi", "seconds", "direct", None, None),
     ("multi_open", "100 conns, open all (8 in flight)", "s", "lower",
@@ -1309,7 +1338,7 @@ def config(quick):
             "multi_cap": 60.0}
 
 
-METRICS = ["bulk", "bidir", "conns", "echo", "multi"]
+METRICS = ["bulk", "bidir", "conns", "echo", "multi", "keys"]
 
 
 def main(argv=None):
