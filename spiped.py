@@ -1534,15 +1534,19 @@ class KeyFiles:
         try:
             ring = self._reread()
         except SpipedError as e:
-            log.warn("Key reload failed, still using the %d keys loaded before: %s"
-                     % (len(config.keyring), e.lines[0]))
+            log.warn("Key reload failed, still using the %s loaded before: %s"
+                     % (_count_keys(len(config.keyring)), e.lines[0]))
         else:
             config.keyring = ring
             stats.add_keys(name for name, _ in ring)
             kept = " (the key from stdin is kept: stdin cannot be read again)" \
                 if "-" in self.paths else ""
-            log.event("reloaded %d key%s%s" % (len(ring), "" if len(ring) == 1 else "s", kept))
+            log.event("reloaded %s%s" % (_count_keys(len(ring)), kept))
         notifier.send("READY=1")
+
+
+def _count_keys(n):
+    return "%d key%s" % (n, "" if n == 1 else "s")
 
 
 def inherited_listener(environ=os.environ):
@@ -1648,10 +1652,11 @@ Extensions (long options; every C command line keeps its meaning):
                          the key in FILE; answer each with the key it used
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
-logs one statistics line; SIGHUP re-reads -k and every --accept-key file
-(new connections use the new keys, live ones keep theirs; if a file cannot
-be read nothing changes) where C spiped would exit.  systemd: socket activation (LISTEN_FDS) and
+logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
 readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
+SIGHUP (C spiped would exit) re-reads -k and every --accept-key file: new
+connections use the new keys, live ones keep theirs; if a file cannot be
+read, nothing changes.
 """
 
 

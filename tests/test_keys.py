@@ -443,3 +443,9 @@ def test_openrc_reload_signals_hup_through_supervise_daemon(tmp_path):
                        capture_output=True, text=True, timeout=20, env=env)
     assert r.returncode == 0, r.stderr
     assert calls.read_text() == "spiped.smtp --signal HUP\n"
+
+
+def test_help_lists_accept_key_and_sighup():
+    r = subprocess.run(ours("--help"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert "--accept-key FILE" in r.stdout and "SIGHUP" in r.stdout
