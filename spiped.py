@@ -272,6 +272,65 @@ def format_sockaddr(family, sockaddr):
         return "[%s]:%d" % (sockaddr[0], sockaddr[1])
     return str(sockaddr)
 
+
+# PROXY protocol (HAProxy's proxy-protocol.txt): version 1 is one text
+# line, version 2 a binary block that starts with this signature.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _proxy_ipv6_text(packed):
+    """IPv6 text for a version 1 line: hex groups only, never a dotted tail."""
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    if "." in text:
+        text = ":".join("%x" % g for g in struct.unpack(">8H", packed))
+    return text
+
+
+def _proxy_unix_path(path):
+    """A unix socket address as the 108 bytes of a version 2 AF_UNIX block."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    return (path or b"")[:UNIX_PATH_MAX].ljust(UNIX_PATH_MAX, b"\0")
+
+
+def proxy_header(version, family, source, destination):
+    """The PROXY protocol header, version 1 or 2, describing one connection.
+
+    FAMILY, SOURCE and DESTINATION are the family, peer and local address
+    of a stream socket as accept()/getsockname() give them.  TCP over IPv4
+    and IPv6 is described exactly (an IPv4-mapped pair as IPv4).  A unix
+    socket gives "PROXY UNKNOWN" in version 1 and an AF_UNIX block in
+    version 2; with no address at all (unnamed unix sockets, other
+    families) version 2 sends LOCAL.  Raises ValueError for other versions.
+    """
+    if version not in (1, 2):
+        raise ValueError("PROXY protocol version must be 1 or 2")
+    if family in (socket.AF_INET, socket.AF_INET6):
+        src, dst = (socket.inet_pton(family, addr[0].split("%", 1)[0])
+                    for addr in (source, destination))
+        if family == socket.AF_INET6 and src[:12] == dst[:12] == _V4_MAPPED:
+            family, src, dst = socket.AF_INET, src[12:], dst[12:]
+        ipv4 = family == socket.AF_INET
+        if version == 1:
+            if ipv4:
+                words = ["TCP4"] + [socket.inet_ntop(socket.AF_INET, a) for a in (src, dst)]
+            else:
+                words = ["TCP6", _proxy_ipv6_text(src), _proxy_ipv6_text(dst)]
+            return ("PROXY %s %s %s %d %d\r\n"
+                    % (*words, source[1], destination[1])).encode("ascii")
+        # Version 2, command PROXY (0x21); TCP over IPv4 (0x11) or IPv6 (0x21).
+        block = src + dst + struct.pack(">HH", source[1], destination[1])
+        return (PROXY_V2_SIGNATURE + (b"\x21\x11" if ipv4 else b"\x21\x21")
+                + struct.pack(">H", len(block)) + block)
+    if version == 1:
+        return b"PROXY UNKNOWN\r\n"
+    if family == socket.AF_UNIX and (source or destination):
+        block = _proxy_unix_path(source) + _proxy_unix_path(destination)
+        # Version 2, command PROXY; unix stream (0x31), two 108-byte paths.
+        return PROXY_V2_SIGNATURE + b"\x21\x31" + struct.pack(">H", len(block)) + block
+    return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, no address block
+
 # ---------------------------------------------------------------------------
 # 4. Cryptography (no I/O)
 # ---------------------------------------------------------------------------
