@@ -954,6 +954,8 @@ class Connection:
                 return
             for sock in (self.client, self.target):
                 tune_socket(sock, cfg.keepalive)
+            if cfg.proxy_protocol and not self._send_proxy_header(sealer):
+                return
             if cfg.decrypt:
                 plain, sealed = self.target, self.client
             else:
@@ -1025,6 +1027,24 @@ class Connection:
                              keys=self.server.dh_keys)
         finally:
             dialer.close()
+
+    def _send_proxy_header(self, sealer):
+        """Write the PROXY header towards the target before any other byte.
+
+        It describes the accepted connection (its peer and local address):
+        sealed as the first plaintext with -e, plain to the target with -d.
+        Counted like other plaintext.  False when the connection failed.
+        """
+        cfg = self.config
+        try:
+            header = proxy_header(cfg.proxy_protocol, self.client.family, self.peer,
+                                  self.client.getsockname())
+            self.target.sendall(header if cfg.decrypt else sealer.seal(header))
+        except OSError as e:
+            self._event("writing the PROXY header failed: %s" % (e.strerror or e))
+            return False
+        self.up[0] += len(header)
+        return True
 
     def _pipe(self, relay, src, worker, dst, counter):
         """Run one direction; half-close at EOF, tear both down on failure."""
@@ -1112,6 +1132,7 @@ class Config:
         self.keepalive = True
         self.bind = None
         self.max_connections = DEFAULT_MAXCONN
+        self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
         self.__dict__.update(kw)
 
 
@@ -1565,6 +1586,12 @@ Extensions (long options; every C command line keeps its meaning):
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
                          then close them and exit 0
   --socket-mode MODE     octal permissions for a unix source socket
+  --proxy-protocol 1|2   before any other byte, send the target a PROXY
+                         protocol header (HAProxy's version 1 text or
+                         version 2 binary) naming the accepted connection's
+                         peer and local address: with -e the plaintext
+                         client (sealed as the first data), with -d the -e
+                         host
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
 logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
@@ -1719,7 +1746,7 @@ def parse_spiped_args(args):
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
                                   ("--syslog", "--log-connections", "--help"),
-                                  ("--drain-timeout", "--socket-mode")):
+                                  ("--drain-timeout", "--socket-mode", "--proxy-protocol")):
         if option is None:
             if value:
                 raise UsageError(None)
@@ -1746,6 +1773,11 @@ def parse_spiped_args(args):
             except ValueError:
                 raise SpipedError("Error parsing argument: %s %s: Invalid argument"
                                   % (option, value)) from None
+        elif option == "--proxy-protocol":
+            if value not in ("1", "2"):
+                raise SpipedError("Error parsing argument: %s %s: Invalid argument"
+                                  % (option, value))
+            value = int(value)
         seen[option] = value
     if ("-e" in seen) == ("-d" in seen):
         raise UsageError(None)
@@ -1863,7 +1895,8 @@ def _run_spiped(opts):
     config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
                     fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
                     keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN))
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
+                    proxy_protocol=opts.get("--proxy-protocol"))
     if listener is None and family == socket.AF_UNIX:
         clear_stale_socket(sockaddr)
     try:

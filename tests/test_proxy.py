@@ -5,11 +5,16 @@ HAProxy's proxy-protocol.txt; then whole chains with C spiped as the far
 end show that the target receives a header naming the real client, and a
 real PROXY-protocol server from Debian (nginx) logs that client.
 """
+import os
 import socket
+import struct
+import threading
 
 import pytest
 
 import spiped
+from conftest import (TargetServer, c_spiped, connect, free_port, have_ipv6, need_c, ours,
+                      tcp_addr, wait_for)
 
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")  # version 2 signature, 12 bytes
 
@@ -87,3 +92,211 @@ def test_other_versions_are_refused():
     for version in (0, 3, "1"):
         with pytest.raises(ValueError):
             spiped.proxy_header(version, socket.AF_INET, ("1.2.3.4", 1), ("1.2.3.4", 2))
+
+
+# -- chains with C spiped ------------------------------------------------------
+
+
+class Recorder(TargetServer):
+    """A target that keeps what each connection sent, readable while it runs.
+
+    At the client's EOF it answers b"done" and half-closes.
+    """
+
+    def __init__(self, addr=None):
+        self.data = []
+        super().__init__(addr)
+
+    def handle(self, c):
+        got = bytearray()
+        with self.lock:
+            self.data.append(got)
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            with self.lock:
+                got += chunk
+        c.sendall(b"done")
+        c.shutdown(socket.SHUT_WR)
+
+    def received(self, index=0):
+        with self.lock:
+            return bytes(self.data[index]) if len(self.data) > index else None
+
+
+@pytest.fixture
+def recorder():
+    servers = []
+
+    def make(addr=None):
+        servers.append(Recorder(addr))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def port_of(addr):
+    return int(addr.rsplit(":", 1)[1])
+
+
+def send_all(sock, payload):
+    """Send PAYLOAD on SOCK, half-close, and return everything read until EOF."""
+    reply = bytearray()
+
+    def reader():
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            reply.extend(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    t.join(30)
+    sock.close()
+    return bytes(reply)
+
+
+def v2_inet(family, src, sport, dst, dport):
+    """A version 2 TCP header, spelled out field by field."""
+    fam = b"\x11" if family == socket.AF_INET else b"\x21"
+    block = (socket.inet_pton(family, src) + socket.inet_pton(family, dst)
+             + struct.pack(">HH", sport, dport))
+    return SIG + b"\x21" + fam + struct.pack(">H", len(block)) + block
+
+
+def expected_inet(version, family, src, sport, dst, dport):
+    if version == 1:
+        return ("PROXY %s %s %s %d %d\r\n" % ("TCP4" if family == socket.AF_INET else "TCP6",
+                                              src, dst, sport, dport)).encode()
+    return v2_inet(family, src, sport, dst, dport)
+
+
+def socket_owner_port(pid, local_port, remote_port):
+    """True when process PID holds the TCP socket LOCAL_PORT -> REMOTE_PORT."""
+    inodes = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local = int(parts[1].rsplit(":", 1)[1], 16)
+                remote = int(parts[2].rsplit(":", 1)[1], 16)
+                if (local, remote) == (local_port, remote_port):
+                    inodes.add(parts[9])
+    fds = "/proc/%d/fd" % pid
+    for fd in os.listdir(fds):
+        try:
+            link = os.readlink(os.path.join(fds, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def start_e_chain(procs, keyfile, target, version, e_source, tmp_path, extra=()):
+    """Our -e --proxy-protocol VERSION on E_SOURCE -> C -d -> TARGET; the -e's log file."""
+    d_source = tcp_addr(free_port())
+    procs.daemon(c_spiped("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile), d_source)
+    log = tmp_path / "e.log"
+    procs.daemon(ours("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile,
+                      "--proxy-protocol", str(version), *extra), e_source,
+                 stderr=open(log, "wb"))
+    return log
+
+
+@need_c
+@pytest.mark.parametrize("version", [1, 2])
+def test_e_header_names_the_client_through_c_d(procs, keyfile, recorder, tmp_path, version):
+    target = recorder()
+    e_source = tcp_addr(free_port())
+    log = start_e_chain(procs, keyfile, target, version, e_source, tmp_path,
+                        ("--log-connections",))
+    payloads = [os.urandom(n) for n in (1, 300000, 5000)]
+    for i, payload in enumerate(payloads):
+        sock = connect(e_source)
+        client_port = sock.getsockname()[1]
+        assert send_all(sock, payload) == b"done"
+        header = expected_inet(version, socket.AF_INET, "127.0.0.1", client_port,
+                               "127.0.0.1", port_of(e_source))
+        assert target.received(i) == header + payload
+        # The header counts in the statistics like the data behind it.
+        line = "connection %d: closed: %d bytes in, 4 bytes out" % (i + 1, len(header) + len(payload))
+        assert wait_for(lambda: line in log.read_text()), log.read_text()
+
+
+@need_c
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("version", [1, 2])
+def test_e_header_ipv6_client(procs, keyfile, recorder, tmp_path, version):
+    target = recorder()
+    e_source = tcp_addr(free_port("::1"), "::1")
+    start_e_chain(procs, keyfile, target, version, e_source, tmp_path)
+    sock = connect(e_source)
+    client_port = sock.getsockname()[1]
+    assert send_all(sock, b"over six") == b"done"
+    assert target.received() == expected_inet(
+        version, socket.AF_INET6, "::1", client_port, "::1", port_of(e_source)) + b"over six"
+
+
+@need_c
+@pytest.mark.parametrize("version", [1, 2])
+def test_e_header_unix_client(procs, keyfile, recorder, tmp_path, version):
+    target = recorder()
+    e_source = str(tmp_path / "e.sock")
+    start_e_chain(procs, keyfile, target, version, e_source, tmp_path)
+    assert send_all(connect(e_source), b"local") == b"done"
+    if version == 1:
+        header = b"PROXY UNKNOWN\r\n"
+    else:  # the client's unnamed socket, then the path it connected to
+        path = e_source.encode()
+        header = SIG + bytes.fromhex("21 31 00d8") + bytes(108) + path + bytes(108 - len(path))
+    assert target.received() == header + b"local"
+
+
+@need_c
+@pytest.mark.parametrize("version", [1, 2])
+def test_d_header_names_the_e_host(procs, keyfile, recorder, version):
+    target = recorder()
+    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
+                      "--proxy-protocol", str(version)), d_source)
+    c_e = procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile),
+                       e_source)
+    sock = connect(e_source)
+    client_port = sock.getsockname()[1]
+    sock.sendall(b"first")
+    size = 28 if version == 2 else len(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 1\r\n")
+    assert wait_for(lambda: len(target.received() or b"") >= size + 5)
+    got = target.received()
+    if version == 2:
+        e_port = struct.unpack(">H", got[24:26])[0]
+    else:
+        e_port = int(got.split(b" ")[4])
+    header = expected_inet(version, socket.AF_INET, "127.0.0.1", e_port,
+                           "127.0.0.1", port_of(d_source))
+    assert got == header + b"first"
+    assert e_port != client_port
+    # The source port named is that of the C -e's connection to us.
+    assert socket_owner_port(c_e.pid, e_port, port_of(d_source))
+    assert send_all(sock, b" and last") == b"done"
+    assert target.received() == header + b"first and last"
+
+
+@need_c
+def test_d_header_unix_source(procs, keyfile, recorder, tmp_path):
+    target = recorder()
+    d_source, e_source = str(tmp_path / "d.sock"), tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
+                      "--proxy-protocol", "2"), d_source)
+    procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile), e_source)
+    assert send_all(connect(e_source), b"x") == b"done"
+    path = d_source.encode()
+    assert target.received() == (SIG + bytes.fromhex("21 31 00d8") + bytes(108)
+                                 + path + bytes(108 - len(path)) + b"x")
