@@ -631,12 +631,13 @@ class _DeadlineIO:
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
-              nonce=None, secret=None, keys=None, after_nonce=None):
+              nonce=None, secret=None, keys=None, after_nonce=None, after_auth=None):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     Returns (sealer, opener) for this side.  TIMEOUT bounds the whole
     exchange (None = no limit).  KEYS (a DHKeyPool) supplies a key pair
-    computed ahead of time; AFTER_NONCE() runs once our nonce is sent.
+    computed ahead of time; AFTER_NONCE() runs once our nonce is sent,
+    AFTER_AUTH() once the peer's DH message has passed its checks.
     NONCE and SECRET fix the random values (for known-answer tests).
     Raises HandshakeError.
     """
@@ -659,6 +660,8 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
         if client:
             io.send(hello)
         y_peer = check_dh_message(io.recv(DH_MESSAGE), peer_mac, require_pfs)
+        if after_auth is not None:
+            after_auth()
         if not client:
             io.send(hello)  # only once the client's value passed the checks
         shared = dh_shared(exponent, y_peer)
@@ -1012,8 +1015,12 @@ class Connection:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
                 # target connect is under way; one deadline covers both.
+                # --connect-after-auth dials only once the client's DH
+                # message proved it has the key.
+                late = cfg.connect_after_auth
                 keys = handshake(self.client, cfg.key, client=False, fast=cfg.fast,
-                                 after_nonce=dialer.start,
+                                 after_nonce=None if late else dialer.start,
+                                 after_auth=dialer.start if late else None,
                                  require_pfs=cfg.require_pfs,
                                  timeout=None if deadline is None else
                                  max(deadline - time.monotonic(), 1e-3),
@@ -1133,6 +1140,7 @@ class Config:
         self.bind = None
         self.max_connections = DEFAULT_MAXCONN
         self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
+        self.connect_after_auth = False  # --connect-after-auth (-d)
         self.__dict__.update(kw)
 
 
@@ -1592,6 +1600,8 @@ Extensions (long options; every C command line keeps its meaning):
                          peer and local address: with -e the plaintext
                          client (sealed as the first data), with -d the -e
                          host
+  --connect-after-auth   -d only: connect to the target only once the
+                         client's handshake message proved it has the key
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
 logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
@@ -1745,7 +1755,8 @@ def parse_spiped_args(args):
     """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit."""
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
-                                  ("--syslog", "--log-connections", "--help"),
+                                  ("--syslog", "--log-connections", "--help",
+                                   "--connect-after-auth"),
                                   ("--drain-timeout", "--socket-mode", "--proxy-protocol")):
         if option is None:
             if value:
@@ -1785,6 +1796,8 @@ def parse_spiped_args(args):
         raise UsageError(None)
     if "-f" in seen and "-g" in seen:
         raise UsageError(None)
+    if "--connect-after-auth" in seen and "-d" not in seen:
+        raise UsageError("--connect-after-auth applies to -d only")
     rtime = seen.get("-r") or DEFAULT_RTIME
     if "-R" in seen and rtime != DEFAULT_RTIME:
         raise UsageError(None)
@@ -1896,7 +1909,8 @@ def _run_spiped(opts):
                     fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
                     keepalive="-j" not in opts, bind=bind,
                     max_connections=opts.get("-n", DEFAULT_MAXCONN),
-                    proxy_protocol=opts.get("--proxy-protocol"))
+                    proxy_protocol=opts.get("--proxy-protocol"),
+                    connect_after_auth="--connect-after-auth" in opts)
     if listener is None and family == socket.AF_UNIX:
         clear_stale_socket(sockaddr)
     try:

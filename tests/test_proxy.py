@@ -8,13 +8,14 @@ real PROXY-protocol server from Debian (nginx) logs that client.
 import os
 import socket
 import struct
+import subprocess
 import threading
 
 import pytest
 
 import spiped
-from conftest import (TargetServer, c_spiped, connect, free_port, have_ipv6, need_c, ours,
-                      tcp_addr, wait_for)
+from conftest import (C_SPIPE, TargetServer, c_spiped, connect, free_port, have_ipv6, need_c,
+                      ours, ours_spipe, tcp_addr, wait_for)
 
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")  # version 2 signature, 12 bytes
 
@@ -300,3 +301,138 @@ def test_d_header_unix_source(procs, keyfile, recorder, tmp_path):
     path = d_source.encode()
     assert target.received() == (SIG + bytes.fromhex("21 31 00d8") + bytes(108)
                                  + path + bytes(108 - len(path)) + b"x")
+
+
+# -- command line ----------------------------------------------------------------
+
+
+def run_ours(*args):
+    return subprocess.run(ours(*args), stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("value", ["0", "3", "v2", "", "1.0"])
+def test_bad_proxy_protocol_value(keyfile, value):
+    r = run_ours("-e", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
+                 "--proxy-protocol", value)
+    assert r.returncode == 1
+    assert r.stderr == ("spiped: Error parsing argument: --proxy-protocol %s: Invalid argument\n"
+                        % value).encode()
+
+
+def test_connect_after_auth_needs_d(keyfile):
+    r = run_ours("-e", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
+                 "--connect-after-auth")
+    assert r.returncode == 1
+    assert r.stderr.startswith(b"spiped: --connect-after-auth applies to -d only\nusage: spiped")
+
+
+@pytest.mark.parametrize("option", [("--proxy-protocol", "1"), ("--connect-after-auth",)])
+def test_spipe_has_neither_option(keyfile, option):
+    r = subprocess.run(ours_spipe("-t", "[127.0.0.1]:2", "-k", keyfile, *option),
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith(b"spipe: illegal option -- %s\nusage: spipe" % option[0].encode())
+
+
+def test_help_lists_both():
+    out = run_ours("--help").stdout
+    assert b"--proxy-protocol 1|2" in out and b"--connect-after-auth" in out
+
+# -- --connect-after-auth ---------------------------------------------------------
+
+
+def scan(addr, how):
+    """A client without the key: connect, maybe send something, read until closed."""
+    sock = connect(addr)
+    try:
+        if how == "garbage-handshake":  # a nonce and a DH message with a wrong MAC
+            sock.sendall(os.urandom(32 + 288))
+        elif how == "garbage":
+            sock.sendall(os.urandom(1 + os.urandom(1)[0]))
+            sock.shutdown(socket.SHUT_WR)
+        if how != "connect-close":
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass  # a reset is as good as a close
+    finally:
+        sock.close()
+
+
+def keyless_clients(procs, d_source, otherkey, count):
+    """COUNT clients without the right key: wrong-key spipe and spiped -e, raw scanners."""
+    e_source = tcp_addr(free_port())
+    procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", otherkey), e_source)
+    kinds = ["spipe", "spiped-e", "connect-close", "garbage-handshake", "garbage"]
+    spipes, threads = [], []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        if kind == "spipe":
+            spipes.append(procs.start([C_SPIPE, "-t", d_source, "-k", otherkey],
+                                      stdin=subprocess.PIPE))
+            spipes[-1].stdin.write(b"let me in")
+            spipes[-1].stdin.close()
+            spipes[-1].stdin = None
+        else:
+            args = (e_source, "garbage") if kind == "spiped-e" else (d_source, kind)
+            threads.append(threading.Thread(target=scan, args=args, daemon=True))
+            threads[-1].start()
+    for p in spipes:
+        assert p.wait(timeout=30) == 1
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+
+
+@need_c
+def test_connect_after_auth_keyless_clients_never_reach_the_target(
+        procs, keyfile, otherkey, echo, tmp_path):
+    target = echo()
+    d_source = tcp_addr(free_port())
+    log = tmp_path / "d.log"
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile, "-o", "3",
+                      "--connect-after-auth", "--log-connections"), d_source,
+                 stderr=open(log, "wb"))
+    keyless_clients(procs, d_source, otherkey, 40)
+    # Every one of the 40 has been through the -d and failed its handshake.
+    assert wait_for(lambda: log.read_text().count("handshake failed") == 40, timeout=30), \
+        log.read_text()
+    assert target.connections == 0
+    r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"with the key",
+                       capture_output=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, b"with the key")
+    assert target.connections == 1
+
+
+@need_c
+def test_without_connect_after_auth_keyless_clients_reach_the_target(
+        procs, keyfile, otherkey, echo):
+    """The control: C's behaviour, a target connection for every client."""
+    target = echo()
+    d_source = tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile), d_source)
+    keyless_clients(procs, d_source, otherkey, 10)
+    assert wait_for(lambda: target.connections == 10), target.connections
+
+
+@need_c
+def test_connect_after_auth_with_proxy_header(procs, keyfile, recorder):
+    target = recorder()
+    d_source = tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
+                      "--connect-after-auth", "--proxy-protocol", "1"), d_source)
+    r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"hi",
+                       capture_output=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, b"done")
+    assert target.received().startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    assert target.received().endswith(b" %d\r\nhi" % port_of(d_source))
+
+
+@need_c
+def test_connect_after_auth_refused_target_drops_the_client(procs, keyfile):
+    d_source = tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", tcp_addr(free_port()), "-k", keyfile,
+                      "--connect-after-auth"), d_source)
+    r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"hi",
+                       capture_output=True, timeout=30)
+    assert r.returncode == 1 and r.stdout == b""
