@@ -272,6 +272,65 @@ def format_sockaddr(family, sockaddr):
         return "[%s]:%d" % (sockaddr[0], sockaddr[1])
     return str(sockaddr)
 
+
+# PROXY protocol (HAProxy's proxy-protocol.txt): version 1 is one text
+# line, version 2 a binary block that starts with this signature.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _proxy_ipv6_text(packed):
+    """IPv6 text for a version 1 line: hex groups only, never a dotted tail."""
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    if "." in text:
+        text = ":".join("%x" % g for g in struct.unpack(">8H", packed))
+    return text
+
+
+def _proxy_unix_path(path):
+    """A unix socket address as the 108 bytes of a version 2 AF_UNIX block."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    return (path or b"")[:UNIX_PATH_MAX].ljust(UNIX_PATH_MAX, b"\0")
+
+
+def proxy_header(version, family, source, destination):
+    """The PROXY protocol header, version 1 or 2, describing one connection.
+
+    FAMILY, SOURCE and DESTINATION are the family, peer and local address
+    of a stream socket as accept()/getsockname() give them.  TCP over IPv4
+    and IPv6 is described exactly (an IPv4-mapped pair as IPv4).  A unix
+    socket gives "PROXY UNKNOWN" in version 1 and an AF_UNIX block in
+    version 2; with no address at all (unnamed unix sockets, other
+    families) version 2 sends LOCAL.  Raises ValueError for other versions.
+    """
+    if version not in (1, 2):
+        raise ValueError("PROXY protocol version must be 1 or 2")
+    if family in (socket.AF_INET, socket.AF_INET6):
+        src, dst = (socket.inet_pton(family, addr[0].split("%", 1)[0])
+                    for addr in (source, destination))
+        if family == socket.AF_INET6 and src[:12] == dst[:12] == _V4_MAPPED:
+            family, src, dst = socket.AF_INET, src[12:], dst[12:]
+        ipv4 = family == socket.AF_INET
+        if version == 1:
+            if ipv4:
+                words = ["TCP4"] + [socket.inet_ntop(socket.AF_INET, a) for a in (src, dst)]
+            else:
+                words = ["TCP6", _proxy_ipv6_text(src), _proxy_ipv6_text(dst)]
+            return ("PROXY %s %s %s %d %d\r\n"
+                    % (*words, source[1], destination[1])).encode("ascii")
+        # Version 2, command PROXY (0x21); TCP over IPv4 (0x11) or IPv6 (0x21).
+        block = src + dst + struct.pack(">HH", source[1], destination[1])
+        return (PROXY_V2_SIGNATURE + (b"\x21\x11" if ipv4 else b"\x21\x21")
+                + struct.pack(">H", len(block)) + block)
+    if version == 1:
+        return b"PROXY UNKNOWN\r\n"
+    if family == socket.AF_UNIX and (source or destination):
+        block = _proxy_unix_path(source) + _proxy_unix_path(destination)
+        # Version 2, command PROXY; unix stream (0x31), two 108-byte paths.
+        return PROXY_V2_SIGNATURE + b"\x21\x31" + struct.pack(">H", len(block)) + block
+    return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, no address block
+
 # ---------------------------------------------------------------------------
 # 4. Cryptography (no I/O)
 # ---------------------------------------------------------------------------
@@ -605,7 +664,7 @@ class HandshakeResult(tuple):
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
-              nonce=None, secret=None, keys=None, after_nonce=None):
+              nonce=None, secret=None, keys=None, after_nonce=None, after_auth=None):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     KEY is one K or a key ring (see key_ring()); a client uses the ring's
@@ -613,7 +672,8 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
     Returns a HandshakeResult: (sealer, opener) for this side, and the
     key's name.  TIMEOUT bounds the whole exchange (None = no limit).
     KEYS (a DHKeyPool) supplies a key pair computed ahead of time;
-    AFTER_NONCE() runs once our nonce is sent.  NONCE and SECRET fix the
+    AFTER_NONCE() runs once our nonce is sent, AFTER_AUTH() once the
+    peer's DH message has passed its checks.  NONCE and SECRET fix the
     random values (for known-answer tests).  Raises HandshakeError.
     """
     ring = key_ring(key)
@@ -635,6 +695,8 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
             mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
             io.send(y + hmac_sha256(mac_c, y))
             y_peer = check_dh_message(io.recv(DH_MESSAGE), mac_s, require_pfs)
+            if after_auth is not None:
+                after_auth()
         else:
             message = io.recv(DH_MESSAGE)
             if len(ring) == 1:
@@ -642,6 +704,8 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
             else:
                 key_name, key, mac_c, mac_s = _server_key(ring, nonce_c, nonce_s, message)
             y_peer = check_dh_message(message, mac_c, require_pfs)
+            if after_auth is not None:
+                after_auth()
             io.send(y + hmac_sha256(mac_s, y))  # only once the client's value passed
         shared = dh_shared(exponent, y_peer)
     finally:
@@ -947,6 +1011,8 @@ class Connection:
             self._key_used(sealer_opener.key_name)
             for sock in (self.client, self.target):
                 tune_socket(sock, cfg.keepalive)
+            if cfg.proxy_protocol and not self._send_proxy_header(sealer):
+                return
             if cfg.decrypt:
                 plain, sealed = self.target, self.client
             else:
@@ -1010,8 +1076,12 @@ class Connection:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
                 # target connect is under way; one deadline covers both.
+                # --connect-after-auth dials only once the client's DH
+                # message proved it has the key.
+                late = cfg.connect_after_auth
                 keys = handshake(self.client, self.keyring, client=False, fast=cfg.fast,
-                                 after_nonce=dialer.start,
+                                 after_nonce=None if late else dialer.start,
+                                 after_auth=dialer.start if late else None,
                                  require_pfs=cfg.require_pfs,
                                  timeout=None if deadline is None else
                                  max(deadline - time.monotonic(), 1e-3),
@@ -1025,6 +1095,24 @@ class Connection:
                              keys=self.server.dh_keys)
         finally:
             dialer.close()
+
+    def _send_proxy_header(self, sealer):
+        """Write the PROXY header towards the target before any other byte.
+
+        It describes the accepted connection (its peer and local address):
+        sealed as the first plaintext with -e, plain to the target with -d.
+        Counted like other plaintext.  False when the connection failed.
+        """
+        cfg = self.config
+        try:
+            header = proxy_header(cfg.proxy_protocol, self.client.family, self.peer,
+                                  self.client.getsockname())
+            self.target.sendall(header if cfg.decrypt else sealer.seal(header))
+        except OSError as e:
+            self._event("writing the PROXY header failed: %s" % (e.strerror or e))
+            return False
+        self.up[0] += len(header)
+        return True
 
     def _pipe(self, relay, src, worker, dst, counter):
         """Run one direction; half-close at EOF, tear both down on failure."""
@@ -1133,6 +1221,8 @@ class Config:
         self.keepalive = True
         self.bind = None
         self.max_connections = DEFAULT_MAXCONN
+        self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
+        self.connect_after_auth = False  # --connect-after-auth (-d)
         self.__dict__.update(kw)
 
 
@@ -1650,6 +1740,14 @@ Extensions (long options; every C command line keeps its meaning):
   --socket-mode MODE     octal permissions for a unix source socket
   --accept-key FILE      (-d only; may repeat) also accept clients that use
                          the key in FILE; answer each with the key it used
+  --proxy-protocol 1|2   before any other byte, send the target a PROXY
+                         protocol header (HAProxy's version 1 text or
+                         version 2 binary) naming the accepted connection's
+                         peer and local address: with -e the plaintext
+                         client (sealed as the first data), with -d the -e
+                         host
+  --connect-after-auth   -d only: connect to the target only once the
+                         client's handshake message proved it has the key
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
 logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
@@ -1806,8 +1904,10 @@ def parse_spiped_args(args):
     """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit."""
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
-                                  ("--syslog", "--log-connections", "--help"),
-                                  ("--drain-timeout", "--socket-mode", "--accept-key")):
+                                  ("--syslog", "--log-connections", "--help",
+                                   "--connect-after-auth"),
+                                  ("--drain-timeout", "--socket-mode", "--accept-key",
+                                   "--proxy-protocol")):
         if option is None:
             if value:
                 raise UsageError(None)
@@ -1837,6 +1937,11 @@ def parse_spiped_args(args):
             except ValueError:
                 raise SpipedError("Error parsing argument: %s %s: Invalid argument"
                                   % (option, value)) from None
+        elif option == "--proxy-protocol":
+            if value not in ("1", "2"):
+                raise SpipedError("Error parsing argument: %s %s: Invalid argument"
+                                  % (option, value))
+            value = int(value)
         seen[option] = value
     if ("-e" in seen) == ("-d" in seen):
         raise UsageError(None)
@@ -1846,6 +1951,8 @@ def parse_spiped_args(args):
         raise UsageError(None)
     if "--accept-key" in seen and "-e" in seen:  # -e always uses -k alone
         raise UsageError(None)
+    if "--connect-after-auth" in seen and "-d" not in seen:
+        raise UsageError("--connect-after-auth applies to -d only")
     rtime = seen.get("-r") or DEFAULT_RTIME
     if "-R" in seen and rtime != DEFAULT_RTIME:
         raise UsageError(None)
@@ -1963,7 +2070,9 @@ def _run_spiped(opts):
     config = Config(decrypt="-d" in opts, source=source, target=target, keyring=keyring,
                     fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
                     keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN))
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
+                    proxy_protocol=opts.get("--proxy-protocol"),
+                    connect_after_auth="--connect-after-auth" in opts)
     if listener is None and family == socket.AF_UNIX:
         clear_stale_socket(sockaddr)
     try:
