@@ -276,46 +276,49 @@ def format_sockaddr(family, sockaddr):
 # 4. Cryptography (no I/O)
 # ---------------------------------------------------------------------------
 
+KEY_READ_CHUNK = 65536   # key files are hashed this many bytes at a time
+
 
 def read_key(path, stdin=None):
     """K = SHA256 of the whole key file at PATH ('-' = stdin).
 
-    Raises SpipedError with C's messages.  Warns (never fails) when a
-    regular key file is readable by others or shorter than 32 bytes.
+    Hashes while reading, a chunk at a time, so memory stays flat however
+    long the file or stream is.  Raises SpipedError with C's messages.
+    Warns (never fails) when a regular key file is readable by others or
+    shorter than 32 bytes.
     """
     failed = "Error reading shared secret"
+    digest = hashlib.sha256()
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
         try:
-            data = stream.read()
+            for chunk in iter(lambda: stream.read(KEY_READ_CHUNK), b""):
+                digest.update(chunk)
         except OSError:
             raise SpipedError("Error reading from stdin", failed) from None
-        return hashlib.sha256(data).digest()
+        return digest.digest()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SpipedError("Cannot open file: %s: %s" % (path, e.strerror), failed) from None
+    size = 0
     try:
         st = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        for chunk in iter(lambda: os.read(fd, KEY_READ_CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
     except OSError as e:
         raise SpipedError("Error reading file: %s: %s" % (path, e.strerror), failed) from None
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if stat.S_ISREG(st.st_mode):
         if st.st_mode & 0o077:
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
-        if len(data) < 32:
+        if size < 32:
             log.warn("WARNING: key file %s holds only %d bytes;"
-                     " 32 random bytes are recommended" % (path, len(data)))
-    return hashlib.sha256(data).digest()
+                     " 32 random bytes are recommended" % (path, size))
+    return digest.digest()
 
 
 def pbkdf2(key, salt, length):

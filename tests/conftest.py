@@ -343,10 +343,11 @@ def thread_and_fd_count(pid):
     return threads, fds
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """PID's resident memory in KiB (FIELD="VmHWM": its peak so far)."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
