@@ -1100,9 +1100,10 @@ class Server(socketserver.TCPServer):
             self.server_address = listener.getsockname()
         else:
             try:
-                self.server_bind()
                 if socket_mode is not None and family == socket.AF_UNIX:
-                    os.chmod(sockaddr, socket_mode)
+                    self.bind_with_mode(socket_mode)
+                else:
+                    self.server_bind()
                 self.server_activate()
             except OSError:
                 self.server_close()
@@ -1111,6 +1112,20 @@ class Server(socketserver.TCPServer):
                 self.unlink_path = sockaddr
                 self.unlink_ident = _file_identity(sockaddr)
         self.socket.setblocking(False)
+
+    def bind_with_mode(self, mode):
+        """Bind the unix socket so that its file is created with MODE's permission bits.
+
+        bind() creates the file with 0o777 & ~umask, so the mode is set through
+        the umask around bind(): a chmod() of the path afterwards would follow
+        a symlink swapped in meanwhile.  The umask is process-wide; this runs
+        at start-up, before any thread serves, and restores it at once.
+        """
+        old = os.umask(0o777 & ~mode)
+        try:
+            self.server_bind()
+        finally:
+            os.umask(old)
 
     # -- accept loop ------------------------------------------------------
 

@@ -772,18 +772,49 @@ def test_regular_file_at_socket_path_is_left_alone(procs, keyfile, tmp_path):
     assert path.read_bytes() == content
 
 
+# Run spiped.py (argv[1:]) with os.chmod replaced by a function that fails
+# loudly: --socket-mode must not chmod the path after bind().
+NO_CHMOD = r"""
+import os, runpy, sys
+def chmod(path, *args, **kw):
+    sys.stderr.write("chmod(%r) called\n" % (path,))
+    sys.stderr.flush()
+    os._exit(97)
+os.chmod = chmod
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def proc_umask(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    pytest.skip("this kernel does not show Umask in /proc/PID/status")
+
+
 @pytest.mark.timeout(30)
-def test_socket_mode(procs, keyfile, echo, tmp_path):
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o666, 0o700, 0o777])
+def test_socket_mode(procs, keyfile, echo, tmp_path, mode):
+    """The socket is created with the mode (set by umask around bind(), no
+    chmod of the path afterwards) and the process umask is restored."""
     target = echo()
     path = str(tmp_path / "mode.sock")
-    p = procs.daemon(ours("-d", "-F", "--socket-mode", "660", "-s", path, "-t", target.addr,
-                          "-k", keyfile), path)
+    old = os.umask(0o022)
+    try:
+        p = procs.daemon([sys.executable, "-c", NO_CHMOD, SPIPED_PY, "-d", "-F",
+                          "--socket-mode", "%o" % mode, "-s", path, "-t", target.addr,
+                          "-k", keyfile], path)
+    finally:
+        os.umask(old)
     st = os.lstat(path)
     assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert stat.S_IMODE(st.st_mode) == mode
+    assert proc_umask(p.pid) == 0o022
     echo_once(front(procs, path, keyfile))
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=10) == 0
+    assert p.wait(timeout=10) == 0, p.stderr.read()
     assert not os.path.lexists(path)
 
 
