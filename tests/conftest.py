@@ -207,6 +207,24 @@ class Notify:
             self.env = path
         self.sock.settimeout(0.05)
         self.lines = []
+        self.reader = None
+
+    def follow(self):
+        """Read in a thread of its own from now on.
+
+        A daemon's notify messages block once about ten are queued unread
+        (net.unix.max_dgram_qlen); a test that makes many connections
+        before it looks at the messages needs this.
+        """
+        self.reader = threading.Thread(target=self._follow, daemon=True)
+        self.reader.start()
+
+    def _follow(self):
+        while self.sock.fileno() >= 0:
+            try:
+                self._read(time.monotonic() + 0.5)
+            except OSError:
+                return
 
     def _read(self, until):
         while time.monotonic() < until:
@@ -219,11 +237,11 @@ class Notify:
     def wait_line(self, pred, timeout=10.0):
         """The first line (all seen so far) matching PRED; fails after TIMEOUT."""
         def matching():
-            line = next((l for l in self.lines if pred(l)), None)
-            if line is None:
+            line = next((l for l in list(self.lines) if pred(l)), None)
+            if line is None and self.reader is None:
                 self._read(time.monotonic() + 0.05)
             return line
-        line = wait_for(matching, timeout, step=0)
+        line = wait_for(matching, timeout, step=0 if self.reader is None else 0.02)
         if line is None:
             raise AssertionError("no matching notify message; got %r" % self.lines)
         return line
@@ -241,6 +259,8 @@ class Notify:
 
     def close(self):
         self.sock.close()
+        if self.reader is not None:
+            self.reader.join(5)
 
 
 @pytest.fixture
