@@ -335,46 +335,49 @@ def proxy_header(version, family, source, destination):
 # 4. Cryptography (no I/O)
 # ---------------------------------------------------------------------------
 
+KEY_READ_CHUNK = 65536   # key files are hashed this many bytes at a time
+
 
 def read_key(path, stdin=None):
     """K = SHA256 of the whole key file at PATH ('-' = stdin).
 
-    Raises SpipedError with C's messages.  Warns (never fails) when a
-    regular key file is readable by others or shorter than 32 bytes.
+    Hashes while reading, a chunk at a time, so memory stays flat however
+    long the file or stream is.  Raises SpipedError with C's messages.
+    Warns (never fails) when a regular key file is readable by others or
+    shorter than 32 bytes.
     """
     failed = "Error reading shared secret"
+    digest = hashlib.sha256()
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
         try:
-            data = stream.read()
+            for chunk in iter(lambda: stream.read(KEY_READ_CHUNK), b""):
+                digest.update(chunk)
         except OSError:
             raise SpipedError("Error reading from stdin", failed) from None
-        return hashlib.sha256(data).digest()
+        return digest.digest()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SpipedError("Cannot open file: %s: %s" % (path, e.strerror), failed) from None
+    size = 0
     try:
         st = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        for chunk in iter(lambda: os.read(fd, KEY_READ_CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
     except OSError as e:
         raise SpipedError("Error reading file: %s: %s" % (path, e.strerror), failed) from None
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if stat.S_ISREG(st.st_mode):
         if st.st_mode & 0o077:
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
-        if len(data) < 32:
+        if size < 32:
             log.warn("WARNING: key file %s holds only %d bytes;"
-                     " 32 random bytes are recommended" % (path, len(data)))
-    return hashlib.sha256(data).digest()
+                     " 32 random bytes are recommended" % (path, size))
+    return digest.digest()
 
 
 def pbkdf2(key, salt, length):
@@ -1267,9 +1270,10 @@ class Server(socketserver.TCPServer):
             self.server_address = listener.getsockname()
         else:
             try:
-                self.server_bind()
                 if socket_mode is not None and family == socket.AF_UNIX:
-                    os.chmod(sockaddr, socket_mode)
+                    self.bind_with_mode(socket_mode)
+                else:
+                    self.server_bind()
                 self.server_activate()
             except OSError:
                 self.server_close()
@@ -1278,6 +1282,20 @@ class Server(socketserver.TCPServer):
                 self.unlink_path = sockaddr
                 self.unlink_ident = _file_identity(sockaddr)
         self.socket.setblocking(False)
+
+    def bind_with_mode(self, mode):
+        """Bind the unix socket so that its file is created with MODE's permission bits.
+
+        bind() creates the file with 0o777 & ~umask, so the mode is set through
+        the umask around bind(): a chmod() of the path afterwards would follow
+        a symlink swapped in meanwhile.  The umask is process-wide; this runs
+        at start-up, before any thread serves, and restores it at once.
+        """
+        old = os.umask(0o777 & ~mode)
+        try:
+            self.server_bind()
+        finally:
+            os.umask(old)
 
     # -- accept loop ------------------------------------------------------
 

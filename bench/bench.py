@@ -1346,8 +1346,9 @@ def main(argv=None):
         description="Benchmark C spiped against spiped.py (loopback only).")
     ap.add_argument("--quick", action="store_true",
                     help="smaller sizes and fewer repeats (about a minute)")
-    ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
-                    metavar="OUT", help="where to write raw samples (default %(default)s)")
+    ap.add_argument("--json", metavar="OUT",
+                    help="where to write raw samples (default: a new temporary"
+                         " file, whose path is printed)")
     ap.add_argument("--ours", default=os.path.join(ROOT, "spiped.py"), metavar="PATH",
                     help="our implementation; *.py runs with this Python")
     ap.add_argument("--c", default="/usr/bin/spiped", metavar="PATH",
@@ -1396,12 +1397,16 @@ def main(argv=None):
            "interrupted": interrupted, "wall_seconds": round(wall, 1),
            "rows": rows, "samples": runner.samples}
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        progress("wrote %s" % args.json)
+        path = args.json
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = open(path, "w")
+    else:
+        fd, path = tempfile.mkstemp(prefix="spiped-bench-", suffix=".json")
+        f = os.fdopen(fd, "w")
+    with f:
+        json.dump(doc, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print("raw samples: %s" % path)
     return 130 if interrupted else 0
 
 

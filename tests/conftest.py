@@ -6,6 +6,7 @@ connection is made, so connection counts stay exact).
 """
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -95,15 +96,40 @@ def address_listening(addr):
     return port in _listening_tcp_ports()
 
 
-def wait_listening(addr, proc=None, timeout=10.0):
+def wait_for(predicate, timeout=10.0, step=0.02):
+    """Poll PREDICATE until it returns a true value or TIMEOUT seconds passed.
+
+    Returns its last value: true once the condition held, false on timeout.
+    Tests wait with this, never with a fixed sleep.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if address_listening(addr):
-            return
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+def recv_exact(sock, size):
+    """Exactly SIZE bytes from SOCK; EOFError if the peer closes first."""
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise EOFError("peer closed after %d of %d bytes" % (len(buf), size))
+        buf += chunk
+    return bytes(buf)
+
+
+def wait_listening(addr, proc=None, timeout=10.0):
+    """Wait until something listens on ADDR; RuntimeError if PROC exits first."""
+    def ready():
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError("process exited with %s before listening on %s" % (proc.returncode, addr))
-        time.sleep(0.01)
-    raise RuntimeError("nothing listening on %s after %.1fs" % (addr, timeout))
+            raise RuntimeError("process exited with %s before listening on %s"
+                               % (proc.returncode, addr))
+        return address_listening(addr)
+    if not wait_for(ready, timeout, step=0.01):
+        raise RuntimeError("nothing listening on %s after %.1fs" % (addr, timeout))
 
 
 def wait_for(predicate, timeout=10.0, step=0.02):
@@ -174,6 +200,77 @@ class Procs:
             for f in (p.stdout, p.stderr, p.stdin):
                 if f:
                     f.close()
+
+
+class Notify:
+    """A datagram socket standing in for systemd's notify socket (.env: its address)."""
+
+    STATUS_RE = re.compile(r"STATUS=(\d+) live, (\d+) total")
+
+    def __init__(self, path=None, abstract=None):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract is not None:
+            self.sock.bind("\0" + abstract)
+            self.env = "@" + abstract
+        else:
+            self.sock.bind(path)
+            self.env = path
+        self.sock.settimeout(0.05)
+        self.lines = []
+        self.reader = None
+
+    def follow(self):
+        """Read in a thread of its own from now on.
+
+        A daemon's notify messages block once about ten are queued unread
+        (net.unix.max_dgram_qlen); a test that makes many connections
+        before it looks at the messages needs this.
+        """
+        self.reader = threading.Thread(target=self._follow, daemon=True)
+        self.reader.start()
+
+    def _follow(self):
+        while self.sock.fileno() >= 0:
+            try:
+                self._read(time.monotonic() + 0.5)
+            except OSError:
+                return
+
+    def _read(self, until):
+        while time.monotonic() < until:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                return
+            self.lines.extend(data.decode().splitlines())
+
+    def wait_line(self, pred, timeout=10.0):
+        """The first line (all seen so far) matching PRED; fails after TIMEOUT."""
+        def matching():
+            line = next((l for l in list(self.lines) if pred(l)), None)
+            if line is None and self.reader is None:
+                self._read(time.monotonic() + 0.05)
+            return line
+        line = wait_for(matching, timeout, step=0 if self.reader is None else 0.02)
+        if line is None:
+            raise AssertionError("no matching notify message; got %r" % self.lines)
+        return line
+
+    def collect(self, seconds):
+        """Read for SECONDS; return the lines that arrived meanwhile."""
+        start = len(self.lines)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._read(deadline)
+        return self.lines[start:]
+
+    def statuses(self):
+        return [tuple(map(int, m.groups())) for m in map(self.STATUS_RE.match, self.lines) if m]
+
+    def close(self):
+        self.sock.close()
+        if self.reader is not None:
+            self.reader.join(5)
 
 
 @pytest.fixture
@@ -353,10 +450,11 @@ def thread_and_fd_count(pid):
     return threads, fds
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """PID's resident memory in KiB (FIELD="VmHWM": its peak so far)."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 

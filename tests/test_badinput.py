@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import IMPLS, connect, free_port, need_c, tcp_addr
+from conftest import IMPLS, connect, free_port, need_c, recv_exact, tcp_addr, wait_for
 import spiped
 
 try:
@@ -37,16 +37,6 @@ DROP_TIMEOUT = 5.0
 def key_of(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).digest()
-
-
-def recv_exact(sock, size):
-    buf = bytearray()
-    while len(buf) < size:
-        d = sock.recv(size - len(buf))
-        if not d:
-            raise EOFError("EOF after %d of %d bytes" % (len(buf), size))
-        buf += d
-    return bytes(buf)
 
 
 class RawClient:
@@ -148,13 +138,12 @@ def send_and_expect_drop(addr, payload):
 
 def wait_target_idle(target, timeout=5.0):
     """Wait until every connection the echo target accepted has ended."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def idle():
         with target.lock:
-            if len(target.received) == target.connections:
-                return
-        time.sleep(0.02)
-    raise AssertionError("target connections still open")
+            return len(target.received) == target.connections
+
+    if not wait_for(idle, timeout):
+        raise AssertionError("target connections still open")
 
 
 def start_d(procs, impl, keyfile, target, *flags):
@@ -427,7 +416,7 @@ def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
         def dribble(data):
             for k in range(0, len(data), 7):
                 s.sendall(data[k:k + 7])
-                time.sleep(0.0005)
+                time.sleep(0.0005)  # a slow sender is what is tested
 
         dribble(nonce_c)
         nonce_s = recv_exact(s, spiped.NONCE_SIZE)
@@ -610,13 +599,14 @@ class FakeServer:
             self.results.append((number, outcome, got))
 
     def wait(self, count, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def finished():
             with self.lock:
-                if len(self.results) >= count:
-                    return sorted(self.results)
-            time.sleep(0.02)
-        raise AssertionError("fake server finished only %d connections" % len(self.results))
+                return len(self.results) >= count and sorted(self.results)
+
+        results = wait_for(finished, timeout)
+        if not results:
+            raise AssertionError("fake server finished only %d connections" % len(self.results))
+        return results
 
     def close(self):
         self.sock.close()

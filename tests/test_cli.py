@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -39,6 +38,7 @@ from conftest import (
     free_port,
     need_c,
     tcp_addr,
+    wait_for,
 )
 
 RUN_TIMEOUT = 10
@@ -599,10 +599,7 @@ def test_pidfile_failure_leaves_nothing_listening(impl, ctx):
                                    "-p", ctx["missing"] + "/x.pid"])
     result = run(cmd, ctx["tmp"])
     assert result.returncode == 1
-    deadline = time.monotonic() + 5
-    while address_listening(src) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not address_listening(src)
+    assert wait_for(lambda: not address_listening(src), 5)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
@@ -627,10 +624,7 @@ def test_unknown_user_in_daemon(impl, ctx):
     assert result.returncode == 0
     with open(pidfile) as f:
         pid = int(f.read())
-    deadline = time.monotonic() + 5
-    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid)
+    assert wait_for(lambda: not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), 5)
 
 
 def _is_zombie(pid):
@@ -704,11 +698,8 @@ def test_u_drops_privileges(impl, spec_id, spec, want_uid, want_gid, procs, tmp_
     p = procs.daemon(cmd, src, cwd=str(tmp_path))
     want = ([want_uid] * 4, [want_gid] * 4, [])
     # The drop follows listen(); give it a moment.
-    deadline = time.monotonic() + 5
+    wait_for(lambda: proc_ids(p.pid) == want, 5)
     got = proc_ids(p.pid)
-    while got != want and time.monotonic() < deadline:
-        time.sleep(0.02)
-        got = proc_ids(p.pid)
     assert p.poll() is None, p.stderr.read()
     assert got == want
 

@@ -60,8 +60,9 @@ import time
 
 import pytest
 
-from conftest import (EchoServer, c_spiped, connect, exchange, free_port, need_c, ours,
-                      rss_kib, sha, tcp_addr, thread_and_fd_count)
+from conftest import (EchoServer, Notify, c_spiped, connect, exchange, free_port, need_c,
+                      ours, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count,
+                      wait_for)
 import spiped
 
 try:
@@ -137,16 +138,6 @@ def reference_open(keys, wire):
         out.append(padded[:length])
         number += 1
     return b"".join(out), False
-
-
-def recv_exact(sock, size):
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            raise EOFError("peer closed after %d of %d bytes" % (len(buf), size))
-        buf += chunk
-    return bytes(buf)
 
 
 def drain(sock, limit=1 << 22):
@@ -429,16 +420,6 @@ def start_daemon(procs, tmp_path, mode, source, target, key, *extra, impl="ours"
     return p
 
 
-def wait_for(predicate, timeout, step=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-
-
 _FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98}.get(platform.machine())
 IDLE_BOUND = 100   # idle threads tolerated; a per-connection leak exceeds it
 
@@ -451,19 +432,18 @@ class Baseline:
     """
 
     def __init__(self, pid, timeout=5.0):
-        last = None
-        deadline = time.monotonic() + timeout
-        while True:
-            now = thread_and_fd_count(pid)
-            if now == last or time.monotonic() > deadline:
-                break
-            last = now
-            time.sleep(0.1)
+        samples = [None]
+
+        def settled():  # two samples in a row agree
+            samples.append(thread_and_fd_count(pid))
+            return samples[-1] == samples[-2]
+
+        wait_for(settled, timeout, step=0.1)
         self.pid = pid
-        self.threads, self.fds = now
+        self.threads, self.fds = samples[-1]
         self.tids = set(os.listdir("/proc/%d/task" % pid))
         self.busy = set()
-        for _ in range(3):
+        for _ in range(3):  # samples spread in time, not a wait
             self.busy |= _busy_threads(pid)
             time.sleep(0.05)
 
@@ -498,19 +478,19 @@ def assert_no_leak(pid, base, what, timeout=10.0):
     go too: the deadline grows to 60 s and the thread count must drop back
     to BASE's.
     """
-    deadline = time.monotonic() + (60.0 if HEAVY else timeout)
-    while True:
+    def back():
+        nonlocal threads, fds, busy
         threads, fds = thread_and_fd_count(pid)
         busy = sorted(_busy_threads(pid) - base.busy)
         if HEAVY or _FUTEX is None:
             threads_ok = not busy and threads <= base.threads
         else:
             threads_ok = not busy and threads <= base.threads + IDLE_BOUND
-        if fds == base.fds and threads_ok:
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return fds == base.fds and threads_ok
+
+    threads = fds = busy = None
+    if wait_for(back, 60.0 if HEAVY else timeout, step=0.05):
+        return
     detail = []
     for tid in busy[:5]:
         try:
@@ -1017,7 +997,7 @@ def _slow_read(sock, size, digest, deadline):
             break
         digest.update(chunk)
         seen += len(chunk)
-        time.sleep(0.005)
+        time.sleep(0.005)  # the slow reader is what is tested
     return seen
 
 
@@ -1086,8 +1066,11 @@ class Transfer:
     socket that another thread is blocked on is not released by close()).
     """
 
-    def __init__(self, addr, size=4 * MiB, chunk=32768, pause=0.002, timeout=CASE_TIMEOUT):
+    def __init__(self, addr, size=4 * MiB, chunk=32768, pause=0.002, timeout=CASE_TIMEOUT,
+                 gate=None):
+        """GATE: an Event; if given, only the first chunk is sent until it is set."""
         self.data = os.urandom(size)
+        self.gate = gate
         self.sock = connect(addr, timeout=timeout)
         self.sock.settimeout(0.1)
         self.deadline = time.monotonic() + timeout + size / MiB
@@ -1116,7 +1099,9 @@ class Transfer:
                         self.sent += self.sock.send(view[self.sent:end])
                     except socket.timeout:
                         pass
-                time.sleep(self.pause)
+                while self.gate is not None and not self.gate.wait(0.1) and self._running():
+                    pass
+                time.sleep(self.pause)  # pacing: keeps the transfer long, not a wait
             if self.sent == len(self.data):
                 self.sock.shutdown(socket.SHUT_WR)
         except OSError as e:
@@ -1185,9 +1170,11 @@ class Pair:
     """ours -e -> (ours or C) -d -> target, with baselines for leak checks."""
 
     def __init__(self, procs, tmp_path, keyfile, target, d_impl="ours", e_impl="ours",
-                 d_extra=(), e_extra=(), d_addr=None):
-        """D_ADDR: where -e connects; -d is started there later if given."""
+                 d_extra=(), e_extra=(), d_addr=None, env=None):
+        """D_ADDR: where -e connects; -d is started there later if given.
+        ENV: both daemons' environment (default: the test's)."""
         self.procs, self.tmp_path, self.keyfile = procs, tmp_path, keyfile
+        self.env = env
         self.d_addr = d_addr or tcp_addr(free_port())
         self.e_addr = tcp_addr(free_port())
         self.target, self.d_impl, self.e_impl = target, d_impl, e_impl
@@ -1200,11 +1187,11 @@ class Pair:
 
     def start_d(self):
         self.d = start_daemon(self.procs, self.tmp_path, "d", self.d_addr, self.target,
-                              self.keyfile, *self.d_extra, impl=self.d_impl)
+                              self.keyfile, *self.d_extra, impl=self.d_impl, env=self.env)
 
     def start_e(self):
         self.e = start_daemon(self.procs, self.tmp_path, "e", self.e_addr, self.d_addr,
-                              self.keyfile, *self.e_extra, impl=self.e_impl)
+                              self.keyfile, *self.e_extra, impl=self.e_impl, env=self.env)
 
     def ours(self):
         return [(n, p) for n, p, impl in (("-d", self.d, self.d_impl), ("-e", self.e, self.e_impl))
@@ -1407,10 +1394,17 @@ def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
             s = connect(e_addr, timeout=10)
             s.sendall(b"x%d" % i)
             extra.append(s)
-        time.sleep(0.3)  # let the daemon run into the limit
+        # Wait until the daemon has run into the limit: the accept error is
+        # logged, or (dial) every extra client has had its target refused.
+        failed = "connect to %s failed: Too many open files" % d_addr
+        if runs_out_at == "accept":
+            ran_out = lambda: ACCEPT_ERROR in e.log.read_text()
+        else:
+            ran_out = lambda: e.log.read_text().count(failed) >= len(extra)
+        assert wait_for(ran_out, 10), "never ran out of descriptors: %s" % e.log.read_text()
         cpu_before = cpu_seconds(e.pid)
         logged_before = e.log.read_text().count(ACCEPT_ERROR)
-        time.sleep(2.0)
+        time.sleep(2.0)  # what is tested: no spinning and no new lines while saturated
         cpu = cpu_seconds(e.pid) - cpu_before
         logged = e.log.read_text().count(ACCEPT_ERROR)
         # Once when it runs out, not once per retry.  Where each extra client
@@ -1467,7 +1461,6 @@ def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
     complaints = log.count(ACCEPT_ERROR)
     assert complaints <= 1 + len(extra), "%r logged %d times" % (ACCEPT_ERROR, complaints)
     if runs_out_at == "dial":
-        failed = "connect to %s failed: Too many open files" % d_addr
         assert log.count(failed) >= len(extra), log
 
 
@@ -1479,19 +1472,37 @@ def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("victim", ["d", "e"])
 def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
-    """SIGTERM during 20 paced 2 MiB echo transfers: all complete intact, then exit 0."""
+    """SIGTERM during 20 2 MiB echo transfers: all complete intact, then exit 0.
+
+    Each transfer sends its first chunk, sees it echoed, and holds the rest
+    until the daemon has announced its drain (STOPPING=1 on the notify
+    socket): so every transfer is live at the signal and carries almost all
+    of its data after the daemon began shutting down, however slow the
+    machine.
+    """
     count, size = (40, 4 * MiB) if HEAVY else (20, 2 * MiB)
+    chunk = 65536
     echo = EchoServer()
-    pair = Pair(procs, tmp_path, keyfile, echo.addr, d_extra=("-n", "0"), e_extra=("-n", "0"))
+    notify = Notify(str(tmp_path / "notify"))
+    notify.follow()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env["NOTIFY_SOCKET"] = notify.env
+    pair = Pair(procs, tmp_path, keyfile, echo.addr, d_extra=("-n", "0"), e_extra=("-n", "0"),
+                env=env)
+    gate = threading.Event()
     try:
-        transfers = [Transfer(pair.e_addr, size=size, chunk=65536, pause=0.03, timeout=60)
+        transfers = [Transfer(pair.e_addr, size=size, chunk=chunk, pause=0.03, timeout=60,
+                              gate=gate)
                      for _ in range(count)]
-        assert all(t.wait_received(1) for t in transfers)
-        in_flight = sum(t.outcome is None and t.sent < size for t in transfers)
+        assert all(t.wait_received(chunk, timeout=30) for t in transfers)
+        held = [t.outcome is None and t.sent == chunk and len(t.received) == chunk
+                for t in transfers]
+        assert all(held), "%d of %d transfers held at the gate" % (sum(held), count)
         daemon = pair.d if victim == "d" else pair.e
         daemon.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert in_flight == count, "only %d transfers were in flight" % in_flight
+        notify.wait_line(lambda l: l == "STOPPING=1", timeout=30)
+        assert daemon.poll() is None, "exited with %d live connections" % count
+        gate.set()
         outcomes = [t.finish(timeout=60) for t in transfers]
         last = max(t.ended_at for t in transfers)
         assert outcomes == ["complete"] * count, collections.Counter(outcomes)
@@ -1499,10 +1510,11 @@ def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
         status = daemon.wait(10)
         exited = time.monotonic()
         assert status == 0, "exit status %s after SIGTERM: %s" % (status, daemon.log.read_text())
-        assert last - signalled > 0.3, "transfers were over before the signal mattered"
         assert exited - last < 3.0, "exited %.1fs after the last transfer" % (exited - last)
     finally:
+        gate.set()
         echo.close()
+        notify.close()
 
 
 # ---------------------------------------------------------------------------

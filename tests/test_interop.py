@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import (IMPLS, SPIPED_PY, TargetServer, connect, free_port, have_ipv6,
-                      need_c, sha, tcp_addr, wait_listening)
+                      need_c, sha, tcp_addr, wait_for, wait_listening)
 
 pytestmark = need_c
 
@@ -132,12 +132,13 @@ class LateReplyTarget(TargetServer):
                 self.results.append((bytes(got), eof, reply))
 
     def wait_results(self, count, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def finished():
             with self.lock:
-                if len(self.results) >= count:
-                    return list(self.results)
-            time.sleep(0.02)
+                return len(self.results) >= count and (list(self.results),)
+
+        done = wait_for(finished, timeout)
+        if done:
+            return done[0]
         raise AssertionError("target finished %d of %d connections" % (len(self.results), count))
 
 

@@ -2,10 +2,13 @@
 import hashlib
 import io
 import os
+import subprocess
+import threading
 
 import pytest
 
-from conftest import free_port, ours, tcp_addr
+from conftest import (c_spiped, exchange, free_port, need_c, ours, rss_kib, tcp_addr,
+                      wait_listening)
 import spiped
 
 
@@ -64,3 +67,59 @@ def test_daemon_warns_and_serves(procs, tmp_path):
     assert p.poll() is None
     assert err.read_text() == ("spiped: WARNING: key file %s is readable by group or others"
                                " (chmod 600 it)\n" % path)
+
+
+# -- long keys: hashed while read, memory stays flat --------------------------
+
+BIG_KEY = 128 << 20     # bytes; reading it whole would peak far above the limit
+PEAK_LIMIT_KIB = 60 << 10
+
+
+def _big_key(tmp_path):
+    """A sparse BIG_KEY-byte file with random blocks at its start, middle and end.
+
+    The random blocks make K depend on every part of the file.
+    """
+    path = tmp_path / "bigkey"
+    with open(path, "wb") as f:
+        for offset in (0, BIG_KEY // 2, BIG_KEY - 4096):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+    os.chmod(path, 0o600)
+    assert os.path.getsize(path) == BIG_KEY
+    return str(path)
+
+
+def _feed(pipe, path):
+    """Copy the file at PATH into PIPE a MiB at a time, then close it."""
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                pipe.write(chunk)
+    finally:
+        pipe.close()
+
+
+@need_c
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_long_key_hashed_in_flat_memory(procs, tmp_path, echo, how):
+    """A 128 MiB key (file, or piped to -k -) keeps the daemon's peak RSS low,
+    and it derives C's K from the same bytes: a tunnel C -e -> ours -d works."""
+    path = _big_key(tmp_path)
+    target = echo()
+    d_src, e_src = tcp_addr(free_port()), tcp_addr(free_port())
+    if how == "file":
+        d = procs.daemon(ours("-d", "-F", "-s", d_src, "-t", target.addr, "-k", path), d_src)
+    else:
+        d = procs.start(ours("-d", "-F", "-s", d_src, "-t", target.addr, "-k", "-"),
+                        stdin=subprocess.PIPE)
+        feeder = threading.Thread(target=_feed, args=(d.stdin, path), daemon=True)
+        feeder.start()
+        wait_listening(d_src, d, timeout=60)
+        feeder.join(10)
+    peak = rss_kib(d.pid, "VmHWM")
+    assert 0 < peak < PEAK_LIMIT_KIB, "peak RSS %d KiB while reading a %d MiB key" % (
+        peak, BIG_KEY >> 20)
+    procs.daemon(c_spiped("-e", "-F", "-s", e_src, "-t", d_src, "-k", path), e_src)
+    payload = os.urandom(100000)
+    assert exchange(e_src, payload, timeout=30) == payload

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from conftest import TargetServer, c_spiped, connect, free_port, need_c, ours, tcp_addr
+from conftest import (TargetServer, c_spiped, connect, free_port, need_c, ours, tcp_addr,
+                      wait_for)
 from test_faults import Baseline, assert_no_leak
 
 HEAVY = os.environ.get("SPIPED_HEAVY") == "1"
@@ -112,9 +113,7 @@ def connect_through(addr, echo, count, timeout=10):
         before = echo.accepted
         s = connect(addr, timeout=timeout)
         socks.append(s)
-        deadline = time.monotonic() + timeout
-        while echo.accepted == before and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_for(lambda: echo.accepted > before, timeout, step=0.001)
         assert echo.accepted > before, "connection %d never reached the target" % i
     return socks
 

@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from conftest import (HAVE_C, SPIPED_PY, TargetServer, c_spiped, connect, exchange,
-                      free_port, need_c, ours, tcp_addr, wait_listening)
+from conftest import (HAVE_C, SPIPED_PY, Notify, TargetServer, c_spiped, connect, exchange,
+                      free_port, need_c, ours, recv_exact, tcp_addr, wait_for,
+                      wait_listening)
 import spiped
 
 # Put the socket given as argv[1] ("-" for none) on fd 3, set the variables
@@ -39,7 +40,6 @@ for name in filter(None, pid_vars.split(",")):
 os.execv(sys.argv[3], sys.argv[3:])
 """
 
-STATUS_RE = re.compile(r"STATUS=(\d+) live, (\d+) total")
 STATS_RE = re.compile(
     r"stats: live=(\d+) total=(\d+) bytes_in=(\d+) bytes_out=(\d+) "
     r"handshake_failures=(\S+) connect_failures=(\d+) limit_reached=(\d+)")
@@ -64,54 +64,6 @@ def launch(procs, listener, args, env, pid_vars=("LISTEN_PID",), **kw):
     cmd = [sys.executable, "-c", LAUNCHER, "-" if fd is None else str(fd),
            ",".join(pid_vars), sys.executable, SPIPED_PY, *args]
     return procs.start(cmd, env=env, pass_fds=() if fd is None else (fd,), **kw)
-
-
-class Notify:
-    """A datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, path=None, abstract=None):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if abstract is not None:
-            self.sock.bind("\0" + abstract)
-            self.env = "@" + abstract
-        else:
-            self.sock.bind(path)
-            self.env = path
-        self.sock.settimeout(0.05)
-        self.lines = []
-
-    def _read(self, until):
-        while time.monotonic() < until:
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                return
-            self.lines.extend(data.decode().splitlines())
-
-    def wait_for(self, pred, timeout=10.0):
-        """The first line (all seen so far) matching PRED; fails after TIMEOUT."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines:
-                if pred(line):
-                    return line
-            if time.monotonic() >= deadline:
-                raise AssertionError("no matching notify message; got %r" % self.lines)
-            self._read(time.monotonic() + 0.05)
-
-    def collect(self, seconds):
-        """Read for SECONDS; return the lines that arrived meanwhile."""
-        start = len(self.lines)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self._read(deadline)
-        return self.lines[start:]
-
-    def statuses(self):
-        return [tuple(map(int, m.groups())) for m in map(STATUS_RE.match, self.lines) if m]
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture
@@ -145,14 +97,14 @@ def read_text(path):
 
 def wait_text(path, pred, timeout=10.0):
     """The content of PATH once PRED(content) holds; fails after TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def met():
         text = read_text(path)
-        if pred(text):
-            return text
-        if time.monotonic() >= deadline:
-            raise AssertionError("condition not met; %s holds:\n%s" % (path, text))
-        time.sleep(0.02)
+        return (text,) if pred(text) else None
+
+    found = wait_for(met, timeout)
+    if not found:
+        raise AssertionError("condition not met; %s holds:\n%s" % (path, read_text(path)))
+    return found[0]
 
 
 def pid_gone(pid):
@@ -165,12 +117,7 @@ def pid_gone(pid):
 
 
 def wait_pid_gone(pid, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pid_gone(pid):
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_for(lambda: pid_gone(pid), timeout)
 
 
 def kill_pid(pid):
@@ -179,17 +126,6 @@ def kill_pid(pid):
     except OSError:
         pass
     wait_pid_gone(pid, 5)
-
-
-def recv_exact(sock, n):
-    """Up to N bytes: fewer only if the peer closed first."""
-    got = b""
-    while len(got) < n:
-        d = sock.recv(n - len(got))
-        if not d:
-            break
-        got += d
-    return got
 
 
 def echo_once(addr, payload=b"hello through the pipe"):
@@ -240,22 +176,28 @@ def reply_server():
         s.close()
 
 
-def request_stats(proc, err, pred=lambda m: True, tries=40):
+def request_stats(proc, err, pred=lambda m: True, timeout=10.0):
     """Send SIGUSR1 until the new stats line satisfies PRED; its match object.
 
     A connection's slot is freed just after its last log line, so a count
     may need a moment to settle.  Each signal must give exactly one line.
     """
     before = read_text(err).count("stats:")
-    for sent in range(1, tries + 1):
+    sent = 0
+
+    def settled():
+        nonlocal sent
         proc.send_signal(signal.SIGUSR1)
+        sent += 1
         text = wait_text(err, lambda t: t.count("stats:") >= before + sent)
         assert text.count("stats:") == before + sent, text
         m = list(STATS_RE.finditer(text))[-1]
-        if pred(m):
-            return m
-        time.sleep(0.05)
-    raise AssertionError("stats never settled:\n" + text)
+        return m if pred(m) else None
+
+    m = wait_for(settled, timeout, step=0.05)
+    if not m:
+        raise AssertionError("stats never settled:\n" + read_text(err))
+    return m
 
 
 def raw_handshake_garbage(addr, key):
@@ -302,16 +244,16 @@ def test_activation_tcp_ready_status_stopping(procs, notify, keyfile, echo, tmp_
                        base_env(NOTIFY_SOCKET=n.env), stderr=f)
     finally:
         listener.close()  # ours holds its own copy now
-    n.wait_for(lambda l: l == "READY=1")
+    n.wait_line(lambda l: l == "READY=1")
     assert n.statuses()[:1] == [(0, 0)]
     entry = front(procs, addr, keyfile)
     echo_once(entry, os.urandom(5000))
     assert target.connections == 1
-    n.wait_for(lambda l: l == "STATUS=0 live, 1 total connections")
+    n.wait_line(lambda l: l == "STATUS=0 live, 1 total connections")
     totals = [t for _, t in n.statuses()]
     assert totals == sorted(totals) and totals[-1] == 1
     p.send_signal(signal.SIGTERM)
-    n.wait_for(lambda l: l == "STOPPING=1")
+    n.wait_line(lambda l: l == "STOPPING=1")
     assert p.wait(timeout=10) == 0
     assert read_text(err) == ""
 
@@ -330,13 +272,13 @@ def test_activation_unix_abstract_notify(procs, notify, keyfile, echo, tmp_path)
                    base_env(NOTIFY_SOCKET=n.env))
     finally:
         listener.close()
-    n.wait_for(lambda l: l == "READY=1")
+    n.wait_line(lambda l: l == "READY=1")
     entry = front(procs, path, keyfile, c_spiped if HAVE_C else ours)
     for _ in range(2):
         echo_once(entry, os.urandom(3000))
-    n.wait_for(lambda l: l == "STATUS=0 live, 2 total connections")
+    n.wait_line(lambda l: l == "STATUS=0 live, 2 total connections")
     p.send_signal(signal.SIGTERM)
-    n.wait_for(lambda l: l == "STOPPING=1")
+    n.wait_line(lambda l: l == "STOPPING=1")
     assert p.wait(timeout=10) == 0
     # The socket file belongs to whoever made it (systemd): ours leaves it.
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
@@ -361,12 +303,12 @@ def test_activation_daemonized(procs, notify, keyfile, echo, tmp_path):
             assert p.wait(timeout=10) == 0, read_text(out)
         daemon_pid = int(pidfile.read_text())
         assert daemon_pid != p.pid and not pid_gone(daemon_pid)
-        n.wait_for(lambda l: l == "READY=1")
+        n.wait_line(lambda l: l == "READY=1")
         entry = front(procs, addr, keyfile)
         echo_once(entry)
         assert target.connections == 1
         os.kill(daemon_pid, signal.SIGTERM)
-        n.wait_for(lambda l: l == "STOPPING=1")
+        n.wait_line(lambda l: l == "STOPPING=1")
         assert wait_pid_gone(daemon_pid, 10)
         assert read_text(out) == ""
     finally:
@@ -452,10 +394,10 @@ def test_systemd_socket_activate(procs, notify, keyfile, echo, tmp_path):
     wait_listening(addr, p)
     entry = front(procs, addr, keyfile)
     echo_once(entry, os.urandom(4000))
-    n.wait_for(lambda l: l == "READY=1")
-    n.wait_for(lambda l: l == "STATUS=0 live, 1 total connections")
+    n.wait_line(lambda l: l == "READY=1")
+    n.wait_line(lambda l: l == "STATUS=0 live, 1 total connections")
     p.send_signal(signal.SIGTERM)
-    n.wait_for(lambda l: l == "STOPPING=1")
+    n.wait_line(lambda l: l == "STOPPING=1")
     assert p.wait(timeout=10) == 0
     assert "spiped:" not in read_text(err)
 
@@ -483,8 +425,8 @@ def test_watchdog_pings(procs, notify, keyfile, echo):
     # WATCHDOG_PID of another process: the watchdog is not ours to feed.
     p2 = launch(procs, None, args + ["-s", src2],
                 base_env(NOTIFY_SOCKET=others.env, WATCHDOG_USEC="400000", WATCHDOG_PID="1"))
-    mine.wait_for(lambda l: l == "READY=1")
-    others.wait_for(lambda l: l == "READY=1")
+    mine.wait_line(lambda l: l == "READY=1")
+    others.wait_line(lambda l: l == "READY=1")
     seen = mine.collect(1.5)
     assert seen.count("WATCHDOG=1") >= 3, seen
     others.collect(0.05)
@@ -753,10 +695,7 @@ def test_live_unix_socket_is_left_alone(procs, keyfile, echo, tmp_path):
     after = os.lstat(path)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
     assert exchange(path, b"other listener", timeout=10) == b"other listener"
-    deadline = time.monotonic() + 5
-    while b"other listener" not in other.received and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert b"other listener" in other.received
+    assert wait_for(lambda: b"other listener" in other.received, 5)
 
 
 @pytest.mark.timeout(30)
@@ -772,18 +711,49 @@ def test_regular_file_at_socket_path_is_left_alone(procs, keyfile, tmp_path):
     assert path.read_bytes() == content
 
 
+# Run spiped.py (argv[1:]) with os.chmod replaced by a function that fails
+# loudly: --socket-mode must not chmod the path after bind().
+NO_CHMOD = r"""
+import os, runpy, sys
+def chmod(path, *args, **kw):
+    sys.stderr.write("chmod(%r) called\n" % (path,))
+    sys.stderr.flush()
+    os._exit(97)
+os.chmod = chmod
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def proc_umask(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    pytest.skip("this kernel does not show Umask in /proc/PID/status")
+
+
 @pytest.mark.timeout(30)
-def test_socket_mode(procs, keyfile, echo, tmp_path):
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o666, 0o700, 0o777])
+def test_socket_mode(procs, keyfile, echo, tmp_path, mode):
+    """The socket is created with the mode (set by umask around bind(), no
+    chmod of the path afterwards) and the process umask is restored."""
     target = echo()
     path = str(tmp_path / "mode.sock")
-    p = procs.daemon(ours("-d", "-F", "--socket-mode", "660", "-s", path, "-t", target.addr,
-                          "-k", keyfile), path)
+    old = os.umask(0o022)
+    try:
+        p = procs.daemon([sys.executable, "-c", NO_CHMOD, SPIPED_PY, "-d", "-F",
+                          "--socket-mode", "%o" % mode, "-s", path, "-t", target.addr,
+                          "-k", keyfile], path)
+    finally:
+        os.umask(old)
     st = os.lstat(path)
     assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert stat.S_IMODE(st.st_mode) == mode
+    assert proc_umask(p.pid) == 0o022
     echo_once(front(procs, path, keyfile))
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=10) == 0
+    assert p.wait(timeout=10) == 0, p.stderr.read()
     assert not os.path.lexists(path)
 
 
@@ -834,6 +804,8 @@ def test_syslog_foreground_log_connections(procs, keyfile, echo, tmp_path):
             assert logged("stats: live=0 total=1 "), got
         else:
             p.send_signal(signal.SIGUSR1)
+            # Nothing to wait on: syslog is not ours to read here.  What is
+            # tested is that nothing reaches stderr within this second.
             time.sleep(1)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=10) == 0
