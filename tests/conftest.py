@@ -132,16 +132,6 @@ def wait_listening(addr, proc=None, timeout=10.0):
         raise RuntimeError("nothing listening on %s after %.1fs" % (addr, timeout))
 
 
-def wait_for(predicate, timeout=10.0, step=0.02):
-    """Poll PREDICATE until it returns something true; that value, or None at TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)
-
-
 def connect(addr, timeout=10.0):
     """A connected socket to spiped-style address ADDR."""
     if addr.startswith("/"):
@@ -462,13 +452,3 @@ def rss_kib(pid, field="VmRSS"):
 def terminate(proc, sig=signal.SIGTERM, timeout=10):
     proc.send_signal(sig)
     return proc.wait(timeout=timeout)
-
-
-def wait_for(predicate, timeout=10.0, step=0.02):
-    """Poll PREDICATE until it is true or TIMEOUT seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)

@@ -15,7 +15,7 @@ import pytest
 
 import spiped
 from conftest import (C_SPIPE, connect, c_spiped, exchange, need_c, ours,
-                      tcp_addr, free_port, wait_for, wait_listening)
+                      tcp_addr, free_port, recv_exact, wait_for, wait_listening)
 
 # -- the handshake with a key ring ------------------------------------------
 
@@ -126,16 +126,6 @@ def test_match_key_checks_garbage_after_the_mac():
 def read_text(path):
     with open(path, "rb") as f:
         return f.read().decode(errors="replace")
-
-
-def recv_exact(sock, size):
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            raise ConnectionError("EOF after %d of %d bytes" % (len(buf), size))
-        buf += chunk
-    return bytes(buf)
 
 
 def make_key(tmp_path, name):
