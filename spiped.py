@@ -1576,11 +1576,12 @@ class Notifier:
         self.last_status = None
 
     def send(self, text):
+        """Send one notify message; never blocks (a full queue drops it)."""
         if self.address is None:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendto(text.encode(), self.address)
+                s.sendto(text.encode(), socket.MSG_DONTWAIT, self.address)
         except OSError:
             pass
 

@@ -435,6 +435,26 @@ def test_watchdog_pings(procs, notify, keyfile, echo):
 
 
 @pytest.mark.timeout(30)
+def test_unread_notify_socket_never_blocks_the_daemon(procs, notify, keyfile, echo):
+    """A notify socket nobody reads fills up (about ten datagrams); the daemon
+    drops its messages instead of blocking its accept loop in sendto()."""
+    target = echo()
+    silent = notify()
+    src = tcp_addr(free_port())
+    proc = launch(procs, None, ["-d", "-F", "-s", src, "-t", target.addr, "-k", keyfile],
+                  base_env(NOTIFY_SOCKET=silent.env, WATCHDOG_USEC="20000"))
+    wait_listening(src, proc)
+    # The wait is what is tested: pings every 10 ms for 1 s are far more
+    # than the socket's queue holds.
+    time.sleep(1.0)
+    with connect(src, timeout=5) as s:
+        assert len(recv_exact(s, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
+    silent.collect(0.2)  # drain the queue: pings flow again
+    assert silent.collect(0.5).count("WATCHDOG=1") >= 3
+    assert proc.poll() is None
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("where", ["unset", "missing-path", "missing-abstract"])
 def test_no_notify_socket_is_harmless(procs, keyfile, echo, tmp_path, where):
     target = echo()
