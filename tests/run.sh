@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"; .ci/run runs it too): on Debian or
+# Ubuntu, as root or as a user with sudo, install the Debian packages the
+# suite needs, make a virtual environment in .venv inside the checkout,
+# install the project with its test extra into it, and run pytest from it.
+# Arguments go to pytest (e.g. tests/test_cli.py -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=
+if [ "$(id -u)" != 0 ]; then
+	SUDO=$(command -v sudo) || { echo "run.sh: needs root or sudo to install packages" >&2; exit 1; }
+fi
+apt() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
+
+apt update
+# python3-venv: the venv (with pip); spiped: C spiped 1.6, the interop peer;
+# the contrib/ checks run shellcheck and systemd-analyze (package systemd);
+# procps: ps and pgrep, to look at daemons a failed run left behind.
+apt install -y python3 python3-venv spiped shellcheck systemd procps
+if [ -f tests/setup-integration.sh ]; then bash tests/setup-integration.sh; fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e '.[test]'
+
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+if [ "$status" = 5 ]; then
+	echo "run.sh: pytest collected no tests" >&2
+	status=1
+fi
+exit "$status"
