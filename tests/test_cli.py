@@ -34,6 +34,7 @@ import pytest
 from conftest import (
     C_SPIPE,
     C_SPIPED,
+    REAL_PYTHON,
     SPIPED_PY,
     address_listening,
     free_port,
@@ -735,7 +736,7 @@ def unprivileged_env(directory):
     the package is copied into DIRECTORY and put on PYTHONPATH.
     """
     env = dict(os.environ)
-    probe = subprocess.run(as_nobody([sys.executable, "-c", "import Cryptodome"]), cwd=directory,
+    probe = subprocess.run(as_nobody([REAL_PYTHON, "-c", "import Cryptodome"]), cwd=directory,
                            capture_output=True, timeout=RUN_TIMEOUT)
     if probe.returncode == 0:
         return env
@@ -757,11 +758,21 @@ def unprivileged_env(directory):
 @pytest.mark.parametrize("impl", [pytest.param("c", marks=need_c), "ours"])
 @pytest.mark.parametrize("target", ["root", ":root"])
 def test_u_without_permission(impl, target, world_dir):
-    """An unprivileged spiped asked to become root fails with EPERM."""
+    """An unprivileged spiped asked to become root fails with EPERM.
+
+    Ours runs as a copy of spiped.py in the world-readable scratch folder,
+    so where the checkout is does not matter.
+    """
     d, key = world_dir
-    env = unprivileged_env(d) if impl == "ours" else None
-    cmd = as_nobody(command(impl, "spiped", ["-e", "-F", "-s", tcp_addr(free_port()),
-                                             "-t", tcp_addr(free_port()), "-k", key, "-u", target]))
+    args = ["-e", "-F", "-s", tcp_addr(free_port()), "-t", tcp_addr(free_port()),
+            "-k", key, "-u", target]
+    env = None
+    cmd = command(impl, "spiped", args)
+    if impl == "ours":
+        env = unprivileged_env(d)
+        shutil.copy(SPIPED_PY, os.path.join(d, "spiped.py"))
+        cmd = [REAL_PYTHON, os.path.join(d, "spiped.py"), *args]
+    cmd = as_nobody(cmd)
     try:
         result = subprocess.run(cmd, cwd=d, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                                 timeout=RUN_TIMEOUT)
