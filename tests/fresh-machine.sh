@@ -18,6 +18,9 @@
 #   --cache  keep the debootstrapped base tree in /var/tmp and reuse it
 #            (default: a fresh one every run, removed at the end)
 # Environment: MIRROR (default: the host's own Debian apt source).
+# The tree gets the host's resolv.conf and, where the host has local CA
+# certificates (a network that intercepts TLS), those and a pip.conf that
+# trusts the system bundle: settings of the network, not of the project.
 # Ports 8025, 8026 and 8080 on the host's loopback must be free.
 set -euo pipefail
 
@@ -109,7 +112,18 @@ clone_into_tree() {     # git is the host's; the tree gets plain clones of HEAD
 		git -C "$TREE/$dest" checkout -q "$COMMIT"
 	done
 	chmod 0700 "$TREE/root"
+}
+
+host_network() {    # what any machine on this network has: DNS and, if any, local CAs
 	cp /etc/resolv.conf "$TREE/etc/resolv.conf"
+	# A network that intercepts TLS needs its CA on every machine; pip
+	# trusts only its own bundle unless told to use the system's.
+	if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+		mkdir -p "$TREE/usr/local/share/ca-certificates"
+		cp /usr/local/share/ca-certificates/*.crt "$TREE/usr/local/share/ca-certificates/"
+		printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$TREE/etc/pip.conf"
+		echo "    copied the host's local CA certificates; /etc/pip.conf uses the system bundle"
+	fi
 	stat -c '    %A %n' "$TREE/root" "$TREE/root/spiped" "$TREE/opt/spiped"
 }
 
@@ -129,6 +143,7 @@ step "host: 127.0.0.1 ports 8025, 8026 and 8080 are free" ports_free
 step "host: apt-get install debootstrap systemd-container" host_packages
 step "debootstrap --variant=minbase bookworm${CACHE:+ (cache $CACHE)}" make_tree
 step "git clone $COMMIT into /root/spiped and /opt/spiped of the tree" clone_into_tree
+step "the host's network settings: resolv.conf, local CAs" host_network
 
 # ------------------------------------------------------------------ in the tree
 # One container per clone: the daemons the README starts live as long as
