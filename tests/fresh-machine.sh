@@ -18,7 +18,7 @@
 #   --cache  keep the debootstrapped base tree in /var/tmp and reuse it
 #            (default: a fresh one every run, removed at the end)
 # Environment: MIRROR (default: the host's own Debian apt source).
-# The tree gets the host's resolv.conf and, where the host has local CA
+# The tree gets the host's resolv.conf, Debian's usual /etc/hosts and, where the host has local CA
 # certificates (a network that intercepts TLS), those and a pip.conf that
 # trusts the system bundle: settings of the network, not of the project.
 # Ports 8025, 8026 and 8080 on the host's loopback must be free.
@@ -116,6 +116,9 @@ clone_into_tree() {     # git is the host's; the tree gets plain clones of HEAD
 
 host_network() {    # what any machine on this network has: DNS and, if any, local CAs
 	cp /etc/resolv.conf "$TREE/etc/resolv.conf"
+	# debootstrap writes no /etc/hosts; installers and container runtimes
+	# do, and the suite resolves "localhost".  Debian's usual one:
+	[ -f "$TREE/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$TREE/etc/hosts"
 	# A network that intercepts TLS needs its CA on every machine; pip
 	# trusts only its own bundle unless told to use the system's.
 	if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
@@ -143,7 +146,7 @@ step "host: 127.0.0.1 ports 8025, 8026 and 8080 are free" ports_free
 step "host: apt-get install debootstrap systemd-container" host_packages
 step "debootstrap --variant=minbase bookworm${CACHE:+ (cache $CACHE)}" make_tree
 step "git clone $COMMIT into /root/spiped and /opt/spiped of the tree" clone_into_tree
-step "the host's network settings: resolv.conf, local CAs" host_network
+step "network settings: resolv.conf, /etc/hosts, the host's local CAs" host_network
 
 # ------------------------------------------------------------------ in the tree
 # One container per clone: the daemons the README starts live as long as

@@ -11,13 +11,13 @@ SUDO=
 if [ "$(id -u)" != 0 ]; then
 	SUDO=$(command -v sudo) || { echo "run.sh: needs root or sudo to install packages" >&2; exit 1; }
 fi
-apt() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
+apt_get() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
 
-apt update
+apt_get update
 # python3-venv: the venv (with pip); spiped: C spiped 1.6, the interop peer;
 # the contrib/ checks run shellcheck and systemd-analyze (package systemd);
 # procps: ps and pgrep, to look at daemons a failed run left behind.
-apt install -y python3 python3-venv spiped shellcheck systemd procps
+apt_get install -y python3 python3-venv spiped shellcheck systemd procps
 if [ -f tests/setup-integration.sh ]; then bash tests/setup-integration.sh; fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -6,6 +6,7 @@ and a clear message when Cryptodome is missing.
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import subprocess
@@ -283,7 +284,11 @@ def python_on_path(tmp_path):
     """A PATH whose python3 is the interpreter running the tests (it has Cryptodome)."""
     bindir = tmp_path / "pybin"
     bindir.mkdir()
-    os.symlink(sys.executable, bindir / "python3")
+    # A script, not a symlink: a link to a venv's python outside the venv
+    # would not find its pyvenv.cfg, and so not the venv's Cryptodome.
+    wrapper = bindir / "python3"
+    wrapper.write_text('#!/bin/sh\nexec %s "$@"\n' % shlex.quote(sys.executable))
+    wrapper.chmod(0o755)
     return str(bindir) + os.pathsep + os.environ.get("PATH", "")
 
 
