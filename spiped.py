@@ -1776,6 +1776,13 @@ connections use the new keys, live ones keep theirs; if a file cannot be
 read, nothing changes.
 """
 
+SPIPE_LONG_HELP = """\
+Extensions (long options; every C command line keeps its meaning):
+  --help                 this text
+stdin goes to the target encrypted, the target's replies come out on stdout;
+spipe exits (status 0) when the server side closes.
+"""
+
 
 class _Exit(Exception):
     """Leave main() with this status (after messages were printed)."""
@@ -2035,8 +2042,8 @@ def _cli(usage, parse, run):
     except _Exit as e:
         return e.status
     if AES is None:
-        log.warn("Cryptodome is missing: pip install pycryptodomex"
-                 " (or apt install python3-pycryptodome)")
+        log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
+                 " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
         return 1
     try:
         return run(opts)
@@ -2144,11 +2151,14 @@ def _run_spiped(opts):
 def parse_spipe_args(args):
     """Options dict from spipe's command line; raises UsageError/SpipedError/_Exit."""
     seen = {}
-    for option, value in getopt_c(args, "fgjv", "tkbo"):
+    for option, value in getopt_c(args, "fgjv", "tkbo", ("--help",)):
         if option is None:
             if value:
                 raise UsageError(None)
             break
+        if option == "--help":
+            sys.stdout.write(SPIPE_USAGE + "\n" + SPIPE_LONG_HELP)
+            raise _Exit(0)
         if option in seen:
             raise UsageError(None)
         if option == "-v":

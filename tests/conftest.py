@@ -27,6 +27,12 @@ sys.path.insert(0, ROOT)
 HAVE_C = os.access("/usr/bin/spiped", os.X_OK)
 need_c = pytest.mark.skipif(not HAVE_C, reason="C spiped not installed (apt-get install spiped)")
 
+# For tests that run a program as an unprivileged user: the interpreter
+# itself, not a venv's link to it, since the checkout and its .venv may sit
+# where that user cannot read (/root is 0700).  Such tests also run copies of
+# spiped.py or keygen.py placed in a folder the user can read.
+REAL_PYTHON = os.path.realpath(sys.executable)
+
 
 def ours(*args):
     """Command line that runs our spiped.py with ARGS."""

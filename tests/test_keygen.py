@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT
+from conftest import REAL_PYTHON, ROOT
 
 KEYGEN = os.path.join(ROOT, "keygen.py")
 
@@ -110,7 +110,8 @@ def test_missing_directory(tmp_path, force):
 
 @pytest.fixture
 def locked_dir():
-    """A directory owned by nobody with mode 0500, and the ids to run as nobody."""
+    """A directory owned by nobody with mode 0500 (in a folder anyone can
+    read, next to a copy of keygen.py), and the ids to run as nobody."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run keygen as another user")
     if shutil.which("setpriv") is None:
@@ -122,6 +123,7 @@ def locked_dir():
         pytest.skip("no nobody user")
     top = tempfile.mkdtemp(prefix="keygen", dir="/tmp")
     os.chmod(top, 0o755)
+    shutil.copy(KEYGEN, os.path.join(top, "keygen.py"))  # the checkout may be unreadable
     locked = os.path.join(top, "locked")
     os.mkdir(locked)
     os.chown(locked, nobody.pw_uid, nobody.pw_gid)
@@ -135,7 +137,8 @@ def test_permission_denied(locked_dir, force):
     locked, nobody = locked_dir
     path = os.path.join(locked, "key")
     cmd = ["setpriv", "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid, "--clear-groups",
-           sys.executable, KEYGEN, *(["--force"] if force else []), path]
+           REAL_PYTHON, os.path.join(os.path.dirname(locked), "keygen.py"),
+           *(["--force"] if force else []), path]
     line = one_error_line(subprocess.run(cmd, cwd="/", capture_output=True, timeout=30))
     assert "Permission denied" in line
     assert os.listdir(locked) == []

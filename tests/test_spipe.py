@@ -6,6 +6,7 @@ and a clear message when Cryptodome is missing.
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import subprocess
@@ -221,6 +222,17 @@ def test_refused_like_c(keyfile, tmp_path):
     assert results["ours"].stderr.splitlines()[0] == results["c"].stderr.splitlines()[0]
 
 
+def test_help(tmp_path):
+    """--help prints the usage and the extension to stdout and exits 0, as spiped's."""
+    r = subprocess.run(ours_spipe("--help"), cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=RUN_TIMEOUT)
+    assert (r.returncode, r.stderr) == (0, b"")
+    out = r.stdout.decode()
+    assert out.startswith(spiped.SPIPE_USAGE + "\n")
+    assert any(line.split()[:1] == ["--help"] for line in out.splitlines()), out
+    assert os.listdir(tmp_path) == []
+
+
 # -- as ssh's ProxyCommand ---------------------------------------------------
 
 
@@ -272,7 +284,11 @@ def python_on_path(tmp_path):
     """A PATH whose python3 is the interpreter running the tests (it has Cryptodome)."""
     bindir = tmp_path / "pybin"
     bindir.mkdir()
-    os.symlink(sys.executable, bindir / "python3")
+    # A script, not a symlink: a link to a venv's python outside the venv
+    # would not find its pyvenv.cfg, and so not the venv's Cryptodome.
+    wrapper = bindir / "python3"
+    wrapper.write_text('#!/bin/sh\nexec %s "$@"\n' % shlex.quote(sys.executable))
+    wrapper.chmod(0o755)
     return str(bindir) + os.pathsep + os.environ.get("PATH", "")
 
 
@@ -415,5 +431,8 @@ def test_missing_cryptodome_message(prog, lone_copy, keyfile):
     assert len(err.splitlines()) == 1 and err.endswith("\n"), err
     assert err.startswith(prog + ": ")
     assert "Traceback" not in err
-    assert "Cryptodome" in err and re.search(r"pip install \S*pycryptodomex", err), err
+    # Debian's package first: pip fails on an externally managed system Python.
+    apt = err.find("apt-get install python3-pycryptodome")
+    pip = re.search(r"pip install \S*pycryptodomex", err)
+    assert "Cryptodome" in err and 0 <= apt and pip and apt < pip.start(), err
     assert not address_listening(source)

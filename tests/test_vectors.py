@@ -21,7 +21,7 @@ def load(path):
 
 
 def test_vectors_present():
-    assert len(POSITIVE) >= 10, "shared/vectors missing"
+    assert len(POSITIVE) >= 10, "tests/vectors missing"
 
 
 @pytest.mark.parametrize("path", POSITIVE, ids=os.path.basename)
