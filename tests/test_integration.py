@@ -32,7 +32,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, EchoServer, exchange, free_port, tcp_addr
+from conftest import ROOT, EchoServer, address_listening, exchange, free_port, tcp_addr
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -131,8 +131,9 @@ def readme_steps(path, heading, replace):
     return "\n".join(lines) + "\n"
 
 
-def spiped_host_pids(marker):
-    """Host PIDs of spiped processes whose command line contains MARKER."""
+def spiped_host_pids(mode, source):
+    """Host PIDs of spiped processes started as `spiped MODE -s SOURCE ...`."""
+    want = [mode.encode(), b"-s", source.encode()]
     pids = []
     for d in glob.glob("/proc/[0-9]*"):
         try:
@@ -140,7 +141,7 @@ def spiped_host_pids(marker):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"spiped") for a in argv[:2]) and marker.encode() in argv:
+        if any(a.endswith(b"spiped") for a in argv[:2]) and want in (argv[1:4], argv[2:5]):
             pids.append(int(d[6:]))
     return pids
 
@@ -443,8 +444,8 @@ def systemd_box(slim_rootfs, workdir):
         shutil.rmtree(old, ignore_errors=True)
     box = Booted(root, ["-b"], "systemd", os.path.join(workdir, "nspawn-systemd.log"))
     try:
-        state = box.sh("systemctl is-system-running --wait", check=False, timeout=120).stdout.strip()
-        assert state in ("running", "degraded"), state
+        wait_until(lambda: box.sh("systemctl is-system-running", check=False).stdout.strip()
+                   in ("running", "degraded"), 180, "systemd in the container up")
         yield box
     finally:
         box.stop()
@@ -650,6 +651,9 @@ def openrc_tunnels(openrc_box, echo_target):
         "install -m 0644 /root/spiped/contrib/openrc/spiped.confd /etc/conf.d/spiped.smtpd",
         confd % ("-d", b, echo_target.addr, "", "smtpd"),
         "rc-service spiped.smtpd start"]))
+    # rc-service returns once supervise-daemon runs; spiped listens a little later.
+    for addr in (a, b):
+        wait_until(lambda: address_listening(addr), 30, "spiped listening on %s" % addr)
     try:
         yield {"enc": a, "dec": b, "syslog": syslog}
     finally:
@@ -666,8 +670,9 @@ def test_openrc_tunnel_and_warnings_in_syslog(openrc_box, openrc_tunnels):
                "spiped.smtpd's key warning in syslog")
     wait_until(lambda: t["syslog"].find("spiped.smtp:", "accepted"), 30,
                "spiped.smtp's connection lines in syslog")
-    for pid in spiped_host_pids(t["dec"]):
-        assert os.readlink("/proc/%d/fd/2" % pid).startswith("pipe:"), "stderr is not the logger's"
+    for pid in spiped_host_pids("-d", t["dec"]):
+        # stderr is the (already removed) FIFO logger reads, not /dev/null
+        assert stat.S_ISFIFO(os.stat("/proc/%d/fd/2" % pid).st_mode), os.readlink("/proc/%d/fd/2" % pid)
 
 
 def test_openrc_checkconfig_refusals(openrc_box, openrc_tunnels):
@@ -691,10 +696,10 @@ def test_openrc_checkconfig_refusals(openrc_box, openrc_tunnels):
 
 def test_openrc_respawn_after_kill9(openrc_box, openrc_tunnels):
     t = openrc_tunnels
-    before = spiped_host_pids(t["dec"])
+    before = spiped_host_pids("-d", t["dec"])
     assert len(before) == 1, before
     os.kill(before[0], signal.SIGKILL)
-    after = wait_until(lambda: [p for p in spiped_host_pids(t["dec"]) if p != before[0]], 30,
+    after = wait_until(lambda: [p for p in spiped_host_pids("-d", t["dec"]) if p != before[0]], 30,
                        "spiped.smtpd respawned")
     assert len(after) == 1
     wait_until(lambda: exchange(t["enc"], b"after respawn") == b"after respawn", 30,
@@ -705,10 +710,10 @@ def test_openrc_graceful_stop_with_a_live_connection(openrc_box, openrc_tunnels)
     box, t = openrc_box, openrc_tunnels
     conn = Conn(t["enc"])
     conn.ping(0)
-    pid = spiped_host_pids(t["dec"])[0]
+    pid = spiped_host_pids("-d", t["dec"])[0]
     stopping = box.popen("rc-service spiped.smtpd stop")
     try:
-        wait_until(lambda: os.path.exists(box.path("/run/openrc/stopping/spiped.smtpd")), 30,
+        wait_until(lambda: os.path.lexists(box.path("/run/openrc/stopping/spiped.smtpd")), 30,
                    "spiped.smtpd stopping")
         for i in range(1, 4):
             conn.ping(i)                          # still carried while stopping
@@ -721,4 +726,5 @@ def test_openrc_graceful_stop_with_a_live_connection(openrc_box, openrc_tunnels)
             stopping.kill()
         stopping.wait()
         box.sh("rc-service spiped.smtpd start")
+        wait_until(lambda: address_listening(t["dec"]), 30, "spiped.smtpd listening again")
 
