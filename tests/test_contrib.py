@@ -3,8 +3,8 @@
 The shell scripts run under /bin/sh with stand-ins on PATH that record how
 they were called.  The unit files are checked with systemd-analyze where it
 can run here, and the command line they build is run with our spiped.  The
-image itself is built and run only where a container engine answers;
-elsewhere that test is skipped and says why.
+image, the units and the OpenRC service run for real in
+tests/test_integration.py.
 """
 import os
 import pwd
@@ -375,82 +375,6 @@ def test_dockerfile_keeps_the_official_contract():
             assert os.path.exists(os.path.join(ROOT, src)), src
 
 
-def container_engine():
-    """(engine, None) for a working docker or podman, else (None, why not)."""
-    why = "no docker or podman command"
-    for engine in ("docker", "podman"):
-        if shutil.which(engine) is None:
-            continue
-        try:
-            p = subprocess.run([engine, "info"], capture_output=True, text=True, timeout=20)
-        except subprocess.TimeoutExpired:
-            why = "`%s info` did not answer within 20 s" % engine
-            continue
-        if p.returncode == 0:
-            return engine, None
-        lines = [l for l in p.stderr.splitlines() if l.strip()] or \
-            [l for l in p.stdout.splitlines() if l.strip()]
-        why = "`%s info` failed: %s" % (engine, lines[-1].strip() if lines else "exit %d" % p.returncode)
-    return None, why
-
-
-@pytest.fixture(scope="module")
-def engine():
-    name, why = container_engine()
-    if name is None:
-        pytest.skip("no container engine works on this machine (%s)" % why)
-    return name
-
-
-def test_image_builds_and_runs_a_tunnel(engine, tmp_path, echo):
-    """Build the image, make a key with it, run -e and -d containers, stop them."""
-    tag = "spiped-contrib-test:%s" % uuid.uuid4().hex[:12]
-    names = []
-
-    def run(*args, check=True, timeout=120):
-        p = subprocess.run([engine, *args], capture_output=True, text=True, timeout=timeout)
-        if check:
-            assert p.returncode == 0, "%s %s: %s" % (engine, " ".join(args), p.stderr)
-        return p
-
-    run("build", "-q", "-f", os.path.join(DOCKER, "Dockerfile"), "-t", tag, ROOT, timeout=900)
-    try:
-        keydir = tmp_path / "key"
-        keydir.mkdir()
-        run("run", "--rm", "-v", "%s:/spiped/key" % keydir, tag, "spiped-generate-key.sh")
-        keyfile = keydir / "spiped-keyfile"
-        assert os.path.getsize(keyfile) == 32     # owned by the image's spiped user now
-        assert mode_of(keyfile) == 0o600
-        assert run("run", "--rm", tag, "spiped", "-v").stderr.startswith("spiped ")
-
-        target = echo()
-        dec, enc = free_port(), free_port()
-        for name, extra, args in (
-                ("dec", ["--user", "spiped"], ["-d", "-s", tcp_addr(dec), "-t", target.addr]),
-                ("enc", [], ["-e", "-s", tcp_addr(enc), "-t", tcp_addr(dec)])):
-            cname = "spiped-test-%s-%s" % (name, uuid.uuid4().hex[:8])
-            names.append(cname)
-            run("run", "-d", "--name", cname, "--network", "host", *extra,
-                "-v", "%s:/spiped/key:ro" % keydir, tag, *args)
-        deadline = time.monotonic() + 30
-        for cname in names:
-            while "is listening" not in run("exec", cname, "spiped-healthcheck", check=False).stdout:
-                assert time.monotonic() < deadline, "%s never became healthy" % cname
-                time.sleep(0.5)
-        payload = os.urandom(100000)
-        assert exchange(tcp_addr(enc), payload) == payload
-        for cname in names:
-            started = time.monotonic()
-            run("stop", "-t", "20", cname)
-            assert time.monotonic() - started < 10, "SIGTERM as PID 1 was not handled"
-            state = run("inspect", "--format", "{{.State.ExitCode}}", cname).stdout.strip()
-            assert state == "0"
-    finally:
-        for cname in names:
-            run("rm", "-f", cname, check=False)
-        run("rmi", "-f", tag, check=False)
-
-
 # ---------------------------------------------------------------- systemd
 
 def unit_settings(path):
@@ -742,23 +666,59 @@ def test_openrc_service_definition(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert "supervisor=supervise-daemon" in lines
-    assert "command=%s" % INSTALLED_SPIPED in lines
+    assert "command=/bin/sh" in lines
     assert "command_user=spiped" in lines
-    assert "depend: need net" in lines
+    # Debian's OpenRC has nothing that provides net: "need net" never starts.
+    assert "depend: use net dns logger" in lines
+    assert not [l for l in lines if l.startswith("depend: need")]
     args = [l[4:] for l in lines if l.startswith("arg ")]
-    assert args == ["-e", "-s", "[127.0.0.1]:2525", "-t", "mail.example.com:8025",
-                    "-k", "/etc/spiped/smtp.key", "-F"]
+    assert args[0] == "-c" and args[2:] == [
+        "sh", "spiped.smtp", "daemon.notice", INSTALLED_SPIPED,
+        "-e", "-s", "[127.0.0.1]:2525", "-t", "mail.example.com:8025",
+        "-k", "/etc/spiped/smtp.key", "-F"]
+    # Without logger, spiped itself is the command.
+    p = openrc(tmp_path, "spiped.smtp", "show", "spiped_syslog=")
+    lines = p.stdout.splitlines()
+    assert "command=%s" % INSTALLED_SPIPED in lines
+    assert [l[4:] for l in lines if l.startswith("arg ")] == [
+        "-e", "-s", "[127.0.0.1]:2525", "-t", "mail.example.com:8025",
+        "-k", "/etc/spiped/smtp.key", "-F"]
 
 
 def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
-    """The command line the script builds from a conf.d file is one our spiped runs."""
+    """The command line the script builds from a conf.d file is one our spiped
+    runs, with its stderr handed to logger (a stand-in here that records)."""
     target = echo()
     source = tcp_addr(free_port())
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "logger.record"
+    write_exe(bindir / "logger", '#!/bin/sh\necho "args: $*" >>"%s"\ncat >>"%s"\n' % (record, record))
+    spiped = write_exe(bindir / "spiped", '#!/bin/sh\nexec "%s" "%s" "$@"\n' % (sys.executable, SPIPED_PY))
+    os.chmod(keyfile, 0o640)                    # spiped warns about this at start
     p = openrc(tmp_path, "spiped.smtp", "show", "spiped_mode=-d", "spiped_source='%s'" % source,
                "spiped_target='%s'" % target.addr, "spiped_key='%s'" % keyfile,
-               "spiped_opts='-n 200 -o 10 --log-connections'")
+               "spiped_opts='-n 200 -o 10 --log-connections'", "spiped_command='%s'" % spiped)
+    command = [l[8:] for l in p.stdout.splitlines() if l.startswith("command=")][0]
     args = [l[4:] for l in p.stdout.splitlines() if l.startswith("arg ")]
-    procs.daemon(ours(*args), source)
+    fifo_dir = tmp_path / "tmp"
+    fifo_dir.mkdir()
+    daemon = procs.daemon([command, *args], source,
+                          env=env_with(str(bindir), TMPDIR=str(fifo_dir)))
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=15) == 0
+    wait_for_text(record, "readable by group or others")
+    text = record.read_text()
+    assert "args: -t spiped.smtp -p daemon.notice" in text
+    assert not os.listdir(fifo_dir)             # the FIFO is gone once connected
+
+
+def wait_for_text(path, text, timeout=15.0):
+    """Wait until the file at PATH contains TEXT."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and text in open(path).read()):
+        assert time.monotonic() < deadline, "%s never got %r" % (path, text)
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -837,3 +797,55 @@ def test_each_folder_has_a_readme_naming_its_files(folder):
     for name in os.listdir(folder):
         if name != "README.md" and name != "Dockerfile":
             assert name in readme, "%s/README.md does not mention %s" % (folder, name)
+
+
+def test_units_name_no_documentation_that_does_not_ship():
+    # man:spiped(1) was named once; no man page ships with the project.
+    for unit in (SERVICE, SOCKET):
+        for ref in " ".join(unit_settings(unit).get("Documentation", [])).split():
+            assert not ref.startswith("man:"), "%s names %s" % (unit, ref)
+
+
+def test_service_start_limit_ends_a_broken_instance():
+    """RestartSec= must fit StartLimitBurst= starts into StartLimitIntervalSec=
+    (with 2 s and systemd's default 5 in 10 s, a broken instance restarted forever)."""
+    s = unit_settings(SERVICE)
+    seconds = lambda v: float(v[0].rstrip("s"))
+    burst, interval, delay = int(s["StartLimitBurst"][0]), seconds(s["StartLimitIntervalSec"]), \
+        seconds(s["RestartSec"])
+    assert s["Restart"] == ["on-failure"]
+    assert (burst - 1) * (delay + 1) < interval <= 60
+
+
+def test_systemd_readme_says_instances_share_the_dynamic_user():
+    with open(os.path.join(SYSTEMD, "README.md")) as f:
+        readme = f.read()
+    assert "transient" not in readme
+    assert "every instance runs as the same user `spiped`" in readme
+
+
+def readme_section(path, heading):
+    """The text of the section of README PATH under HEADING (up to the next heading)."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_docker_readme_podman_forms():
+    section = readme_section(os.path.join(DOCKER, "README.md"), "## Podman")
+    commands = [l.strip() for l in section.splitlines() if l.strip().startswith("podman ")]
+    assert any(c.startswith("podman build --format docker ") for c in commands)
+    assert not [c for c in commands if c.startswith("podman build") and "--format docker" not in c]
+    with open(os.path.join(DOCKER, "README.md")) as f:
+        for line in f:
+            assert not ("podman" in line and "host-gateway" in line and "--add-host" not in line
+                        and "does not know" not in line), line
+
+
+def test_openrc_readme_debian_steps_make_conf_d():
+    section = readme_section(os.path.join(OPENRC, "README.md"), "## Debian with OpenRC")
+    lines = [l.strip() for l in section.splitlines()]
+    mkdir = lines.index("install -d -m 0755 /etc/conf.d")
+    assert mkdir < lines.index("install -m 0644 contrib/openrc/spiped.confd /etc/conf.d/spiped.smtp")

@@ -1,0 +1,730 @@
+"""contrib/ for real: the image under podman, the systemd units under a booted
+systemd, the OpenRC service under openrc-init.
+
+Each part runs in a Debian 12 made with `debootstrap --variant=minbase
+bookworm` from the host's own Debian mirror: the image is built FROM a
+`debian:bookworm-slim` stand-in imported from such a tree, and systemd and
+openrc-init boot as PID 1 of such trees with `systemd-nspawn` (sharing the
+host's network namespace, so every tunnel runs over 127.0.0.1).  Each tree
+and the image are built once per run and shared; everything lives in
+/var/tmp/spiped-it-PID, removed at the end (SPIPED_IT_CACHE=DIR keeps the
+trees in DIR and reuses them, for development).
+
+Needs root, podman, debootstrap and systemd-nspawn (tests/setup-integration.sh
+installs them).  Without them the tests skip, saying why; with CI=true or
+SPIPED_REQUIRE_INTEGRATION=1 a missing prerequisite fails instead.
+
+Network: only loopback.  Containers either share the host's network or are
+reached through a port published on 127.0.0.1 whose target lies inside the
+container's own network namespace; no test addresses a bridge IP.
+"""
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import ROOT, EchoServer, address_listening, exchange, free_port, tcp_addr
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+
+REQUIRED = os.environ.get("CI") == "true" or os.environ.get("SPIPED_REQUIRE_INTEGRATION") == "1"
+BASE_IMAGE = "docker.io/library/debian:bookworm-slim"   # what the Dockerfile's FROM asks for
+STANDIN_LABEL = "spiped.test.standin"
+TAG = "localhost/spiped-it:%d" % os.getpid()
+PROJECT_FILES = ("spiped.py", "keygen.py", "contrib")
+
+
+# ---------------------------------------------------------------- helpers
+
+def unavailable(why):
+    """Skip with WHY, or fail where the integration tests are required."""
+    if REQUIRED:
+        pytest.fail("%s (required here: CI=true or SPIPED_REQUIRE_INTEGRATION=1)" % why,
+                    pytrace=False)
+    pytest.skip(why)
+
+
+def need(*tools):
+    if os.geteuid() != 0:
+        unavailable("the integration tests need root")
+    for tool in tools:
+        if shutil.which(tool) is None:
+            unavailable("%s is not installed (bash tests/setup-integration.sh)" % tool)
+
+
+def run(cmd, timeout=120, check=True, **kw):
+    """Run CMD; with CHECK, fail showing its output unless it exits 0."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check:
+        assert p.returncode == 0, "%s exited %d:\n%s%s" % (
+            " ".join(cmd), p.returncode, p.stdout[-3000:], p.stderr[-3000:])
+    return p
+
+
+def wait_until(condition, timeout, what):
+    """Poll CONDITION until it returns something true; fail after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "%s: not within %.0f s" % (what, timeout)
+        time.sleep(0.2)
+
+
+def roundtrip(addr, size=200000):
+    payload = os.urandom(size)
+    got = exchange(addr, payload)
+    assert got == payload, "%d of %d bytes came back through %s" % (len(got), size, addr)
+
+
+def free_low_port():
+    """A free TCP port below 1024 on 127.0.0.1."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.fail("no free port below 1024")
+
+
+def host_mirror():
+    """The host's Debian mirror, from its apt sources (not the security one)."""
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        for line in open(path):
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    if os.path.exists("/etc/apt/sources.list"):
+        for line in open("/etc/apt/sources.list"):
+            parts = line.split()
+            if parts[:1] == ["deb"] and "security" not in line:
+                return parts[1] if not parts[1].startswith("[") else parts[2]
+    unavailable("no Debian mirror in the host's apt sources")
+
+
+def readme_steps(path, heading, replace):
+    """The shell lines of the ```sh blocks under HEADING in README PATH, each
+    line whose first word is a key of REPLACE (an editor) replaced by its value."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    section = text[start:] if end < 0 else text[start:end]
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            line = line.strip()
+            word = line.split(" ", 1)[0]
+            lines.append(replace.get(word, line))
+    assert lines, "no ```sh steps under %s in %s" % (heading, path)
+    return "\n".join(lines) + "\n"
+
+
+def spiped_host_pids(mode, source):
+    """Host PIDs of spiped processes started as `spiped MODE -s SOURCE ...`."""
+    want = [mode.encode(), b"-s", source.encode()]
+    pids = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(d + "/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"spiped") for a in argv[:2]) and want in (argv[1:4], argv[2:5]):
+            pids.append(int(d[6:]))
+    return pids
+
+
+class Conn:
+    """One connection held open through a tunnel, echoing line by line."""
+
+    def __init__(self, addr):
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=20)
+
+    def ping(self, n):
+        msg = b"ping %d\n" % n
+        self.sock.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            d = self.sock.recv(100)
+            assert d, "the tunnel closed the connection"
+            got += d
+        assert got == msg
+
+    def finish(self):
+        """Half-close; the tunnel must pass the EOF back."""
+        self.sock.shutdown(socket.SHUT_WR)
+        assert self.sock.recv(100) == b""
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- shared trees
+
+@pytest.fixture(scope="session")
+def workdir():
+    need()
+    cache = os.environ.get("SPIPED_IT_CACHE")
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        yield cache
+        return
+    path = "/var/tmp/spiped-it-%d" % os.getpid()
+    os.makedirs(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slim_rootfs(workdir):
+    """debootstrap --variant=minbase bookworm, with the host's apt sources."""
+    need("debootstrap")
+    root = os.path.join(workdir, "rootfs-slim")
+    if os.path.exists(root + ".done"):
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    run(["debootstrap", "--variant=minbase", "bookworm", root, host_mirror()], timeout=1200)
+    os.remove(os.path.join(root, "etc/apt/sources.list"))
+    if os.path.exists("/etc/apt/sources.list.d/debian.sources"):
+        shutil.copy("/etc/apt/sources.list.d/debian.sources", os.path.join(root, "etc/apt/sources.list.d/"))
+    else:
+        shutil.copy("/etc/apt/sources.list", os.path.join(root, "etc/apt/sources.list"))
+    for junk in glob.glob(root + "/var/cache/apt/archives/*.deb") + glob.glob(root + "/var/lib/apt/lists/*"):
+        if os.path.isfile(junk):
+            os.remove(junk)
+    open(root + ".done", "w").close()
+    return root
+
+
+def derived_rootfs(slim, name, packages):
+    """A copy of the slim tree with PACKAGES installed, and the project in /root/spiped."""
+    root = os.path.join(os.path.dirname(slim), name)
+    if not os.path.exists(root + ".done"):
+        shutil.rmtree(root, ignore_errors=True)
+        run(["cp", "-a", slim, root])
+        shutil.copy("/etc/resolv.conf", os.path.join(root, "etc/resolv.conf"))
+        run(["chroot", root, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+             "apt-get install -y -qq --no-install-recommends " + " ".join(packages)], timeout=1200)
+        with open(os.path.join(root, "etc/hostname"), "w") as f:
+            f.write(name + "\n")
+        open(root + ".done", "w").close()
+    project = os.path.join(root, "root/spiped")
+    shutil.rmtree(project, ignore_errors=True)
+    os.makedirs(project)
+    for name in PROJECT_FILES:
+        src = os.path.join(ROOT, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(project, name))
+        else:
+            shutil.copy2(src, project)
+    return root
+
+
+@pytest.fixture(scope="session")
+def echo_target():
+    """A TCP echo server on 127.0.0.1 of the host, shared by the tunnels."""
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+class Booted:
+    """A container booted with systemd-nspawn on the host's network.
+
+    .pid is the host PID of the container's PID 1; .sh() runs a shell
+    command inside it; .path() is a path inside it as the host sees it.
+    """
+
+    def __init__(self, root, init_args, init_name, log):
+        self.root = root
+        self.log = log
+        with open(log, "w") as out:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "-D", root, "--register=no", "--keep-unit",
+                 "--console=passive", *init_args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self.pid = wait_until(lambda: self._child(init_name), 60, "%s as PID 1 in %s" % (init_name, root))
+
+    def _child(self, name):
+        assert self.nspawn.poll() is None, "systemd-nspawn exited: %s" % open(self.log).read()[-2000:]
+        for d in glob.glob("/proc/[0-9]*"):
+            try:
+                with open(d + "/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(d + "/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            if int(fields[1]) == self.nspawn.pid and comm == name:
+                return int(d[6:])
+        return None
+
+    def sh(self, script, check=True, timeout=120):
+        return run(["nsenter", "-t", str(self.pid), "-a", "sh", "-c", script],
+                   check=check, timeout=timeout)
+
+    def popen(self, script):
+        return subprocess.Popen(["nsenter", "-t", str(self.pid), "-a", "sh", "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def path(self, inside):
+        return "/proc/%d/root%s" % (self.pid, inside)
+
+    def stop(self, poweroff=None):
+        """POWEROFF inside (if given), else SIGTERM to nspawn; wait; SIGKILL as a last resort."""
+        if self.nspawn.poll() is None:
+            if poweroff:
+                self.sh(poweroff, check=False, timeout=30)
+            else:
+                self.nspawn.send_signal(signal.SIGTERM)
+            try:
+                self.nspawn.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.nspawn.send_signal(signal.SIGTERM)
+                try:
+                    self.nspawn.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.nspawn.kill()
+                    self.nspawn.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- image
+
+@pytest.fixture(scope="session")
+def image(slim_rootfs, workdir):
+    """The image built from contrib/docker/Dockerfile on a slim stand-in."""
+    need("podman")
+    info = run(["podman", "info"], check=False, timeout=60)
+    if info.returncode != 0:
+        unavailable("podman cannot run here: %s" % (info.stderr.strip().splitlines() or ["?"])[-1])
+    imported = False
+    exists = run(["podman", "image", "exists", BASE_IMAGE], check=False).returncode == 0
+    if exists and not os.environ.get("SPIPED_IT_CACHE"):
+        label = run(["podman", "image", "inspect", "--format",
+                     "{{index .Labels \"%s\"}}" % STANDIN_LABEL, BASE_IMAGE]).stdout.strip()
+        if label == "1":                          # an earlier run's stand-in: start fresh
+            run(["podman", "rmi", "-f", BASE_IMAGE])
+            exists = False
+    if not exists:
+        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", slim_rootfs, "-c", "."],
+                               stdout=subprocess.PIPE)
+        run(["podman", "import", "--change", "CMD [\"bash\"]", "--change",
+             "LABEL %s=1" % STANDIN_LABEL, "-", BASE_IMAGE], stdin=tar.stdout, timeout=600)
+        tar.stdout.close()
+        assert tar.wait(timeout=60) == 0
+        imported = True
+    # --format docker keeps HEALTHCHECK; the build's apt-get uses the host's network.
+    build = run(["podman", "build", "--format", "docker", "--network", "host",
+                 "-f", os.path.join(ROOT, "contrib/docker/Dockerfile"), "-t", TAG, ROOT],
+                check=False, timeout=1200)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    yield TAG
+    run(["podman", "rmi", "-f", TAG], check=False)
+    if imported and not os.environ.get("SPIPED_IT_CACHE"):
+        run(["podman", "rmi", "-f", BASE_IMAGE], check=False)
+
+
+@pytest.fixture
+def containers():
+    """Names for containers; each is removed (rm -f) at the end of the test."""
+    names = []
+
+    def name(what):
+        names.append("spiped-it-%d-%s-%s" % (os.getpid(), what, uuid.uuid4().hex[:6]))
+        return names[-1]
+
+    yield name
+    for n in names:
+        run(["podman", "rm", "-f", "-t", "0", n], check=False)
+
+
+def podman_key(image, workdir):
+    keydir = os.path.join(workdir, "image-key-%s" % uuid.uuid4().hex[:6])
+    os.mkdir(keydir)
+    run(["podman", "run", "--rm", "--network", "none", "-v", "%s:/spiped/key" % keydir,
+         image, "spiped-generate-key.sh"])
+    return keydir
+
+
+def wait_healthy(name):
+    """Until `podman healthcheck run` says the container is healthy."""
+    wait_until(lambda: run(["podman", "healthcheck", "run", name], check=False).returncode == 0,
+               60, "%s healthy" % name)
+
+
+def stop_quickly(name):
+    started = time.monotonic()
+    run(["podman", "stop", "-t", "20", name], timeout=60)
+    took = time.monotonic() - started
+    assert took < 10, "podman stop took %.1f s: SIGTERM was not handled by spiped as PID 1" % took
+    assert run(["podman", "inspect", "--format", "{{.State.ExitCode}}", name]).stdout.strip() == "0"
+
+
+def test_image_key_generation(image, workdir):
+    keydir = podman_key(image, workdir)
+    key = os.path.join(keydir, "spiped-keyfile")
+    st = os.stat(key)
+    uid = run(["podman", "run", "--rm", "--network", "none", image, "id", "-u", "spiped"]).stdout.strip()
+    assert st.st_size == 32
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == int(uid) and st.st_uid != 0
+    version = run(["podman", "run", "--rm", "--network", "none", image, "spiped", "-v"]).stderr
+    assert any(l.startswith("spiped ") for l in version.splitlines()), version
+
+
+def test_image_tunnel_on_host_network(image, workdir, containers, echo_target):
+    """-d and -e containers on the host's network; health check; stop exits 0."""
+    keydir = podman_key(image, workdir)
+    health = run(["podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", image]).stdout
+    assert "spiped-healthcheck" in health, "HEALTHCHECK dropped: build with --format docker"
+    dec, enc = tcp_addr(free_port()), tcp_addr(free_port())
+    d, e = containers("dec"), containers("enc")
+    run(["podman", "run", "-d", "--name", d, "--network", "host", "--user", "spiped",
+         "-v", "%s:/spiped/key:ro" % keydir, image, "-d", "-s", dec, "-t", echo_target.addr])
+    run(["podman", "run", "-d", "--name", e, "--network", "host",
+         "-v", "%s:/spiped/key:ro" % keydir, image, "-e", "-s", enc, "-t", dec])
+    wait_healthy(d)
+    wait_healthy(e)
+    roundtrip(enc, 1000000)
+    stop_quickly(e)
+    stop_quickly(d)
+
+
+def test_image_tunnel_through_published_port(image, workdir, containers):
+    """A port published on 127.0.0.1 reaches spiped -d, whose target (an echo
+    server) shares its network namespace; the -e end runs on the host network."""
+    keydir = podman_key(image, workdir)
+    published, enc = free_port(), tcp_addr(free_port())
+    pod_echo, d, e = containers("echo"), containers("dec"), containers("enc")
+    echo_code = ("import socket,threading\n"
+                 "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                 "s.bind(('127.0.0.1',7000)); s.listen(16)\n"
+                 "def serve(c):\n"
+                 "    while True:\n"
+                 "        b=c.recv(65536)\n"
+                 "        if not b: break\n"
+                 "        c.sendall(b)\n"
+                 "    c.close()\n"
+                 "while True: threading.Thread(target=serve,args=(s.accept()[0],)).start()\n")
+    run(["podman", "run", "-d", "--name", pod_echo, "-p", "127.0.0.1:%d:6380" % published,
+         image, "python3", "-c", echo_code])
+    run(["podman", "run", "-d", "--name", d, "--network", "container:" + pod_echo, "--user", "spiped",
+         "-v", "%s:/spiped/key:ro" % keydir, image, "-d", "-s", "[0.0.0.0]:6380", "-t", "[127.0.0.1]:7000"])
+    run(["podman", "run", "-d", "--name", e, "--network", "host",
+         "-v", "%s:/spiped/key:ro" % keydir, image, "-e", "-s", enc, "-t", tcp_addr(published)])
+    wait_healthy(d)
+    wait_healthy(e)
+    roundtrip(enc, 1000000)
+    stop_quickly(d)
+
+
+# ---------------------------------------------------------------- systemd
+
+SYSTEMD_README = os.path.join(ROOT, "contrib/systemd/README.md")
+
+
+@pytest.fixture(scope="session")
+def systemd_box(slim_rootfs, workdir):
+    need("systemd-nspawn", "nsenter")
+    root = derived_rootfs(slim_rootfs, "rootfs-systemd",
+                          ["systemd", "systemd-sysv", "dbus", "python3", "python3-pycryptodome", "procps"])
+    for old in glob.glob(root + "/etc/systemd/system/spiped@*") + [root + "/etc/spiped"]:
+        shutil.rmtree(old, ignore_errors=True)
+    box = Booted(root, ["-b"], "systemd", os.path.join(workdir, "nspawn-systemd.log"))
+    try:
+        wait_until(lambda: box.sh("systemctl is-system-running", check=False).stdout.strip()
+                   in ("running", "degraded"), 180, "systemd in the container up")
+        yield box
+    finally:
+        box.stop()
+
+
+def show(box, unit, *props):
+    out = box.sh("systemctl show -p %s %s" % (",".join(props), unit)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.fixture(scope="session")
+def systemd_tunnels(systemd_box, echo_target):
+    """The README's setup for spiped@smtp.service (the -d end, as written), then
+    socket units for the -e ends: TCP, the template's unix socket, a port below 1024."""
+    box = systemd_box
+    ports = {"smtp": tcp_addr(free_port()), "enc": tcp_addr(free_port()), "low": free_low_port()}
+    conf = ("sed -i -e 's|^MODE=.*|MODE=-d|' -e 's|^SOURCE=.*|SOURCE=%s|' -e 's|^TARGET=.*|TARGET=%s|' "
+            "-e 's|^EXTRA=.*|EXTRA=\"-n 200 -o 10 --log-connections\"|' /etc/spiped/smtp.conf"
+            % (ports["smtp"], echo_target.addr))
+    steps = readme_steps(SYSTEMD_README, "## Setup on an empty host", {"editor": conf})
+    box.sh("cd /root/spiped && set -ex\n" + steps, timeout=300)
+    # The socket units, per the README's socket activation section.
+    more = ["set -ex"]
+    for name, listen, source in (("enc", ports["enc"].strip("[]").replace("]", ""), ports["enc"]),
+                                 ("encu", None, "/run/spiped/encu.sock"),
+                                 ("low", "127.0.0.1:%d" % ports["low"], "[127.0.0.1]:%d" % ports["low"])):
+        more += ["cp -p /etc/spiped/smtp.key /etc/spiped/%s.key" % name,
+                 "cp /root/spiped/contrib/systemd/example.conf /etc/spiped/%s.conf" % name,
+                 "sed -i -e 's|^MODE=.*|MODE=-e|' -e 's|^SOURCE=.*|SOURCE=%s|' -e 's|^TARGET=.*|TARGET=%s|'"
+                 " -e 's|^EXTRA=.*|EXTRA=|' /etc/spiped/%s.conf" % (source, ports["smtp"], name)]
+        if listen:
+            more += ["mkdir -p /etc/systemd/system/spiped@%s.socket.d" % name,
+                     "printf '[Socket]\\nListenStream=\\nListenStream=%s\\n' "
+                     ">/etc/systemd/system/spiped@%s.socket.d/listen.conf" % (listen, name)]
+    more += ["systemctl daemon-reload",
+             "systemctl enable --now spiped@enc.socket spiped@encu.socket spiped@low.socket"]
+    box.sh("\n".join(more))
+    ports["encu"] = box.path("/run/spiped/encu.sock")
+    ports["low"] = tcp_addr(ports["low"])
+    return ports
+
+
+def test_systemd_tunnels_ready_and_status(systemd_box, systemd_tunnels):
+    box, t = systemd_box, systemd_tunnels
+    s = show(box, "spiped@smtp.service", "ActiveState", "SubState", "StatusText", "NRestarts", "Type")
+    assert (s["Type"], s["ActiveState"], s["SubState"]) == ("notify", "active", "running")
+    assert s["StatusText"], "spiped sent no STATUS="
+    roundtrip(t["enc"], 1000000)                  # socket-activated TCP
+    roundtrip(t["encu"])                          # the template's unix socket
+    roundtrip(t["low"])                           # a port below 1024 through the socket unit
+    for name in ("enc", "encu", "low"):
+        s = show(box, "spiped@%s.service" % name, "ActiveState", "StatusText")
+        assert s["ActiveState"] == "active" and s["StatusText"], (name, s)
+    # One dynamic user, named after the template, for all instances.
+    uids = set()
+    for name in ("smtp", "enc"):
+        pid = show(box, "spiped@%s.service" % name, "MainPID")["MainPID"]
+        status = box.sh("cat /proc/%s/status" % pid).stdout
+        uids.add(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    assert len(uids) == 1 and "0" not in uids, uids
+    owner = box.sh("ls -ln /run/systemd/dynamic-uid/ 2>/dev/null; "
+                   "getent passwd %s || true" % uids.pop()).stdout
+    assert "spiped@" not in owner, owner
+
+
+def test_systemd_graceful_stop_with_a_live_connection(systemd_box, systemd_tunnels):
+    box, t = systemd_box, systemd_tunnels
+    conn = Conn(t["enc"])
+    conn.ping(0)
+    stopping = box.popen("systemctl stop spiped@smtp.service")
+    try:
+        wait_until(lambda: show(box, "spiped@smtp.service", "ActiveState")["ActiveState"] == "deactivating",
+                   30, "spiped@smtp deactivating")
+        for i in range(1, 4):
+            conn.ping(i)                          # still carried while stopping
+        assert stopping.poll() is None
+        conn.finish()
+        assert stopping.wait(timeout=30) == 0
+        s = show(box, "spiped@smtp.service", "Result", "ExecMainStatus", "ActiveState")
+        assert (s["ActiveState"], s["Result"], s["ExecMainStatus"]) == ("inactive", "success", "0")
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+        stopping.wait()
+        box.sh("systemctl start spiped@smtp.service")
+
+
+def test_systemd_sandbox_sigsys_and_watchdog(systemd_box, systemd_tunnels):
+    """With SystemCallErrorNumber= emptied a filtered system call kills spiped
+    (SIGSYS) instead of failing quietly with EPERM; the test also shortens
+    WatchdogSec= to 3 s (drop-in) so a few watchdog periods pass quickly."""
+    box, t = systemd_box, systemd_tunnels
+    dropin = "/etc/systemd/system/spiped@.service.d/zz-integration-test.conf"
+    box.sh("mkdir -p %s && printf '[Service]\\nSystemCallErrorNumber=\\nWatchdogSec=3s\\n' >%s && "
+           "systemctl daemon-reload && systemctl restart spiped@smtp.service && "
+           "systemctl stop spiped@enc.service spiped@encu.service spiped@low.service"
+           % (os.path.dirname(dropin), dropin))
+    try:
+        assert show(box, "spiped@smtp.service", "WatchdogUSec")["WatchdogUSec"] == "3s"
+        roundtrip(t["enc"], 2000000)
+        roundtrip(t["encu"])
+        roundtrip(t["low"])
+        started = time.monotonic()
+        while time.monotonic() - started < 12:    # four watchdog periods
+            for name in ("smtp", "enc"):
+                s = show(box, "spiped@%s.service" % name, "ActiveState", "NRestarts")
+                assert s == {"ActiveState": "active", "NRestarts": "0"}, (name, s)
+            time.sleep(1)
+        roundtrip(t["enc"])
+        journal = box.sh("journalctl -b --no-pager -u 'spiped@*'").stdout
+        bad = [l for l in journal.splitlines()
+               if re.search(r"SIGSYS|status=31|[Ww]atchdog timeout|not permitted|code=killed|core", l)]
+        assert not bad, "\n".join(bad)
+    finally:
+        box.sh("rm -f %s && systemctl daemon-reload && systemctl restart spiped@smtp.service" % dropin)
+
+
+def test_systemd_broken_instance_ends_failed(systemd_box):
+    box = systemd_box
+    started = time.monotonic()
+    box.sh("systemctl start spiped@broken.service", check=False)
+    wait_until(lambda: show(box, "spiped@broken.service", "ActiveState")["ActiveState"] == "failed",
+               90, "spiped@broken (no .conf, no key) failed")
+    took = time.monotonic() - started
+    assert took < 65, "took %.0f s" % took
+    box.sh("systemctl reset-failed spiped@broken.service", check=False)
+
+
+# ---------------------------------------------------------------- OpenRC
+
+OPENRC_README = os.path.join(ROOT, "contrib/openrc/README.md")
+
+
+class SyslogListener:
+    """Receives what is sent to /dev/log inside a container."""
+
+    def __init__(self, path):
+        if os.path.lexists(path):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)
+        self.lines = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self.lock:
+                self.lines.append(data.decode(errors="replace"))
+
+    def find(self, *words):
+        with self.lock:
+            return [l for l in self.lines if all(w in l for w in words)]
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def openrc_box(slim_rootfs, workdir):
+    need("systemd-nspawn", "nsenter")
+    root = derived_rootfs(slim_rootfs, "rootfs-openrc",
+                          ["openrc", "sysvinit-core", "python3", "python3-pycryptodome", "procps",
+                           "adduser", "bsdutils"])
+    for old in glob.glob(root + "/etc/init.d/spiped*") + glob.glob(root + "/etc/runlevels/*/spiped*"):
+        os.unlink(old)
+    shutil.rmtree(root + "/etc/spiped", ignore_errors=True)
+    shutil.rmtree(root + "/etc/conf.d", ignore_errors=True)
+    box = Booted(root, ["/sbin/openrc-init"], "openrc-init", os.path.join(workdir, "nspawn-openrc.log"))
+    try:
+        wait_until(lambda: os.path.exists(box.path("/run/openrc/softlevel")), 60, "OpenRC booted")
+        yield box
+    finally:
+        box.stop(poweroff="openrc-shutdown --poweroff now")
+
+
+@pytest.fixture(scope="session")
+def openrc_tunnels(openrc_box, echo_target):
+    """The README's Debian steps as written (the editor step sets the -e end),
+    then the -d end the same way, its key group-readable so spiped warns."""
+    box = openrc_box
+    syslog = SyslogListener(box.path("/dev/log"))
+    a, b = tcp_addr(free_port()), tcp_addr(free_port())
+    confd = ("sed -i -e 's|^spiped_mode=.*|spiped_mode=\"%s\"|' -e 's|^spiped_source=.*|spiped_source=\"%s\"|'"
+             " -e 's|^spiped_target=.*|spiped_target=\"%s\"|' -e 's|^spiped_opts=.*|spiped_opts=\"%s\"|' "
+             "/etc/conf.d/spiped.%s")
+    assert not os.path.exists(box.path("/etc/conf.d")), "the tree should be as Debian makes it"
+    steps = readme_steps(OPENRC_README, "## Debian with OpenRC",
+                         {"editor": confd % ("-e", a, b, "--log-connections", "smtp")})
+    box.sh("cd /root/spiped && set -ex\n" + steps, timeout=300)
+    box.sh("\n".join([
+        "set -ex",
+        "(umask 077; dd if=/dev/urandom of=/etc/spiped/smtpd.key bs=32 count=1)",
+        "cp /etc/spiped/smtp.key /etc/spiped/smtpd.key && chown spiped:spiped /etc/spiped/smtpd.key",
+        "chmod 0640 /etc/spiped/smtpd.key",
+        "ln -s spiped /etc/init.d/spiped.smtpd",
+        "install -m 0644 /root/spiped/contrib/openrc/spiped.confd /etc/conf.d/spiped.smtpd",
+        confd % ("-d", b, echo_target.addr, "", "smtpd"),
+        "rc-service spiped.smtpd start"]))
+    # rc-service returns once supervise-daemon runs; spiped listens a little later.
+    for addr in (a, b):
+        wait_until(lambda: address_listening(addr), 30, "spiped listening on %s" % addr)
+    try:
+        yield {"enc": a, "dec": b, "syslog": syslog}
+    finally:
+        syslog.close()
+
+
+def test_openrc_tunnel_and_warnings_in_syslog(openrc_box, openrc_tunnels):
+    box, t = openrc_box, openrc_tunnels
+    assert "started" in box.sh("rc-service spiped.smtp status", check=False).stdout
+    roundtrip(t["enc"], 1000000)
+    # spiped -d warned at start that its key is group-readable; the warning
+    # and the -e end's --log-connections lines reach syslog with their tags.
+    wait_until(lambda: t["syslog"].find("spiped.smtpd", "readable by group"), 30,
+               "spiped.smtpd's key warning in syslog")
+    wait_until(lambda: t["syslog"].find("spiped.smtp:", "accepted"), 30,
+               "spiped.smtp's connection lines in syslog")
+    for pid in spiped_host_pids("-d", t["dec"]):
+        # stderr is the (already removed) FIFO logger reads, not /dev/null
+        assert stat.S_ISFIFO(os.stat("/proc/%d/fd/2" % pid).st_mode), os.readlink("/proc/%d/fd/2" % pid)
+
+
+def test_openrc_checkconfig_refusals(openrc_box, openrc_tunnels):
+    box = openrc_box
+    for break_it, repair, message in (
+            ("chmod 0644 /etc/spiped/smtp.key", "chmod 0600 /etc/spiped/smtp.key", "readable by everyone"),
+            ("chown root:root /etc/spiped/smtp.key", "chown spiped:spiped /etc/spiped/smtp.key",
+             "not readable by user spiped"),
+            ("mv /etc/spiped/smtp.key /etc/spiped/smtp.key.away", "mv /etc/spiped/smtp.key.away /etc/spiped/smtp.key",
+             "does not exist")):
+        box.sh(break_it)
+        try:
+            p = box.sh("rc-service spiped.smtp checkconfig", check=False)
+            assert p.returncode != 0 and message in p.stdout + p.stderr, p.stdout + p.stderr
+        finally:
+            box.sh(repair)
+    p = box.sh("rc-service spiped checkconfig", check=False)
+    assert p.returncode != 0 and "one tunnel per instance" in p.stdout + p.stderr
+    assert box.sh("rc-service spiped.smtp checkconfig", check=False).returncode == 0
+
+
+def test_openrc_respawn_after_kill9(openrc_box, openrc_tunnels):
+    t = openrc_tunnels
+    before = spiped_host_pids("-d", t["dec"])
+    assert len(before) == 1, before
+    os.kill(before[0], signal.SIGKILL)
+    after = wait_until(lambda: [p for p in spiped_host_pids("-d", t["dec"]) if p != before[0]], 30,
+                       "spiped.smtpd respawned")
+    assert len(after) == 1
+    wait_until(lambda: exchange(t["enc"], b"after respawn") == b"after respawn", 30,
+               "the tunnel carries data again")
+
+
+def test_openrc_graceful_stop_with_a_live_connection(openrc_box, openrc_tunnels):
+    box, t = openrc_box, openrc_tunnels
+    conn = Conn(t["enc"])
+    conn.ping(0)
+    pid = spiped_host_pids("-d", t["dec"])[0]
+    stopping = box.popen("rc-service spiped.smtpd stop")
+    try:
+        wait_until(lambda: os.path.lexists(box.path("/run/openrc/stopping/spiped.smtpd")), 30,
+                   "spiped.smtpd stopping")
+        for i in range(1, 4):
+            conn.ping(i)                          # still carried while stopping
+        assert stopping.poll() is None
+        conn.finish()
+        assert stopping.wait(timeout=30) == 0, stopping.stdout.read()
+        wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10, "spiped -d exited")
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+        stopping.wait()
+        box.sh("rc-service spiped.smtpd start")
+        wait_until(lambda: address_listening(t["dec"]), 30, "spiped.smtpd listening again")
+
