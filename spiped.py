@@ -10,9 +10,12 @@ whose plaintext end is stdin/stdout.  Both ends share a key file.
     client --plain--> [spiped -e: seal] ==packets==> [spiped -d: open] --plain--> target
     client <--plain-- [spiped -e: open] <==packets== [spiped -d: seal] <--plain-- target
 
-Each connection: dial the target, run the handshake (nonces, PBKDF2,
-Diffie-Hellman group 14 unless -f), then two relays, one thread per
-direction, each owning its packet sealer or opener.  Packets are 1060
+The server is a socketserver.ThreadingMixIn server: each accepted
+connection gets a new thread, which dials the target and runs the
+handshake (nonces, PBKDF2, Diffie-Hellman group 14 unless -f; -d dials
+while it shakes hands), then relays one direction and starts a second
+thread for the other.  Each relay owns its direction's packet sealer or
+opener; the last one to end closes both sockets.  Packets are 1060
 bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
 
 Sections, in the order the data flows:
@@ -32,7 +35,6 @@ import hashlib
 import hmac
 import os
 import pwd
-import queue
 import re
 import selectors
 import signal
@@ -43,6 +45,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 
 try:
     from Cryptodome.Cipher import AES
@@ -526,20 +529,47 @@ def _remaining(deadline):
 
 
 class _DeadlineIO:
-    """Whole reads and writes on a non-blocking socket, bounded by a deadline."""
+    """Whole reads and writes on a non-blocking socket, bounded by a deadline.
 
-    def __init__(self, sock, deadline):
+    With a DIALER (-d), each wait also watches its connect in progress, so
+    a target that refuses ends the handshake at once with ConnectError.
+    """
+
+    def __init__(self, sock, deadline, dialer=None):
         self.sock = sock
         self.deadline = deadline
+        self.dialer = dialer
+        self.watched = None  # the dialer's socket while its connect is pending
         sock.setblocking(False)
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
             else selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
 
+    def _watch(self):
+        """Follow the dialer's current attempt; ConnectError once all have failed."""
+        dialer = self.dialer
+        if dialer is None or not dialer.started:
+            return
+        if dialer.sock is None:
+            raise ConnectError(dialer.error)
+        want = dialer.sock if dialer.pending else None
+        if want is not self.watched:
+            if self.watched is not None:
+                self.selector.unregister(self.watched)
+            if want is not None:
+                self.selector.register(want, selectors.EVENT_WRITE)
+            self.watched = want
+
     def _wait(self, event):
         self.selector.modify(self.sock, event)
-        if not self.selector.select(_remaining(self.deadline)):
-            raise HandshakeError("timeout", "handshake timed out")
+        while True:
+            self._watch()
+            ready = self.selector.select(_remaining(self.deadline))
+            if not ready:
+                raise HandshakeError("timeout", "handshake timed out")
+            if any(key.fileobj is self.sock for key, _ in ready):
+                return
+            self.dialer.check()
 
     def send(self, data):
         view = memoryview(data)
@@ -572,36 +602,38 @@ class _DeadlineIO:
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
-              nonce=None, secret=None, keys=None, after_nonce=None):
+              nonce=None, secret=None, keys=None, dialer=None):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     Returns (sealer, opener) for this side.  TIMEOUT bounds the whole
-    exchange (None = no limit).  KEYS (a DHKeyPool) supplies a key pair
-    computed ahead of time; AFTER_NONCE() runs once our nonce is sent.
-    NONCE and SECRET fix the random values (for known-answer tests).
-    Raises HandshakeError.
+    exchange (None = no limit).  KEYS (a DHKeyPool) supplies the client's
+    key pair computed ahead of time; the server makes its own only once
+    the client's MACed value verified, so a peer without the key costs no
+    exponentiation.  DIALER (-d) is started once our nonce is sent and
+    watched meanwhile: its failure raises ConnectError.  NONCE and SECRET
+    fix the random values (for known-answer tests).  Raises HandshakeError.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    io = _DeadlineIO(sock, deadline)
+    io = _DeadlineIO(sock, deadline, dialer)
     try:
         mine = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         io.send(mine)  # never wait for the peer's nonce first
-        if after_nonce is not None:
-            after_nonce()
-        if keys is not None and not fast and secret is None:
-            exponent, y = keys.take()
-        else:
-            exponent, y = dh_keypair(fast, secret)
+        if dialer is not None:
+            dialer.start()
         theirs = io.recv(NONCE_SIZE)
         nonce_c, nonce_s = (mine, theirs) if client else (theirs, mine)
         mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
         own_mac, peer_mac = (mac_c, mac_s) if client else (mac_s, mac_c)
-        hello = y + hmac_sha256(own_mac, y)
         if client:
-            io.send(hello)
+            if keys is not None and not fast and secret is None:
+                exponent, y = keys.take()
+            else:
+                exponent, y = dh_keypair(fast, secret)
+            io.send(y + hmac_sha256(own_mac, y))
         y_peer = check_dh_message(io.recv(DH_MESSAGE), peer_mac, require_pfs)
-        if not client:
-            io.send(hello)  # only once the client's value passed the checks
+        if not client:  # only once the client's value passed the checks
+            exponent, y = dh_keypair(fast, secret)
+            io.send(y + hmac_sha256(own_mac, y))
         shared = dh_shared(exponent, y_peer)
     finally:
         io.close()
@@ -673,7 +705,8 @@ class Dialer:
     """Connects to the first of a target's addresses that answers, in order.
 
     start() begins without waiting, so -d can run its handshake meanwhile;
-    finish() waits until DEADLINE and returns a blocking socket.
+    check() follows an attempt that finished; finish() waits until
+    DEADLINE and returns a blocking socket.  Raises ConnectError.
     """
 
     def __init__(self, addresses, bind=None):
@@ -685,6 +718,7 @@ class Dialer:
         self.started = False
 
     def start(self):
+        """Begin connecting to the next address that takes a connect() call."""
         self.started = True
         while self.todo:
             family, sockaddr = self.todo.pop(0)
@@ -708,14 +742,28 @@ class Dialer:
             self.error = os.strerror(err)
         self.sock = None
 
+    def check(self):
+        """The pending connect finished: keep it or try the next address."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.error = os.strerror(err)
+            self.close()
+            self.start()
+        else:
+            self.pending = False
+        if self.sock is None:
+            raise ConnectError(self.error)
+
     def finish(self, deadline):
         if not self.started:
             self.start()
-        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-            else selectors.DefaultSelector()
-        try:
-            while self.sock is not None:
-                if self.pending:
+        if self.sock is None:
+            raise ConnectError(self.error)
+        if self.pending:
+            selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+                else selectors.DefaultSelector()
+            try:
+                while self.pending:
                     left = None if deadline is None else deadline - time.monotonic()
                     selector.register(self.sock, selectors.EVENT_WRITE)
                     ready = (left is None or left > 0) and selector.select(left)
@@ -723,18 +771,12 @@ class Dialer:
                     if not ready:
                         self.close()
                         raise ConnectError("timed out")
-                    err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        self.error = os.strerror(err)
-                        self.close()
-                        self.start()
-                        continue
-                sock, self.sock = self.sock, None
-                sock.setblocking(True)
-                return sock
-        finally:
-            selector.close()
-        raise ConnectError(self.error)
+                    self.check()
+            finally:
+                selector.close()
+        sock, self.sock = self.sock, None
+        sock.setblocking(True)
+        return sock
 
     def close(self):
         if self.sock is not None:
@@ -804,141 +846,83 @@ def _shutdown(sock, how):
             raise
 
 
-class Workers:
-    """Threads that are reused: a finished task's thread waits for the next.
+class Connection(socketserver.BaseRequestHandler):
+    """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    Starting a thread costs a clone, a stack and a hand-shake with the
-    starter; connection set-up pays that twice per connection, so
-    finished threads wait up to IDLE_TIMEOUT seconds for new work (at most
-    IDLE_MAX of them) instead of exiting.
+    The server's ThreadingMixIn runs it in a new thread: handle() does the
+    set-up, starts a second thread for the inward direction and relays the
+    outward one itself.  Each of the two threads holds the connection; the
+    server's shutdown_request() releases the first, the second relay
+    releases its own, and the last release runs teardown(), the one place
+    where the sockets are closed.  abort() cuts both directions at any
+    stage of the set-up.  Both are safe to call more than once.
     """
 
-    IDLE_MAX = 64
-    IDLE_TIMEOUT = 30.0
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.idle = 0        # waiting workers minus queued tasks
-        self.tasks = queue.SimpleQueue()
-
-    def submit(self, task):
-        """Run TASK() in a thread of its own; raises RuntimeError if none can start."""
-        with self.lock:
-            if self.idle:
-                self.idle -= 1
-                self.tasks.put(task)
-                return
-        threading.Thread(target=self._work, args=(task,), daemon=True).start()
-
-    def _work(self, task):
-        while True:
-            try:
-                task()
-            except Exception:  # tasks handle their own errors; never lose a worker
-                pass
-            task = None
-            with self.lock:
-                if self.idle >= self.IDLE_MAX:
-                    return
-                self.idle += 1
-            try:
-                task = self.tasks.get(timeout=self.IDLE_TIMEOUT)
-            except queue.Empty:
-                with self.lock:
-                    try:  # a task queued for us just as we gave up
-                        task = self.tasks.get_nowait()
-                    except queue.Empty:
-                        self.idle -= 1
-                        return
-
-
-class Connection:
-    """The life of one accepted connection: dial, handshake, two relays, teardown."""
-
-    def __init__(self, server, sock, peer):
-        self.server = server
-        self.config = server.config
-        self.client = sock
+    def setup(self):
+        self.config = self.server.config
+        self.client = self.request
         self.target = None
-        self.peer = peer
-        self.number = 0
         self.started = time.monotonic()
         self.up = [0]      # plaintext bytes source -> target
         self.down = [0]    # plaintext bytes target -> source
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards target, failed, holds, closed
         self.failed = None
-        self.relays = 0    # directions still running
+        self.holds = 1     # threads still using the sockets
+        self.closed = False
         self.relays_started = False
+        self.number = self.server.attach(self)
 
     def describe_peer(self):
-        return format_sockaddr(self.client.family, self.peer)
+        return format_sockaddr(self.client.family, self.client_address)
 
-    def run(self):
-        """Serve the connection: set-up here, then one relay per direction.
+    def handle(self):
+        """Set up; then relay inward in a second thread and outward in this one.
 
-        Never raises.  Whichever relay ends last closes both sockets, so
-        neither thread waits for the other.
+        Failures of the set-up and of a relay end here; any other exception
+        goes to the server's handle_error().
         """
         cfg = self.config
         stats = self.server.stats
-        relaying = 0
         try:
-            try:
-                sealer, opener = self._establish()
-            except ConnectError as e:
-                stats.count("connect_failures")
-                self._event("connect to %s failed: %s" % (cfg.target, e))
-                return
-            except HandshakeError as e:
-                stats.count_handshake(e.reason)
-                self._event("handshake failed: %s" % e)
-                return
-            for sock in (self.client, self.target):
-                tune_socket(sock, cfg.keepalive)
-            if cfg.decrypt:
-                plain, sealed = self.target, self.client
-            else:
-                plain, sealed = self.client, self.target
-            outward = self.up if not cfg.decrypt else self.down
-            inward = self.down if not cfg.decrypt else self.up
-            self.relays = relaying = 2
-            self.relays_started = True
-
-            def other():
-                try:
-                    self._pipe(relay_open, sealed, opener, plain, inward)
-                finally:
-                    self._relay_done()
-
-            try:
-                self.server.workers.submit(other)
-            except RuntimeError:  # no thread to be had: give up this one
-                self.relays = relaying = 0
-                self.failed = "cannot start a thread"
-                return
-            self._pipe(relay_seal, plain, sealer, sealed, outward)
-        except Exception as e:  # a bug must not take the daemon down
-            self.failed = "internal error: %r" % (e,)
-            self.abort(self.failed)
-        finally:
-            if relaying:
-                self._relay_done()
-            else:
-                self._teardown()
-
-    def _relay_done(self):
-        """One direction has ended; the last one tears the connection down."""
-        with self.lock:
-            self.relays -= 1
-            last = self.relays == 0
-        if last:
-            self._teardown()
-
-    def _teardown(self):
+            sealer, opener = self._establish()
+        except ConnectError as e:
+            stats.count("connect_failures")
+            self._event("connect to %s failed: %s" % (cfg.target, e))
+            return
+        except HandshakeError as e:
+            stats.count_handshake(e.reason)
+            self._event("handshake failed: %s" % e)
+            return
         for sock in (self.client, self.target):
-            if sock is not None:
-                sock.close()
-        self._closed()
+            tune_socket(sock, cfg.keepalive)
+        if cfg.decrypt:
+            plain, sealed = self.target, self.client
+        else:
+            plain, sealed = self.client, self.target
+        outward = self.up if not cfg.decrypt else self.down
+        inward = self.down if not cfg.decrypt else self.up
+        with self.lock:
+            if self.failed is not None:  # aborted during the set-up
+                return
+            self.holds += 1
+        self.relays_started = True
+        try:
+            threading.Thread(target=self._inward, args=(sealed, opener, plain, inward),
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: give up this connection
+            self.abort("cannot start a thread")
+            self.release()
+            return
+        self._pipe(relay_seal, plain, sealer, sealed, outward)
+
+    def _inward(self, sealed, opener, plain, counter):
+        """The second relay's thread: like handle(), errors go to handle_error()."""
+        try:
+            self._pipe(relay_open, sealed, opener, plain, counter)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
+        finally:
+            self.release()
 
     def _establish(self):
         """Connect to the target and run the handshake; (sealer, opener)."""
@@ -950,16 +934,15 @@ class Connection:
         try:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
-                # target connect is under way; one deadline covers both.
+                # target connect is under way; one deadline covers both,
+                # and a target that refuses ends the handshake at once.
                 keys = handshake(self.client, cfg.key, client=False, fast=cfg.fast,
-                                 after_nonce=dialer.start,
-                                 require_pfs=cfg.require_pfs,
+                                 require_pfs=cfg.require_pfs, dialer=dialer,
                                  timeout=None if deadline is None else
-                                 max(deadline - time.monotonic(), 1e-3),
-                                 keys=self.server.dh_keys)
-                self.target = dialer.finish(deadline)
+                                 max(deadline - time.monotonic(), 1e-3))
+                self._set_target(dialer.finish(deadline))
                 return keys
-            self.target = dialer.finish(deadline)
+            self._set_target(dialer.finish(deadline))
             _nodelay(self.target)
             return handshake(self.target, cfg.key, client=True, fast=cfg.fast,
                              require_pfs=cfg.require_pfs, timeout=timeout,
@@ -967,8 +950,15 @@ class Connection:
         finally:
             dialer.close()
 
+    def _set_target(self, sock):
+        with self.lock:
+            self.target = sock
+
     def _pipe(self, relay, src, worker, dst, counter):
-        """Run one direction; half-close at EOF, tear both down on failure."""
+        """Run one direction; half-close at EOF; a failure aborts both directions.
+
+        I/O errors and bad packets end here; other exceptions propagate.
+        """
         try:
             if relay is relay_seal:
                 relay(src.recv, worker, dst, counter)
@@ -981,26 +971,45 @@ class Connection:
             self.abort(e.strerror or str(e))
 
     def abort(self, why):
-        """Close both directions now: wakes the other relay thread."""
+        """Cut both directions now, at any stage: wakes every thread waiting on them."""
         with self.lock:
             if self.failed is None:
                 self.failed = why
+            if self.closed:
+                return
+            for sock in (self.client, self.target):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def release(self):
+        """A thread is done with the sockets; the last one tears the connection down."""
+        with self.lock:
+            self.holds -= 1
+            last = self.holds == 0
+        if last:
+            self.teardown()
+
+    def teardown(self):
+        """Close both sockets and free the connection's slot, once."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
         for sock in (self.client, self.target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _event(self, text):
-        if log.events:
-            log.event("connection %d: %s" % (self.number, text))
-
-    def _closed(self):
-        self.server.connection_closed(self)
+            if sock is not None:
+                sock.close()
+        self.server.connection_closed(self.request, self)
         if log.events and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
+
+    def _event(self, text):
+        if log.events:
+            log.event("connection %d: %s" % (self.number, text))
 
 # ---------------------------------------------------------------------------
 # 7. Server: accept loop, connection limit, graceful drain
@@ -1053,44 +1062,54 @@ class Config:
         self.keepalive = True
         self.bind = None
         self.max_connections = DEFAULT_MAXCONN
+        self.drain_timeout = None
         self.__dict__.update(kw)
 
 
-class Server(socketserver.TCPServer):
-    """Accepts connections on one listening socket and runs each in threads.
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Accepts connections on one listening socket (TCP or unix) and runs each.
 
-    socketserver.TCPServer binds and listens (TCP or unix).  serve()
-    replaces serve_forever(): it stops calling accept() while -n
-    connections are live (clients wait in the backlog), reacts to signals
-    through a wake-up pipe, and returns once a shutdown has drained.
-    process_request() hands each connection to Workers rather than
-    ThreadingMixIn's new thread per request: reusing threads cut the CPU
-    spent per short connection by about a third.
+        serve() --accept--> process_request()   (ThreadingMixIn: a new thread)
+                                  |
+                            Connection: set-up, relay outward
+                                  +-- second thread: relay inward
+
+    socketserver.TCPServer binds and listens (address_family says TCP or
+    unix); the mixin's own process_request() starts one thread per
+    connection.  serve() replaces serve_forever(): it stops calling
+    accept() while -n connections are live (clients wait in the backlog),
+    wakes on a pipe byte from signal handlers and closing connections,
+    calls service_actions() on every pass, and returns once a shutdown has
+    drained.  shutdown_request() releases the mixin thread's hold on its
+    connection instead of closing the socket the second relay still uses.
     """
 
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True   # exit after a drain without joining anyone
+    block_on_close = False  # and keep no list of threads
 
     def __init__(self, config, family, sockaddr, targets, listener=None, socket_mode=None):
         self.config = config
         self.address_family = family
         self.targets = targets
         self.stats = Stats()
-        self.dh_keys = DHKeyPool()
-        self.workers = Workers()
-        self.live = set()
-        self.lock = threading.Lock()
+        # -e computes its key pairs ahead; -d only after the client proved the key.
+        self.dh_keys = None if config.decrypt or config.fast else DHKeyPool()
+        self.live = {}     # accepted socket -> its Connection (None until it runs)
+        self.lock = threading.Lock()  # guards live, next_number, stopping, accept pause
         self.next_number = 0
         self.unlink_path = self.unlink_ident = None
         self.stopping = False
         self.drain_deadline = None
-        self.on_tick = None
+        self.signals = []  # appended by signal handlers, consumed by service_actions()
+        self.notifier = None
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.accept_paused_until = 0.0
         self.accept_error_logged = False
-        super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+        super().__init__(sockaddr, Connection, bind_and_activate=False)
         if listener is not None:  # systemd bound and listens for us
             self.socket.close()
             self.socket = listener
@@ -1157,8 +1176,7 @@ class Server(socketserver.TCPServer):
                             pass
                     elif listening:
                         self._accept_one()
-                if self.on_tick is not None:
-                    self.on_tick()
+                self.service_actions()
         finally:
             selector.close()
 
@@ -1177,44 +1195,90 @@ class Server(socketserver.TCPServer):
             return
         self.accept_paused_until = 0.0
         self.accept_error_logged = False  # the next exhaustion gets its line again
-        sock.setblocking(True)
-        connection = Connection(self, sock, peer)
         limit = self.config.max_connections
         with self.lock:
-            self.next_number += 1
-            connection.number = self.next_number
-            self.live.add(connection)
+            self.live[sock] = None
             reached = limit and len(self.live) == limit
-        self.stats.count("total")
-        self.stats.count("live")
+        with self.stats.lock:
+            self.stats.total += 1
+            self.stats.live += 1
         if reached:
             self.stats.count("limit_reached")
             log.warn("Maximum number of connections (%d) reached" % limit)
-        if log.events:
-            log.event("connection %d: accepted from %s"
-                      % (connection.number, connection.describe_peer()))
         try:
-            self.process_request(connection, peer)
+            self.process_request(sock, peer)
         except RuntimeError:  # cannot start a thread: drop this one
-            sock.close()
-            self.connection_closed(connection)
+            self.shutdown_request(sock)
 
-    def process_request(self, connection, peer):
-        """Run the connection in a thread of its own (a reused one if idle)."""
-        self.workers.submit(connection.run)
+    def service_actions(self):
+        """Each pass of serve(): act on recorded signals; systemd watchdog and status."""
+        while self.signals:
+            what = self.signals.pop(0)
+            if what == "term":
+                if self.notifier is not None:
+                    self.notifier.send("STOPPING=1")
+                self.begin_shutdown(self.config.drain_timeout)
+            elif what == "stats":
+                with self.lock:
+                    live = [c for c in self.live.values() if c is not None]
+                log.event(self.stats.summary(live))
+        if self.notifier is not None:
+            self.notifier.tick()
+            self.notifier.status("%d live, %d total connections"
+                                 % (self.stats.live, self.stats.total))
 
-    def connection_closed(self, connection):
-        """Called by each connection as it ends; frees its slot."""
+    # -- connections --------------------------------------------------------
+
+    def attach(self, connection):
+        """A connection's thread has started: number it and let abort_all() reach it."""
+        with self.lock:
+            self.next_number += 1
+            number = self.next_number
+            self.live[connection.request] = connection
+        if log.events:
+            log.event("connection %d: accepted from %s" % (number, connection.describe_peer()))
+        return number
+
+    def handle_error(self, request, client_address):
+        """An unexpected exception in a connection's thread: log it, cut the connection."""
+        exc = sys.exc_info()[1]
+        with self.lock:
+            connection = self.live.get(request)
+        number = connection.number if connection is not None else 0
+        log.warn("connection %d: internal error: %r" % (number, exc))
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.warn(line)
+        if connection is not None:
+            connection.abort("internal error: %r" % (exc,))
+
+    def shutdown_request(self, request):
+        """The mixin's thread is done: release its hold on the connection.
+
+        The socket stays open while the other relay uses it; the
+        connection's teardown closes it.  A request whose connection never
+        started is closed here.
+        """
+        with self.lock:
+            connection = self.live.get(request)
+        if connection is not None:
+            connection.release()
+        else:
+            self.close_request(request)
+            self.connection_closed(request, None)
+
+    def connection_closed(self, request, connection):
+        """Called once per accepted socket as it is closed; frees its slot."""
         with self.lock:
             # Wake the accept loop only when it waits for this: a free slot,
             # a free descriptor, or the end of a drain.
             waiting = self.full() or self.accept_paused_until or self.stopping
-            self.live.discard(connection)
+            self.live.pop(request, None)
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
         with self.stats.lock:
             self.stats.live -= 1
-            self.stats.bytes_in += connection.up[0]
-            self.stats.bytes_out += connection.down[0]
+            if connection is not None:
+                self.stats.bytes_in += connection.up[0]
+                self.stats.bytes_out += connection.down[0]
         if waiting:
             self.wake()
 
@@ -1231,9 +1295,10 @@ class Server(socketserver.TCPServer):
     def abort_all(self):
         """Cut every live connection (bounded drain ran out)."""
         with self.lock:
-            live = list(self.live)
+            live = list(self.live.values())
         for connection in live:
-            connection.abort("drain timeout")
+            if connection is not None:  # None: not started; the exit closes it
+                connection.abort("drain timeout")
 
     def server_close(self):
         super().server_close()
@@ -1703,25 +1768,27 @@ def parse_spiped_args(args):
     return seen
 
 
-def _install_signals(server, drain_timeout, notifier):
-    """SIGTERM drains (second one exits at once); SIGINT as C; SIGUSR1 stats."""
+def _install_signals(server):
+    """Handlers only record the signal and wake the serve loop, which acts.
+
+    SIGTERM drains; the first one restores the default action, so a second
+    kills at once as in C.  SIGINT keeps its default (as PID 1, where
+    defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1 logs
+    statistics.
+    """
     pid1 = os.getpid() == 1
-    pending = []
 
     def on_term(signum, frame):
-        if server.stopping:
-            if pid1:
+        if pid1:
+            if "term" in server.signals or server.stopping:
                 os._exit(0)
+        else:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        # A second SIGTERM kills at once, as C restores the default action.
-        signal.signal(signal.SIGTERM, on_term if pid1 else signal.SIG_DFL)
-        notifier.send("STOPPING=1")
-        server.begin_shutdown(drain_timeout)
+        server.signals.append("term")
+        server.wake()
 
     def on_usr1(signum, frame):
-        pending.append("stats")
+        server.signals.append("stats")
         server.wake()
 
     def on_int(signum, frame):
@@ -1734,7 +1801,6 @@ def _install_signals(server, drain_timeout, notifier):
         signal.signal(signal.SIGINT, on_int)
     else:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return pending
 
 
 def _cli(usage, parse, run):
@@ -1804,7 +1870,8 @@ def _run_spiped(opts):
     config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
                     fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
                     keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN))
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
+                    drain_timeout=opts.get("--drain-timeout"))
     if listener is None and family == socket.AF_UNIX:
         clear_stale_socket(sockaddr)
     try:
@@ -1827,19 +1894,8 @@ def _run_spiped(opts):
         threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
                          daemon=True).start()
     notifier = Notifier()
-    pending = _install_signals(server, opts.get("--drain-timeout"), notifier)
-
-    def on_tick():
-        while pending:
-            pending.pop()
-            with server.lock:
-                live = list(server.live)
-            log.event(server.stats.summary(live))
-        notifier.tick()
-        notifier.status("%d live, %d total connections"
-                        % (server.stats.live, server.stats.total))
-
-    server.on_tick = on_tick
+    server.notifier = notifier
+    _install_signals(server)
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())  # the daemon's PID after a fork
     notifier.status("0 live, 0 total connections")
     try:
