@@ -528,8 +528,14 @@ def _remaining(deadline):
     return left
 
 
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
 class _DeadlineIO:
-    """Whole reads and writes on a non-blocking socket, bounded by a deadline.
+    """Whole reads and writes on a socket, bounded by a deadline.
+
+    Each call is non-blocking by its MSG_DONTWAIT flag, so the socket's own
+    mode (blocking, for the relays) is never switched back and forth.
 
     With a DIALER (-d), each wait also watches its connect in progress, so
     a target that refuses ends the handshake at once with ConnectError.
@@ -540,7 +546,6 @@ class _DeadlineIO:
         self.deadline = deadline
         self.dialer = dialer
         self.watched = None  # the dialer's socket while its connect is pending
-        sock.setblocking(False)
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
             else selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
@@ -575,7 +580,7 @@ class _DeadlineIO:
         view = memoryview(data)
         while view:
             try:
-                view = view[self.sock.send(view):]
+                view = view[self.sock.send(view, _DONTWAIT):]
             except BlockingIOError:
                 self._wait(selectors.EVENT_WRITE)
             except OSError as e:
@@ -585,7 +590,7 @@ class _DeadlineIO:
         buf = bytearray()
         while len(buf) < size:
             try:
-                chunk = self.sock.recv(size - len(buf))
+                chunk = self.sock.recv(size - len(buf), _DONTWAIT)
             except BlockingIOError:
                 self._wait(selectors.EVENT_READ)
                 continue
@@ -598,7 +603,6 @@ class _DeadlineIO:
 
     def close(self):
         self.selector.close()
-        self.sock.setblocking(True)
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
@@ -692,13 +696,7 @@ def tune_socket(sock, keepalive):
             pass
 
 
-def _nodelay(sock):
-    """TCP_NODELAY from the first byte: the handshake's small messages go out at once."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 class Dialer:
@@ -706,12 +704,14 @@ class Dialer:
 
     start() begins without waiting, so -d can run its handshake meanwhile;
     check() follows an attempt that finished; finish() waits until
-    DEADLINE and returns a blocking socket.  Raises ConnectError.
+    DEADLINE and returns a blocking socket, tuned by tune_socket().
+    Raises ConnectError.
     """
 
-    def __init__(self, addresses, bind=None):
+    def __init__(self, addresses, bind=None, keepalive=True):
         self.todo = list(addresses)
         self.bind = bind
+        self.keepalive = keepalive
         self.sock = None
         self.pending = False
         self.error = "no addresses"
@@ -723,12 +723,14 @@ class Dialer:
         while self.todo:
             family, sockaddr = self.todo.pop(0)
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = socket.socket(family, _STREAM_NONBLOCK)
             except OSError as e:  # out of descriptors, family unsupported
                 self.error = e.strerror or str(e)
                 continue
             try:
-                sock.setblocking(False)
+                if _STREAM_NONBLOCK == socket.SOCK_STREAM:
+                    sock.setblocking(False)
+                tune_socket(sock, self.keepalive)  # NODELAY from the handshake's first byte
                 if self.bind is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(self.bind)
@@ -893,8 +895,6 @@ class Connection(socketserver.BaseRequestHandler):
             stats.count_handshake(e.reason)
             self._event("handshake failed: %s" % e)
             return
-        for sock in (self.client, self.target):
-            tune_socket(sock, cfg.keepalive)
         if cfg.decrypt:
             plain, sealed = self.target, self.client
         else:
@@ -929,8 +929,9 @@ class Connection(socketserver.BaseRequestHandler):
         cfg = self.config
         timeout = cfg.timeout
         deadline = None if timeout is None else self.started + timeout
-        _nodelay(self.client)
-        dialer = Dialer(self.server.targets, cfg.bind)
+        if not self.server.accepted_tuned:
+            tune_socket(self.client, cfg.keepalive)
+        dialer = Dialer(self.server.targets, cfg.bind, cfg.keepalive)
         try:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
@@ -943,7 +944,6 @@ class Connection(socketserver.BaseRequestHandler):
                 self._set_target(dialer.finish(deadline))
                 return keys
             self._set_target(dialer.finish(deadline))
-            _nodelay(self.target)
             return handshake(self.target, cfg.key, client=True, fast=cfg.fast,
                              require_pfs=cfg.require_pfs, timeout=timeout,
                              keys=self.server.dh_keys)
@@ -1127,6 +1127,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self.unlink_path = sockaddr
                 self.unlink_ident = _file_identity(sockaddr)
         self.socket.setblocking(False)
+        # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
+        # socket to each accepted one: set them once here, not per connection.
+        tune_socket(self.socket, config.keepalive)
+        self.accepted_tuned = sys.platform.startswith("linux")
 
     # -- accept loop ------------------------------------------------------
 

@@ -14,7 +14,9 @@ so the daemon process itself shows the behaviour.
 import os
 import signal
 import socket
+import shutil
 import socketserver
+import subprocess
 import sys
 import time
 
@@ -263,3 +265,33 @@ def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile
     assert "internal error" in text and "ValueError: boom in the relay" in text, text
     # The daemon goes on serving.
     assert proc.poll() is None
+
+
+# ---------------------------------------------------------------------------
+# Socket options: set once on the listener, inherited by accepted sockets
+# ---------------------------------------------------------------------------
+
+
+def _keepalive_timers(port_filter):
+    """ss's timer field for each established TCP socket matching PORT_FILTER."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", port_filter],
+                         capture_output=True, text=True, timeout=10).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
+@pytest.mark.parametrize("flags", [(), ("-j",)])
+def test_keepalive_on_both_sockets_unless_j(procs, tmp_path, keyfile, holding, flags):
+    target = holding()
+    proc, source, log = start(procs, IMPLS["ours"], tmp_path, "-d", "-t", target.addr,
+                              "-k", keyfile, *flags)
+    sport = source.rsplit(":", 1)[1]
+    tport = target.addr.rsplit(":", 1)[1]
+    with connect(source) as s:
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        assert wait_for(lambda: target.connections == 1, 10)
+        accepted = _keepalive_timers("( sport = :%s )" % sport)
+        dialled = _keepalive_timers("( dport = :%s )" % tport)
+    assert len(accepted) == 1 and len(dialled) == 1, (accepted, dialled)
+    for line in accepted + dialled:
+        assert ("timer:(keepalive" in line) == (not flags), line
