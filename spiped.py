@@ -546,9 +546,7 @@ class _DeadlineIO:
         self.deadline = deadline
         self.dialer = dialer
         self.watched = None  # the dialer's socket while its connect is pending
-        self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-            else selectors.DefaultSelector()
-        self.selector.register(sock, selectors.EVENT_READ)
+        self.selector = None  # made on the first wait: data often is there already
 
     def _watch(self):
         """Follow the dialer's current attempt; ConnectError once all have failed."""
@@ -566,7 +564,12 @@ class _DeadlineIO:
             self.watched = want
 
     def _wait(self, event):
-        self.selector.modify(self.sock, event)
+        if self.selector is None:
+            self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+                else selectors.DefaultSelector()
+            self.selector.register(self.sock, event)
+        else:
+            self.selector.modify(self.sock, event)
         while True:
             self._watch()
             ready = self.selector.select(_remaining(self.deadline))
@@ -602,7 +605,8 @@ class _DeadlineIO:
         return bytes(buf)
 
     def close(self):
-        self.selector.close()
+        if self.selector is not None:
+            self.selector.close()
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
