@@ -1785,13 +1785,14 @@ def _install_signals(server):
     statistics.
     """
     pid1 = os.getpid() == 1
+    terms = []  # SIGTERMs seen
 
     def on_term(signum, frame):
-        if pid1:
-            if "term" in server.signals or server.stopping:
-                os._exit(0)
-        else:
+        terms.append(signum)
+        if not pid1:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        elif len(terms) > 1:
+            os._exit(0)
         server.signals.append("term")
         server.wake()
 
