@@ -10,9 +10,12 @@ whose plaintext end is stdin/stdout.  Both ends share a key file.
     client --plain--> [spiped -e: seal] ==packets==> [spiped -d: open] --plain--> target
     client <--plain-- [spiped -e: open] <==packets== [spiped -d: seal] <--plain-- target
 
-Each connection: dial the target, run the handshake (nonces, PBKDF2,
-Diffie-Hellman group 14 unless -f), then two relays, one thread per
-direction, each owning its packet sealer or opener.  Packets are 1060
+The server is a socketserver.ThreadingMixIn server: each accepted
+connection gets a new thread, which dials the target and runs the
+handshake (nonces, PBKDF2, Diffie-Hellman group 14 unless -f; -d dials
+while it shakes hands), then relays one direction and starts a second
+thread for the other.  Each relay owns its direction's packet sealer or
+opener; the last one to end closes both sockets.  Packets are 1060
 bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
 
 Sections, in the order the data flows:
@@ -32,7 +35,6 @@ import hashlib
 import hmac
 import os
 import pwd
-import queue
 import re
 import selectors
 import signal
@@ -43,6 +45,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 
 try:
     from Cryptodome.Cipher import AES
@@ -611,27 +614,62 @@ def _remaining(deadline):
     return left
 
 
-class _DeadlineIO:
-    """Whole reads and writes on a non-blocking socket, bounded by a deadline."""
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
-    def __init__(self, sock, deadline):
+
+class _DeadlineIO:
+    """Whole reads and writes on a socket, bounded by a deadline.
+
+    Each call is non-blocking by its MSG_DONTWAIT flag, so the socket's own
+    mode (blocking, for the relays) is never switched back and forth.
+
+    With a DIALER (-d), each wait also watches its connect in progress, so
+    a target that refuses ends the handshake at once with ConnectError.
+    """
+
+    def __init__(self, sock, deadline, dialer=None):
         self.sock = sock
         self.deadline = deadline
-        sock.setblocking(False)
-        self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-            else selectors.DefaultSelector()
-        self.selector.register(sock, selectors.EVENT_READ)
+        self.dialer = dialer
+        self.watched = None  # the dialer's socket while its connect is pending
+        self.selector = None  # made on the first wait: data often is there already
+
+    def _watch(self):
+        """Follow the dialer's current attempt; ConnectError once all have failed."""
+        dialer = self.dialer
+        if dialer is None or not dialer.started:
+            return
+        if dialer.sock is None:
+            raise ConnectError(dialer.error)
+        want = dialer.sock if dialer.pending else None
+        if want is not self.watched:
+            if self.watched is not None:
+                self.selector.unregister(self.watched)
+            if want is not None:
+                self.selector.register(want, selectors.EVENT_WRITE)
+            self.watched = want
 
     def _wait(self, event):
-        self.selector.modify(self.sock, event)
-        if not self.selector.select(_remaining(self.deadline)):
-            raise HandshakeError("timeout", "handshake timed out")
+        if self.selector is None:
+            self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+                else selectors.DefaultSelector()
+            self.selector.register(self.sock, event)
+        else:
+            self.selector.modify(self.sock, event)
+        while True:
+            self._watch()
+            ready = self.selector.select(_remaining(self.deadline))
+            if not ready:
+                raise HandshakeError("timeout", "handshake timed out")
+            if any(key.fileobj is self.sock for key, _ in ready):
+                return
+            self.dialer.check()
 
     def send(self, data):
         view = memoryview(data)
         while view:
             try:
-                view = view[self.sock.send(view):]
+                view = view[self.sock.send(view, _DONTWAIT):]
             except BlockingIOError:
                 self._wait(selectors.EVENT_WRITE)
             except OSError as e:
@@ -641,7 +679,7 @@ class _DeadlineIO:
         buf = bytearray()
         while len(buf) < size:
             try:
-                chunk = self.sock.recv(size - len(buf))
+                chunk = self.sock.recv(size - len(buf), _DONTWAIT)
             except BlockingIOError:
                 self._wait(selectors.EVENT_READ)
                 continue
@@ -653,8 +691,8 @@ class _DeadlineIO:
         return bytes(buf)
 
     def close(self):
-        self.selector.close()
-        self.sock.setblocking(True)
+        if self.selector is not None:
+            self.selector.close()
 
 
 class HandshakeResult(tuple):
@@ -667,39 +705,40 @@ class HandshakeResult(tuple):
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
-              nonce=None, secret=None, keys=None, after_nonce=None, after_auth=None):
+              nonce=None, secret=None, keys=None, dialer=None, dial_after_auth=False):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     KEY is one K or a key ring (see key_ring()); a client uses the ring's
     first key, a server whichever key the client's DH message proves.
     Returns a HandshakeResult: (sealer, opener) for this side, and the
     key's name.  TIMEOUT bounds the whole exchange (None = no limit).
-    KEYS (a DHKeyPool) supplies a key pair computed ahead of time;
-    AFTER_NONCE() runs once our nonce is sent, AFTER_AUTH() once the
-    peer's DH message has passed its checks.  NONCE and SECRET fix the
-    random values (for known-answer tests).  Raises HandshakeError.
+    KEYS (a DHKeyPool) supplies the client's key pair computed ahead of
+    time; the server makes its own only once the client's MACed value
+    verified, so a peer without the key costs no exponentiation.  DIALER
+    (-d) is started once our nonce is sent, or with DIAL_AFTER_AUTH once
+    the client's DH message verified, and watched meanwhile: its failure
+    raises ConnectError.  NONCE and SECRET fix the random values (for
+    known-answer tests).  Raises HandshakeError.
     """
     ring = key_ring(key)
     key_name, key = ring[0]
     deadline = None if timeout is None else time.monotonic() + timeout
-    io = _DeadlineIO(sock, deadline)
+    io = _DeadlineIO(sock, deadline, dialer)
     try:
         mine = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         io.send(mine)  # never wait for the peer's nonce first
-        if after_nonce is not None:
-            after_nonce()
-        if keys is not None and not fast and secret is None:
-            exponent, y = keys.take()
-        else:
-            exponent, y = dh_keypair(fast, secret)
+        if dialer is not None and not dial_after_auth:
+            dialer.start()
         theirs = io.recv(NONCE_SIZE)
         nonce_c, nonce_s = (mine, theirs) if client else (theirs, mine)
         if client:
             mac_c, mac_s = dhmac_keys(key, nonce_c, nonce_s)
+            if keys is not None and not fast and secret is None:
+                exponent, y = keys.take()
+            else:
+                exponent, y = dh_keypair(fast, secret)
             io.send(y + hmac_sha256(mac_c, y))
             y_peer = check_dh_message(io.recv(DH_MESSAGE), mac_s, require_pfs)
-            if after_auth is not None:
-                after_auth()
         else:
             message = io.recv(DH_MESSAGE)
             if len(ring) == 1:
@@ -707,9 +746,14 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
             else:
                 key_name, key, mac_c, mac_s = _server_key(ring, nonce_c, nonce_s, message)
             y_peer = check_dh_message(message, mac_c, require_pfs)
-            if after_auth is not None:
-                after_auth()
-            io.send(y + hmac_sha256(mac_s, y))  # only once the client's value passed
+            if dialer is not None and dial_after_auth:
+                # The client learns of a target that cannot be reached as
+                # a failed handshake: no answer before the target took it.
+                dialer.start()
+                dialer.connected(deadline)
+            # Only once the client's value passed the checks.
+            exponent, y = dh_keypair(fast, secret)
+            io.send(y + hmac_sha256(mac_s, y))
         shared = dh_shared(exponent, y_peer)
     finally:
         io.close()
@@ -777,41 +821,41 @@ def tune_socket(sock, keepalive):
             pass
 
 
-def _nodelay(sock):
-    """TCP_NODELAY from the first byte: the handshake's small messages go out at once."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 class Dialer:
     """Connects to the first of a target's addresses that answers, in order.
 
     start() begins without waiting, so -d can run its handshake meanwhile;
-    finish() waits until DEADLINE and returns a blocking socket.
+    check() follows an attempt that finished; connected() waits until
+    DEADLINE; finish() then returns a blocking socket, tuned by tune_socket().
+    Raises ConnectError.
     """
 
-    def __init__(self, addresses, bind=None):
+    def __init__(self, addresses, bind=None, keepalive=True):
         self.todo = list(addresses)
         self.bind = bind
+        self.keepalive = keepalive
         self.sock = None
         self.pending = False
         self.error = "no addresses"
         self.started = False
 
     def start(self):
+        """Begin connecting to the next address that takes a connect() call."""
         self.started = True
         while self.todo:
             family, sockaddr = self.todo.pop(0)
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = socket.socket(family, _STREAM_NONBLOCK)
             except OSError as e:  # out of descriptors, family unsupported
                 self.error = e.strerror or str(e)
                 continue
             try:
-                sock.setblocking(False)
+                if _STREAM_NONBLOCK == socket.SOCK_STREAM:
+                    sock.setblocking(False)
+                tune_socket(sock, self.keepalive)  # NODELAY from the handshake's first byte
                 if self.bind is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(self.bind)
@@ -825,14 +869,36 @@ class Dialer:
             self.error = os.strerror(err)
         self.sock = None
 
+    def check(self):
+        """The pending connect finished: keep it or try the next address."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.error = os.strerror(err)
+            self.close()
+            self.start()
+        else:
+            self.pending = False
+        if self.sock is None:
+            raise ConnectError(self.error)
+
     def finish(self, deadline):
+        """connected(DEADLINE), then hand the socket over, blocking."""
+        self.connected(deadline)
+        sock, self.sock = self.sock, None
+        sock.setblocking(True)
+        return sock
+
+    def connected(self, deadline):
+        """Wait until an address took the connection, trying each in turn."""
         if not self.started:
             self.start()
-        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-            else selectors.DefaultSelector()
-        try:
-            while self.sock is not None:
-                if self.pending:
+        if self.sock is None:
+            raise ConnectError(self.error)
+        if self.pending:
+            selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+                else selectors.DefaultSelector()
+            try:
+                while self.pending:
                     left = None if deadline is None else deadline - time.monotonic()
                     selector.register(self.sock, selectors.EVENT_WRITE)
                     ready = (left is None or left > 0) and selector.select(left)
@@ -840,18 +906,9 @@ class Dialer:
                     if not ready:
                         self.close()
                         raise ConnectError("timed out")
-                    err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        self.error = os.strerror(err)
-                        self.close()
-                        self.start()
-                        continue
-                sock, self.sock = self.sock, None
-                sock.setblocking(True)
-                return sock
-        finally:
-            selector.close()
-        raise ConnectError(self.error)
+                    self.check()
+            finally:
+                selector.close()
 
     def close(self):
         if self.sock is not None:
@@ -921,131 +978,76 @@ def _shutdown(sock, how):
             raise
 
 
-class Workers:
-    """Threads that are reused: a finished task's thread waits for the next.
+class Connection(socketserver.BaseRequestHandler):
+    """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    Starting a thread costs a clone, a stack and a hand-shake with the
-    starter; connection set-up pays that twice per connection, so
-    finished threads wait up to IDLE_TIMEOUT seconds for new work (at most
-    IDLE_MAX of them) instead of exiting.
+    The server's ThreadingMixIn runs it in a new thread: handle() does the
+    set-up, starts a second thread for the inward direction and relays the
+    outward one itself.  Each of the two threads holds the connection; the
+    server's shutdown_request() releases the first, the second relay
+    releases its own, and the last release runs teardown(), the one place
+    where the sockets are closed.  abort() cuts both directions at any
+    stage of the set-up.  Both are safe to call more than once.
     """
 
-    IDLE_MAX = 64
-    IDLE_TIMEOUT = 30.0
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.idle = 0        # waiting workers minus queued tasks
-        self.tasks = queue.SimpleQueue()
-
-    def submit(self, task):
-        """Run TASK() in a thread of its own; raises RuntimeError if none can start."""
-        with self.lock:
-            if self.idle:
-                self.idle -= 1
-                self.tasks.put(task)
-                return
-        threading.Thread(target=self._work, args=(task,), daemon=True).start()
-
-    def _work(self, task):
-        while True:
-            try:
-                task()
-            except Exception:  # tasks handle their own errors; never lose a worker
-                pass
-            task = None
-            with self.lock:
-                if self.idle >= self.IDLE_MAX:
-                    return
-                self.idle += 1
-            try:
-                task = self.tasks.get(timeout=self.IDLE_TIMEOUT)
-            except queue.Empty:
-                with self.lock:
-                    try:  # a task queued for us just as we gave up
-                        task = self.tasks.get_nowait()
-                    except queue.Empty:
-                        self.idle -= 1
-                        return
-
-
-class Connection:
-    """The life of one accepted connection: dial, handshake, two relays, teardown."""
-
-    def __init__(self, server, sock, peer):
-        self.server = server
-        self.config = server.config
-        self.client = sock
+    def setup(self):
+        self.config = self.server.config
+        self.client = self.request
         self.target = None
-        self.peer = peer
-        self.number = 0
         self.started = time.monotonic()
         self.up = [0]      # plaintext bytes source -> target
         self.down = [0]    # plaintext bytes target -> source
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards target, failed, holds, closed
         self.failed = None
-        self.relays = 0    # directions still running
+        self.holds = 1     # threads still using the sockets
+        self.closed = False
         self.relays_started = False
         self.keyring = self.config.keyring  # a reload leaves this connection's keys alone
+        self.number = self.server.attach(self)
 
     def describe_peer(self):
-        return format_sockaddr(self.client.family, self.peer)
+        return format_sockaddr(self.client.family, self.client_address)
 
-    def run(self):
-        """Serve the connection: set-up here, then one relay per direction.
+    def handle(self):
+        """Set up; then relay inward in a second thread and outward in this one.
 
-        Never raises.  Whichever relay ends last closes both sockets, so
-        neither thread waits for the other.
+        Failures of the set-up and of a relay end here; any other exception
+        goes to the server's handle_error().
         """
         cfg = self.config
         stats = self.server.stats
-        relaying = 0
         try:
-            try:
-                sealer, opener = sealer_opener = self._establish()
-            except ConnectError as e:
-                stats.count("connect_failures")
-                self._event("connect to %s failed: %s" % (cfg.target, e))
+            sealer, opener = result = self._establish()
+        except ConnectError as e:
+            stats.count("connect_failures")
+            self._event("connect to %s failed: %s" % (cfg.target, e))
+            return
+        except HandshakeError as e:
+            stats.count_handshake(e.reason)
+            self._event("handshake failed: %s" % e)
+            return
+        self._key_used(result.key_name)
+        if cfg.proxy_protocol and not self._send_proxy_header(sealer):
+            return
+        if cfg.decrypt:
+            plain, sealed = self.target, self.client
+        else:
+            plain, sealed = self.client, self.target
+        outward = self.up if not cfg.decrypt else self.down
+        inward = self.down if not cfg.decrypt else self.up
+        with self.lock:
+            if self.failed is not None:  # aborted during the set-up
                 return
-            except HandshakeError as e:
-                stats.count_handshake(e.reason)
-                self._event("handshake failed: %s" % e)
-                return
-            self._key_used(sealer_opener.key_name)
-            for sock in (self.client, self.target):
-                tune_socket(sock, cfg.keepalive)
-            if cfg.proxy_protocol and not self._send_proxy_header(sealer):
-                return
-            if cfg.decrypt:
-                plain, sealed = self.target, self.client
-            else:
-                plain, sealed = self.client, self.target
-            outward = self.up if not cfg.decrypt else self.down
-            inward = self.down if not cfg.decrypt else self.up
-            self.relays = relaying = 2
-            self.relays_started = True
-
-            def other():
-                try:
-                    self._pipe(relay_open, sealed, opener, plain, inward)
-                finally:
-                    self._relay_done()
-
-            try:
-                self.server.workers.submit(other)
-            except RuntimeError:  # no thread to be had: give up this one
-                self.relays = relaying = 0
-                self.failed = "cannot start a thread"
-                return
-            self._pipe(relay_seal, plain, sealer, sealed, outward)
-        except Exception as e:  # a bug must not take the daemon down
-            self.failed = "internal error: %r" % (e,)
-            self.abort(self.failed)
-        finally:
-            if relaying:
-                self._relay_done()
-            else:
-                self._teardown()
+            self.holds += 1
+        self.relays_started = True
+        try:
+            threading.Thread(target=self._inward, args=(sealed, opener, plain, inward),
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: give up this connection
+            self.abort("cannot start a thread")
+            self.release()
+            return
+        self._pipe(relay_seal, plain, sealer, sealed, outward)
 
     def _key_used(self, name):
         """Count and log the key this connection's handshake used."""
@@ -1054,50 +1056,47 @@ class Connection:
         self.server.stats.count_key(name)
         self._event("key %s" % name)
 
-    def _relay_done(self):
-        """One direction has ended; the last one tears the connection down."""
-        with self.lock:
-            self.relays -= 1
-            last = self.relays == 0
-        if last:
-            self._teardown()
-
-    def _teardown(self):
-        for sock in (self.client, self.target):
-            if sock is not None:
-                sock.close()
-        self._closed()
+    def _inward(self, sealed, opener, plain, counter):
+        """The second relay's thread: like handle(), errors go to handle_error()."""
+        try:
+            self._pipe(relay_open, sealed, opener, plain, counter)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
+        finally:
+            self.release()
 
     def _establish(self):
         """Connect to the target and run the handshake; (sealer, opener)."""
         cfg = self.config
         timeout = cfg.timeout
         deadline = None if timeout is None else self.started + timeout
-        _nodelay(self.client)
-        dialer = Dialer(self.server.targets, cfg.bind)
+        if not self.server.accepted_tuned:
+            tune_socket(self.client, cfg.keepalive)
+        dialer = Dialer(self.server.targets, cfg.bind, cfg.keepalive)
         try:
             if cfg.decrypt:
                 # -d: the handshake on the accepted socket runs while the
-                # target connect is under way; one deadline covers both.
+                # target connect is under way; one deadline covers both,
+                # and a target that refuses ends the handshake at once.
                 # --connect-after-auth dials only once the client's DH
                 # message proved it has the key.
-                late = cfg.connect_after_auth
                 keys = handshake(self.client, self.keyring, client=False, fast=cfg.fast,
-                                 after_nonce=None if late else dialer.start,
-                                 after_auth=dialer.start if late else None,
-                                 require_pfs=cfg.require_pfs,
+                                 require_pfs=cfg.require_pfs, dialer=dialer,
+                                 dial_after_auth=cfg.connect_after_auth,
                                  timeout=None if deadline is None else
-                                 max(deadline - time.monotonic(), 1e-3),
-                                 keys=self.server.dh_keys)
-                self.target = dialer.finish(deadline)
+                                 max(deadline - time.monotonic(), 1e-3))
+                self._set_target(dialer.finish(deadline))
                 return keys
-            self.target = dialer.finish(deadline)
-            _nodelay(self.target)
+            self._set_target(dialer.finish(deadline))
             return handshake(self.target, self.keyring, client=True, fast=cfg.fast,
                              require_pfs=cfg.require_pfs, timeout=timeout,
                              keys=self.server.dh_keys)
         finally:
             dialer.close()
+
+    def _set_target(self, sock):
+        with self.lock:
+            self.target = sock
 
     def _send_proxy_header(self, sealer):
         """Write the PROXY header towards the target before any other byte.
@@ -1108,7 +1107,7 @@ class Connection:
         """
         cfg = self.config
         try:
-            header = proxy_header(cfg.proxy_protocol, self.client.family, self.peer,
+            header = proxy_header(cfg.proxy_protocol, self.client.family, self.client_address,
                                   self.client.getsockname())
             self.target.sendall(header if cfg.decrypt else sealer.seal(header))
         except OSError as e:
@@ -1118,7 +1117,10 @@ class Connection:
         return True
 
     def _pipe(self, relay, src, worker, dst, counter):
-        """Run one direction; half-close at EOF, tear both down on failure."""
+        """Run one direction; half-close at EOF; a failure aborts both directions.
+
+        I/O errors and bad packets end here; other exceptions propagate.
+        """
         try:
             if relay is relay_seal:
                 relay(src.recv, worker, dst, counter)
@@ -1131,26 +1133,45 @@ class Connection:
             self.abort(e.strerror or str(e))
 
     def abort(self, why):
-        """Close both directions now: wakes the other relay thread."""
+        """Cut both directions now, at any stage: wakes every thread waiting on them."""
         with self.lock:
             if self.failed is None:
                 self.failed = why
+            if self.closed:
+                return
+            for sock in (self.client, self.target):
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def release(self):
+        """A thread is done with the sockets; the last one tears the connection down."""
+        with self.lock:
+            self.holds -= 1
+            last = self.holds == 0
+        if last:
+            self.teardown()
+
+    def teardown(self):
+        """Close both sockets and free the connection's slot, once."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
         for sock in (self.client, self.target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _event(self, text):
-        if log.events:
-            log.event("connection %d: %s" % (self.number, text))
-
-    def _closed(self):
-        self.server.connection_closed(self)
+            if sock is not None:
+                sock.close()
+        self.server.connection_closed(self.request, self)
         if log.events and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
+
+    def _event(self, text):
+        if log.events:
+            log.event("connection %d: %s" % (self.number, text))
 
 # ---------------------------------------------------------------------------
 # 7. Server: accept loop, connection limit, graceful drain
@@ -1226,44 +1247,55 @@ class Config:
         self.max_connections = DEFAULT_MAXCONN
         self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
         self.connect_after_auth = False  # --connect-after-auth (-d)
+        self.drain_timeout = None
         self.__dict__.update(kw)
 
 
-class Server(socketserver.TCPServer):
-    """Accepts connections on one listening socket and runs each in threads.
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Accepts connections on one listening socket (TCP or unix) and runs each.
 
-    socketserver.TCPServer binds and listens (TCP or unix).  serve()
-    replaces serve_forever(): it stops calling accept() while -n
-    connections are live (clients wait in the backlog), reacts to signals
-    through a wake-up pipe, and returns once a shutdown has drained.
-    process_request() hands each connection to Workers rather than
-    ThreadingMixIn's new thread per request: reusing threads cut the CPU
-    spent per short connection by about a third.
+        serve() --accept--> process_request()   (ThreadingMixIn: a new thread)
+                                  |
+                            Connection: set-up, relay outward
+                                  +-- second thread: relay inward
+
+    socketserver.TCPServer binds and listens (address_family says TCP or
+    unix); the mixin's own process_request() starts one thread per
+    connection.  serve() replaces serve_forever(): it stops calling
+    accept() while -n connections are live (clients wait in the backlog),
+    wakes on a pipe byte from signal handlers and closing connections,
+    calls service_actions() on every pass, and returns once a shutdown has
+    drained.  shutdown_request() releases the mixin thread's hold on its
+    connection instead of closing the socket the second relay still uses.
     """
 
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True   # exit after a drain without joining anyone
+    block_on_close = False  # and keep no list of threads
 
     def __init__(self, config, family, sockaddr, targets, listener=None, socket_mode=None):
         self.config = config
         self.address_family = family
         self.targets = targets
         self.stats = Stats()
-        self.dh_keys = DHKeyPool()
-        self.workers = Workers()
-        self.live = set()
-        self.lock = threading.Lock()
+        # -e computes its key pairs ahead; -d only after the client proved the key.
+        self.dh_keys = None if config.decrypt or config.fast else DHKeyPool()
+        self.live = {}     # accepted socket -> its Connection (None until it runs)
+        self.lock = threading.Lock()  # guards live, next_number, stopping, accept pause
         self.next_number = 0
         self.unlink_path = self.unlink_ident = None
         self.stopping = False
         self.drain_deadline = None
-        self.on_tick = None
+        self.signals = []  # appended by signal handlers, consumed by service_actions()
+        self.notifier = None
+        self.key_files = None  # KeyFiles, re-read on SIGHUP
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         self.accept_paused_until = 0.0
         self.accept_error_logged = False
-        super().__init__(sockaddr, socketserver.BaseRequestHandler, bind_and_activate=False)
+        super().__init__(sockaddr, Connection, bind_and_activate=False)
         if listener is not None:  # systemd bound and listens for us
             self.socket.close()
             self.socket = listener
@@ -1282,6 +1314,10 @@ class Server(socketserver.TCPServer):
                 self.unlink_path = sockaddr
                 self.unlink_ident = _file_identity(sockaddr)
         self.socket.setblocking(False)
+        # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
+        # socket to each accepted one: set them once here, not per connection.
+        tune_socket(self.socket, config.keepalive)
+        self.accepted_tuned = sys.platform.startswith("linux")
 
     def bind_with_mode(self, mode):
         """Bind the unix socket so that its file is created with MODE's permission bits.
@@ -1345,8 +1381,7 @@ class Server(socketserver.TCPServer):
                             pass
                     elif listening:
                         self._accept_one()
-                if self.on_tick is not None:
-                    self.on_tick()
+                self.service_actions()
         finally:
             selector.close()
 
@@ -1365,44 +1400,93 @@ class Server(socketserver.TCPServer):
             return
         self.accept_paused_until = 0.0
         self.accept_error_logged = False  # the next exhaustion gets its line again
-        sock.setblocking(True)
-        connection = Connection(self, sock, peer)
         limit = self.config.max_connections
         with self.lock:
-            self.next_number += 1
-            connection.number = self.next_number
-            self.live.add(connection)
+            self.live[sock] = None
             reached = limit and len(self.live) == limit
-        self.stats.count("total")
-        self.stats.count("live")
+        with self.stats.lock:
+            self.stats.total += 1
+            self.stats.live += 1
         if reached:
             self.stats.count("limit_reached")
             log.warn("Maximum number of connections (%d) reached" % limit)
-        if log.events:
-            log.event("connection %d: accepted from %s"
-                      % (connection.number, connection.describe_peer()))
         try:
-            self.process_request(connection, peer)
+            self.process_request(sock, peer)
         except RuntimeError:  # cannot start a thread: drop this one
-            sock.close()
-            self.connection_closed(connection)
+            self.shutdown_request(sock)
 
-    def process_request(self, connection, peer):
-        """Run the connection in a thread of its own (a reused one if idle)."""
-        self.workers.submit(connection.run)
+    def service_actions(self):
+        """Each pass of serve(): act on recorded signals; systemd watchdog and status."""
+        while self.signals:
+            what = self.signals.pop(0)
+            if what == "term":
+                if self.notifier is not None:
+                    self.notifier.send("STOPPING=1")
+                self.begin_shutdown(self.config.drain_timeout)
+            elif what == "reload":
+                if self.key_files is not None:
+                    self.key_files.reload(self.config, self.stats, self.notifier)
+            elif what == "stats":
+                with self.lock:
+                    live = [c for c in self.live.values() if c is not None]
+                log.event(self.stats.summary(live))
+        if self.notifier is not None:
+            self.notifier.tick()
+            self.notifier.status("%d live, %d total connections"
+                                 % (self.stats.live, self.stats.total))
 
-    def connection_closed(self, connection):
-        """Called by each connection as it ends; frees its slot."""
+    # -- connections --------------------------------------------------------
+
+    def attach(self, connection):
+        """A connection's thread has started: number it and let abort_all() reach it."""
+        with self.lock:
+            self.next_number += 1
+            number = self.next_number
+            self.live[connection.request] = connection
+        if log.events:
+            log.event("connection %d: accepted from %s" % (number, connection.describe_peer()))
+        return number
+
+    def handle_error(self, request, client_address):
+        """An unexpected exception in a connection's thread: log it, cut the connection."""
+        exc = sys.exc_info()[1]
+        with self.lock:
+            connection = self.live.get(request)
+        number = connection.number if connection is not None else 0
+        log.warn("connection %d: internal error: %r" % (number, exc))
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.warn(line)
+        if connection is not None:
+            connection.abort("internal error: %r" % (exc,))
+
+    def shutdown_request(self, request):
+        """The mixin's thread is done: release its hold on the connection.
+
+        The socket stays open while the other relay uses it; the
+        connection's teardown closes it.  A request whose connection never
+        started is closed here.
+        """
+        with self.lock:
+            connection = self.live.get(request)
+        if connection is not None:
+            connection.release()
+        else:
+            self.close_request(request)
+            self.connection_closed(request, None)
+
+    def connection_closed(self, request, connection):
+        """Called once per accepted socket as it is closed; frees its slot."""
         with self.lock:
             # Wake the accept loop only when it waits for this: a free slot,
             # a free descriptor, or the end of a drain.
             waiting = self.full() or self.accept_paused_until or self.stopping
-            self.live.discard(connection)
+            self.live.pop(request, None)
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
         with self.stats.lock:
             self.stats.live -= 1
-            self.stats.bytes_in += connection.up[0]
-            self.stats.bytes_out += connection.down[0]
+            if connection is not None:
+                self.stats.bytes_in += connection.up[0]
+                self.stats.bytes_out += connection.down[0]
         if waiting:
             self.wake()
 
@@ -1419,9 +1503,10 @@ class Server(socketserver.TCPServer):
     def abort_all(self):
         """Cut every live connection (bounded drain ran out)."""
         with self.lock:
-            live = list(self.live)
+            live = list(self.live.values())
         for connection in live:
-            connection.abort("drain timeout")
+            if connection is not None:  # None: not started; the exit closes it
+                connection.abort("drain timeout")
 
     def server_close(self):
         super().server_close()
@@ -1988,30 +2073,32 @@ def parse_spiped_args(args):
     return seen
 
 
-def _install_signals(server, drain_timeout, notifier):
-    """SIGTERM drains (second one exits at once); SIGINT as C; SIGUSR1 stats;
-    SIGHUP reloads the keys."""
+def _install_signals(server):
+    """Handlers only record the signal and wake the serve loop, which acts.
+
+    SIGTERM drains; the first one restores the default action, so a second
+    kills at once as in C.  SIGINT keeps its default (as PID 1, where
+    defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1 logs
+    statistics.  SIGHUP (C would exit) reloads the keys.
+    """
     pid1 = os.getpid() == 1
-    pending = []
+    terms = []  # SIGTERMs seen
 
     def on_term(signum, frame):
-        if server.stopping:
-            if pid1:
-                os._exit(0)
+        terms.append(signum)
+        if not pid1:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        # A second SIGTERM kills at once, as C restores the default action.
-        signal.signal(signal.SIGTERM, on_term if pid1 else signal.SIG_DFL)
-        notifier.send("STOPPING=1")
-        server.begin_shutdown(drain_timeout)
+        elif len(terms) > 1:
+            os._exit(0)
+        server.signals.append("term")
+        server.wake()
 
     def on_usr1(signum, frame):
-        pending.append("stats")
+        server.signals.append("stats")
         server.wake()
 
     def on_hup(signum, frame):
-        pending.append("reload")
+        server.signals.append("reload")
         server.wake()
 
     def on_int(signum, frame):
@@ -2025,7 +2112,6 @@ def _install_signals(server, drain_timeout, notifier):
         signal.signal(signal.SIGINT, on_int)
     else:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return pending
 
 
 def _cli(usage, parse, run):
@@ -2098,7 +2184,8 @@ def _run_spiped(opts):
                     keepalive="-j" not in opts, bind=bind,
                     max_connections=opts.get("-n", DEFAULT_MAXCONN),
                     proxy_protocol=opts.get("--proxy-protocol"),
-                    connect_after_auth="--connect-after-auth" in opts)
+                    connect_after_auth="--connect-after-auth" in opts,
+                    drain_timeout=opts.get("--drain-timeout"))
     if listener is None and family == socket.AF_UNIX:
         clear_stale_socket(sockaddr)
     try:
@@ -2121,22 +2208,10 @@ def _run_spiped(opts):
         threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
                          daemon=True).start()
     notifier = Notifier()
-    pending = _install_signals(server, opts.get("--drain-timeout"), notifier)
+    server.notifier = notifier
+    server.key_files = key_files
     server.stats.add_keys(name for name, _ in keyring)
-
-    def on_tick():
-        while pending:
-            if pending.pop(0) == "reload":
-                key_files.reload(config, server.stats, notifier)
-                continue
-            with server.lock:
-                live = list(server.live)
-            log.event(server.stats.summary(live))
-        notifier.tick()
-        notifier.status("%d live, %d total connections"
-                        % (server.stats.live, server.stats.total))
-
-    server.on_tick = on_tick
+    _install_signals(server)
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())  # the daemon's PID after a fork
     notifier.status("0 live, 0 total connections")
     try:

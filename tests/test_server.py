@@ -1,0 +1,342 @@
+"""The server's shape and the life of one connection, against the running daemon.
+
+Server is a socketserver.ThreadingMixIn server without a pool; a
+connection ends in one teardown from any stage of its set-up; -d drops a
+client at once when its target refuses, and makes no Diffie-Hellman key
+pair for a client that has not proved the key; signal handlers only
+record and wake the loop; an unexpected exception in either relay ends
+the whole connection and is logged.
+
+Some tests run spiped.py's main() from a small wrapper script that first
+patches one function (to count calls, to widen a window, or to raise),
+so the daemon process itself shows the behaviour.
+"""
+import os
+import signal
+import socket
+import shutil
+import socketserver
+import subprocess
+import sys
+import time
+
+import pytest
+
+import spiped
+from conftest import (ROOT, IMPLS, TargetServer, connect, free_port,
+                      need_c, tcp_addr)
+
+WRAPPER = """\
+import os, sys, time
+sys.path.insert(0, %r)
+import spiped
+%s
+sys.exit(spiped.main(["spiped"] + sys.argv[1:]))
+"""
+
+
+def wrapped(tmp_path, patch):
+    """Command line running spiped's main() after PATCH (Python source)."""
+    script = tmp_path / "wrapped_spiped.py"
+    script.write_text(WRAPPER % (ROOT, patch))
+    return lambda *args: [sys.executable, str(script), *args]
+
+
+def wait_for(predicate, timeout, step=0.02):
+    """Poll PREDICATE until it is true or TIMEOUT seconds passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def key_of(path):
+    return spiped.read_key(path)
+
+
+def wait_closed(sock, timeout):
+    """Read SOCK until EOF or reset; seconds it took, or None if it stayed open."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except socket.timeout:
+        return None
+    return time.monotonic() - started
+
+
+class HoldingTarget(TargetServer):
+    """A target that says hello, then reads until EOF; remembers when each EOF came."""
+
+    def __init__(self, addr=None):
+        self.eofs = 0
+        super().__init__(addr)
+
+    def handle(self, conn):
+        conn.settimeout(60)
+        try:
+            conn.sendall(b"hello")
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        with self.lock:
+            self.eofs += 1
+
+
+@pytest.fixture
+def holding():
+    servers = []
+
+    def make():
+        s = HoldingTarget()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def start(procs, cmd, tmp_path, *args, **kw):
+    """A foreground daemon running CMD(ARGS); its stderr goes to a file. (proc, source, log)."""
+    source = tcp_addr(free_port())
+    log = tmp_path / "stderr.log"
+    err = open(log, "wb")
+    try:
+        proc = procs.daemon(cmd("-F", "-s", source, *args), source, stderr=err, **kw)
+    finally:
+        err.close()
+    return proc, source, str(log)
+
+
+# ---------------------------------------------------------------------------
+# The shape
+# ---------------------------------------------------------------------------
+
+
+def test_server_is_a_threading_mixin_server_without_a_pool():
+    assert issubclass(spiped.Server, socketserver.ThreadingMixIn)
+    assert issubclass(spiped.Server, socketserver.TCPServer)
+    assert "process_request" not in spiped.Server.__dict__
+    assert spiped.Server.daemon_threads and not spiped.Server.block_on_close
+    assert issubclass(spiped.Connection, socketserver.BaseRequestHandler)
+    assert not hasattr(spiped, "Workers")
+
+
+# ---------------------------------------------------------------------------
+# 1. One teardown from any stage
+# ---------------------------------------------------------------------------
+
+
+def test_drain_timeout_with_a_client_in_its_handshake(procs, tmp_path, keyfile, holding):
+    """SIGTERM with --drain-timeout cuts a connection whose target is not dialled yet."""
+    target = holding()
+    proc, source, log = start(procs, IMPLS["ours"], tmp_path, "-d", "-t", target.addr,
+                              "-k", keyfile, "-o", "30", "--drain-timeout", "0.5")
+    with connect(source) as s:
+        s.settimeout(10)
+        assert len(s.recv(32)) == 32  # the daemon's nonce: the handshake is under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, read_text(log)
+        assert wait_closed(s, 10) is not None
+    assert "Traceback" not in read_text(log)
+
+
+# ---------------------------------------------------------------------------
+# 2. -d: a target that refuses ends the handshake at once
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["ours", pytest.param("c", marks=need_c)])
+def test_refused_target_drops_the_client_at_once(procs, tmp_path, keyfile, impl):
+    """Long before -o: the connect to the target runs beside the handshake."""
+    refused = tcp_addr(free_port())  # nothing listens there
+    proc, source, log = start(procs, IMPLS[impl], tmp_path, "-d", "-t", refused,
+                              "-k", keyfile, "-o", "30")
+    with connect(source) as s:
+        took = wait_closed(s, 20)  # the client sends nothing at all
+    assert took is not None, "client still connected after 20 s"
+    assert took < 5, "dropped only after %.1f s" % took
+    assert proc.poll() is None
+
+
+# ---------------------------------------------------------------------------
+# 3. -d: no key pair for a client that has not proved the key
+# ---------------------------------------------------------------------------
+
+COUNT_MODEXP = """
+calls = [0]
+real_modexp = spiped._modexp
+def counting_modexp(base, exponent):
+    calls[0] += 1
+    return real_modexp(base, exponent)
+spiped._modexp = counting_modexp
+import atexit
+atexit.register(lambda: open(os.environ["MODEXP_COUNT"], "w").write(str(calls[0])))
+"""
+
+
+def test_wrong_key_clients_cost_no_exponentiation(procs, tmp_path, keyfile, otherkey, holding):
+    """20 clients with the wrong key: no modular exponentiation at all; a good one: two."""
+    target = holding()
+    count = tmp_path / "count"
+    proc, source, log = start(procs, wrapped(tmp_path, COUNT_MODEXP), tmp_path,
+                              "-d", "-t", target.addr, "-k", keyfile, "-o", "30",
+                              env=dict(os.environ, MODEXP_COUNT=str(count)))
+    for _ in range(20):
+        with connect(source) as s:
+            with pytest.raises(spiped.HandshakeError):
+                spiped.handshake(s, key_of(otherkey), client=True, fast=True, timeout=10)
+    with connect(source) as s:
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, read_text(log)
+    # The good client: the daemon's own y, then the shared value.
+    assert read_text(count) == "2"
+
+
+# ---------------------------------------------------------------------------
+# 4. Signal handlers only record and wake the loop
+# ---------------------------------------------------------------------------
+
+SLOW_FULL = """
+real_full = spiped.Server.full
+def slow_full(self):
+    # Called with Server.lock held: announce it, and hold it a while.
+    with open(os.environ["LOCK_HELD"], "a") as f:
+        f.write("held\\n")
+    time.sleep(1.0)
+    return real_full(self)
+spiped.Server.full = slow_full
+"""
+
+
+def test_sigterm_while_the_loop_holds_its_lock(procs, tmp_path, keyfile, holding):
+    """A signal that lands while the accept loop holds Server.lock still drains and exits."""
+    target = holding()
+    held = tmp_path / "held"
+    proc, source, log = start(procs, wrapped(tmp_path, SLOW_FULL), tmp_path,
+                              "-d", "-t", target.addr, "-k", keyfile,
+                              env=dict(os.environ, LOCK_HELD=str(held)))
+    before = read_text(held).count("held")
+    assert wait_for(lambda: read_text(held).count("held") > before, 10)
+    proc.send_signal(signal.SIGTERM)  # lands while slow_full() holds the lock
+    assert proc.wait(timeout=10) == 0, read_text(log)
+
+
+# ---------------------------------------------------------------------------
+# 7. Any exception in either relay ends the whole connection
+# ---------------------------------------------------------------------------
+
+RAISE_IN = """
+def boom(self, data):
+    raise ValueError("boom in the relay")
+spiped.%s = boom
+"""
+
+
+@pytest.mark.parametrize("where", ["PacketOpener.open", "PacketSealer.seal"])
+def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile, holding,
+                                                         where):
+    """Both the client and the target see their connection end, and the error is logged."""
+    target = holding()
+    cmd = wrapped(tmp_path, RAISE_IN % where)
+    proc, source, log = start(procs, cmd, tmp_path, "-d", "-t", target.addr, "-k", keyfile,
+                              "-o", "30")
+    with connect(source) as s:
+        sealer, _ = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        s.sendall(sealer.seal(b"data for the target"))
+        assert wait_closed(s, 10) is not None, "client still connected"
+    assert wait_for(lambda: target.eofs == 1, 10), "target still connected"
+    text = read_text(log)
+    assert "internal error" in text and "ValueError: boom in the relay" in text, text
+    # The daemon goes on serving.
+    assert proc.poll() is None
+
+
+# ---------------------------------------------------------------------------
+# Socket options: set once on the listener, inherited by accepted sockets
+# ---------------------------------------------------------------------------
+
+
+def _keepalive_timers(port_filter):
+    """ss's timer field for each established TCP socket matching PORT_FILTER."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", port_filter],
+                         capture_output=True, text=True, timeout=10).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
+@pytest.mark.parametrize("flags", [(), ("-j",)])
+def test_keepalive_on_both_sockets_unless_j(procs, tmp_path, keyfile, holding, flags):
+    target = holding()
+    proc, source, log = start(procs, IMPLS["ours"], tmp_path, "-d", "-t", target.addr,
+                              "-k", keyfile, *flags)
+    sport = source.rsplit(":", 1)[1]
+    tport = target.addr.rsplit(":", 1)[1]
+    with connect(source) as s:
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        assert wait_for(lambda: target.connections == 1, 10)
+        accepted = _keepalive_timers("( sport = :%s )" % sport)
+        dialled = _keepalive_timers("( dport = :%s )" % tport)
+        assert len(accepted) == 1 and len(dialled) == 1, (accepted, dialled)
+        if not flags:  # ss shows a pending retransmission timer instead, for a moment
+            both = lambda: all("timer:(keepalive" in line for line in
+                               _keepalive_timers("( sport = :%s )" % sport)
+                               + _keepalive_timers("( dport = :%s )" % tport))
+            assert wait_for(both, 10), (accepted, dialled)
+        else:
+            assert not any("keepalive" in line for line in accepted + dialled)
+
+
+# ---------------------------------------------------------------------------
+# 4 (continued). As PID 1 the default actions do nothing; the handlers exit
+# ---------------------------------------------------------------------------
+
+
+def _child_pid(pid, timeout=10):
+    """The single child of PID (the process unshare forked into the new namespace)."""
+    path = "/proc/%d/task/%d/children" % (pid, pid)
+    found = wait_for(lambda: read_text(path).split(), timeout)
+    assert found, "no child of %d" % pid
+    return int(found[0])
+
+
+def _can_unshare_pid():
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        return False
+    return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True,
+                          timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
+def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, tmp_path, keyfile, holding):
+    """As PID 1 SIGINT's default action would do nothing; the handler exits 0 at once."""
+    target = holding()
+    source = tcp_addr(free_port())
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
+                              os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
+                              "-t", target.addr, "-k", keyfile], source, stderr=err)
+    pid1 = _child_pid(outer.pid)
+    with connect(source) as s:
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        assert wait_for(lambda: target.connections == 1, 10)
+        os.kill(pid1, signal.SIGINT)
+        assert outer.wait(timeout=10) == 0, read_text(log)
+    assert "Traceback" not in read_text(log)
