@@ -35,6 +35,7 @@ import pwd
 import queue
 import re
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
@@ -992,12 +993,12 @@ class Connection:
                 pass
 
     def _event(self, text):
-        if log.events:
-            log.event("connection %d: %s" % (self.number, text))
+        if self.config.log_connections:
+            log.event("%sconnection %d: %s" % (self.config.label, self.number, text))
 
     def _closed(self):
         self.server.connection_closed(self)
-        if log.events and self.relays_started:  # set-up failures logged their own line
+        if self.config.log_connections and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
@@ -1053,6 +1054,8 @@ class Config:
         self.keepalive = True
         self.bind = None
         self.max_connections = DEFAULT_MAXCONN
+        self.log_connections = False  # --log-connections
+        self.label = ""               # "SOURCE: " before log lines, with --config
         self.__dict__.update(kw)
 
 
@@ -1190,9 +1193,9 @@ class Server(socketserver.TCPServer):
         if reached:
             self.stats.count("limit_reached")
             log.warn("Maximum number of connections (%d) reached" % limit)
-        if log.events:
-            log.event("connection %d: accepted from %s"
-                      % (connection.number, connection.describe_peer()))
+        if connection.config.log_connections:
+            log.event("%sconnection %d: accepted from %s"
+                      % (connection.config.label, connection.number, connection.describe_peer()))
         try:
             self.process_request(connection, peer)
         except RuntimeError:  # cannot start a thread: drop this one
@@ -1423,7 +1426,30 @@ def inherited_listener(environ=os.environ):
         return None
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    fd = 3
+    sock = _passed_listener(3)
+    if count > 1:
+        log.warn("systemd passed %d sockets; serving on the first only" % count)
+    return sock
+
+
+def inherited_listeners(environ=os.environ):
+    """Every listening socket systemd passed us (fds 3 onwards), in order.
+
+    Raises SpipedError when one is not a listening stream socket.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [_passed_listener(fd) for fd in range(3, 3 + max(count, 0))]
+
+
+def _passed_listener(fd):
+    """FD as a socket object; SpipedError unless it is a listening stream socket."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
@@ -1437,8 +1463,6 @@ def inherited_listener(environ=os.environ):
     if kind != socket.SOCK_STREAM or not accepting:
         sock.detach()
         raise SpipedError("Inherited file descriptor %d is not a listening stream socket" % fd)
-    if count > 1:
-        log.warn("systemd passed %d sockets; serving on the first only" % count)
     return sock
 
 
@@ -1506,11 +1530,25 @@ Extensions (long options; every C command line keeps its meaning):
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
                          then close them and exit 0
   --socket-mode MODE     octal permissions for a unix source socket
+  --config FILE          serve every tunnel in FILE, one per line written as
+                         its spiped options (-e|-d -s -t -k ...), with blank
+                         lines and # comments; the command line then holds
+                         only -D -F -p -u --syslog --drain-timeout.  The
+                         default pidfile is FILE.pid.  SIGHUP re-reads FILE
+                         and the key files: added lines start, removed lines
+                         stop listening and drain, changed lines restart
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
-logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
-readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
+logs one statistics line (one per tunnel with --config); SIGHUP reloads
+--config.  systemd: socket activation (LISTEN_FDS) and readiness
+(NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
 """
+
+
+# Options of the whole process: with --config they stay on the command line
+# and are an error on a tunnel line; every other option describes a tunnel.
+PROCESS_OPTIONS = ("-F", "-D", "-p", "-u", "-v", "--syslog", "--drain-timeout",
+                   "--config", "--help")
 
 
 class _Exit(Exception):
@@ -1655,16 +1693,22 @@ def _print_version():
     sys.stderr.flush()
 
 
-def parse_spiped_args(args):
-    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit."""
+def parse_spiped_args(args, tunnel_line=False):
+    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit.
+
+    With TUNNEL_LINE (a line of a --config file), process options are a
+    UsageError naming the option.
+    """
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
                                   ("--syslog", "--log-connections", "--help"),
-                                  ("--drain-timeout", "--socket-mode")):
+                                  ("--drain-timeout", "--socket-mode", "--config")):
         if option is None:
             if value:
                 raise UsageError(None)
             break
+        if tunnel_line and option in PROCESS_OPTIONS:
+            raise UsageError("%s belongs on the command line, not on a tunnel line" % option)
         if option == "--help":
             sys.stdout.write(SPIPED_USAGE + "\n" + SPIPED_LONG_HELP)
             raise _Exit(0)
@@ -1688,6 +1732,11 @@ def parse_spiped_args(args):
                 raise SpipedError("Error parsing argument: %s %s: Invalid argument"
                                   % (option, value)) from None
         seen[option] = value
+    if "--config" in seen:
+        stray = [o for o in seen if o not in PROCESS_OPTIONS]
+        if stray:
+            raise UsageError("with --config, tunnel options belong in the file: %s" % stray[0])
+        return seen
     if ("-e" in seen) == ("-d" in seen):
         raise UsageError(None)
     if not all(o in seen for o in ("-s", "-t", "-k")):
@@ -1701,6 +1750,101 @@ def parse_spiped_args(args):
     timeout = seen.get("-o") or DEFAULT_TIMEOUT
     seen["-o"] = None if timeout == float("inf") else timeout
     return seen
+
+
+# -- --config FILE: many tunnels ---------------------------------------------
+
+# Options whose change on a line only swaps the keys of its tunnel.
+KEY_OPTIONS = ("-k",)
+TUNNEL_LINE_USAGE = "not a tunnel: {-e | -d} -s <source> -t <target> -k <key file> [options]"
+
+
+def parse_config_file(path):
+    """[(line number, options)] for the tunnels in --config file PATH.
+
+    Each line is split as a POSIX shell would and parsed by
+    parse_spiped_args; blank and comment lines are skipped.  Raises
+    SpipedError naming PATH:LINE.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise SpipedError("Cannot read %s: %s" % (path, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise SpipedError("%s: not UTF-8 text: %s" % (path, e.reason)) from None
+    tunnels = []
+    for number, line in enumerate(text.splitlines(), 1):
+        where = "%s:%d: " % (path, number)
+        try:
+            args = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise SpipedError(where + str(e)) from None
+        if not args:
+            continue
+        try:
+            opts = parse_spiped_args(args, tunnel_line=True)
+        except UsageError as e:
+            raise SpipedError(where + (e.args[0] or TUNNEL_LINE_USAGE)) from None
+        except SpipedError as e:
+            raise SpipedError(*(where + msg for msg in e.lines)) from None
+        tunnels.append((number, opts))
+    return tunnels
+
+
+def address_key(family, sockaddr):
+    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
+    if family in (socket.AF_INET, socket.AF_INET6):
+        host = sockaddr[0].partition("%")[0]
+        return family, socket.inet_pton(family, host), sockaddr[1]
+    return family, sockaddr
+
+
+def load_config(path, retry=False):
+    """Parse and check --config file PATH; {source: TunnelSpec}, nothing bound.
+
+    Every address is resolved and every key file read; two lines with the
+    same source are an error.  Raises SpipedError naming PATH:LINE.
+    """
+    specs = {}
+    seen = {}  # address_key -> line
+    for number, opts in parse_config_file(path):
+        where = "%s:%d: " % (path, number)
+        try:
+            spec = build_tunnel(opts, retry, label="%s: " % opts["-s"])
+        except SpipedError as e:
+            raise SpipedError(*(where + msg for msg in e.lines)) from None
+        spec.line = number
+        address = address_key(spec.family, spec.sockaddr)
+        other = specs[opts["-s"]].line if opts["-s"] in specs else seen.get(address)
+        if other is not None:
+            raise SpipedError(where + "source %s is already used on line %d"
+                              % (opts["-s"], other))
+        seen[address] = number
+        specs[opts["-s"]] = spec
+    return specs
+
+
+def diff_tunnels(old, new):
+    """What turns tunnel set OLD into NEW; both map source -> (options, key).
+
+    Returns (added, removed, rekeyed, replaced) lists of sources: rekeyed
+    lines differ only in KEY_OPTIONS or the key itself; replaced lines
+    differ in anything else.  Equal lines are in none of the lists.
+    """
+    def without_keys(opts):
+        return {o: v for o, v in opts.items() if o not in KEY_OPTIONS}
+
+    added = [source for source in new if source not in old]
+    removed = [source for source in old if source not in new]
+    rekeyed, replaced = [], []
+    for source in new:
+        if source in old and old[source] != new[source]:
+            if without_keys(old[source][0]) == without_keys(new[source][0]):
+                rekeyed.append(source)
+            else:
+                replaced.append(source)
+    return added, removed, rekeyed, replaced
 
 
 def _install_signals(server, drain_timeout, notifier):
@@ -1765,7 +1909,68 @@ def _cli(usage, parse, run):
 def spiped_main(args):
     """spiped: returns the exit status."""
     log.prog = "spiped"
-    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args), _run_spiped)
+    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args),
+                lambda opts: (_run_tunnels if "--config" in opts else _run_spiped)(opts))
+
+
+class TunnelSpec:
+    """One tunnel, checked and resolved, not yet bound: what build_tunnel() made."""
+
+    def __init__(self, opts, config, family, sockaddr, targets):
+        self.opts = opts
+        self.config = config
+        self.family = family
+        self.sockaddr = sockaddr      # the source address to bind (None: inherited)
+        self.targets = targets
+        self.line = 0                 # its line in a --config file
+
+    def identity(self):
+        """(options, key): what diff_tunnels() compares."""
+        return self.opts, self.config.key
+
+
+def build_tunnel(opts, retry=False, resolve_source=True, label=""):
+    """Resolve the addresses and read the key that tunnel options OPTS name.
+
+    RETRY (-D) retries failed look-ups each second.  Without RESOLVE_SOURCE
+    the source is not looked up (a listening socket was passed).  Raises
+    SpipedError with C's messages.
+    """
+    source, target = opts["-s"], opts["-t"]
+    family = sockaddr = None
+    if resolve_source:
+        sources = _resolve_or_retry(source, retry)
+        if len(sources) > 1:
+            log.warn("Using the first of multiple addresses found for %s" % source)
+        family, sockaddr = sources[0]
+    targets = _resolve_or_retry(target, retry)
+    if not targets:
+        raise SpipedError("No addresses found for %s" % target)
+    bind = None
+    if "-b" in opts:
+        bind = _resolve_or_retry(opts["-b"], retry, bind_address)[0][1]
+    key = read_key(opts["-k"])
+    config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
+                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
+                    keepalive="-j" not in opts, bind=bind,
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
+                    log_connections="--log-connections" in opts, label=label)
+    return TunnelSpec(opts, config, family, sockaddr, targets)
+
+
+def start_tunnel(spec, listener=None):
+    """A Server for SPEC, bound to its source or serving LISTENER (not yet serving).
+
+    Raises SpipedError when the source cannot be bound.
+    """
+    family = spec.family if listener is None else listener.family
+    if listener is None and family == socket.AF_UNIX:
+        clear_stale_socket(spec.sockaddr)
+    try:
+        return Server(spec.config, family, spec.sockaddr, spec.targets, listener=listener,
+                      socket_mode=spec.opts.get("--socket-mode"))
+    except OSError as e:
+        raise SpipedError("Error binding socket: %s" % e.strerror) from None
 
 
 def _run_spiped(opts):
@@ -1786,32 +1991,8 @@ def _run_spiped(opts):
         go_background()
 
     listener = inherited_listener()
-    if listener is None:
-        sources = _resolve_or_retry(source, wait_dns)
-        if len(sources) > 1:
-            log.warn("Using the first of multiple addresses found for %s" % source)
-        family, sockaddr = sources[0]
-    else:
-        family, sockaddr = listener.family, None
-    targets = _resolve_or_retry(target, wait_dns)
-    if not targets:
-        raise SpipedError("No addresses found for %s" % target)
-    bind = None
-    if "-b" in opts:
-        bind = _resolve_or_retry(opts["-b"], wait_dns, bind_address)[0][1]
-    key = read_key(opts["-k"])
-
-    config = Config(decrypt="-d" in opts, source=source, target=target, key=key,
-                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
-                    keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN))
-    if listener is None and family == socket.AF_UNIX:
-        clear_stale_socket(sockaddr)
-    try:
-        server = Server(config, family, sockaddr, targets, listener=listener,
-                        socket_mode=opts.get("--socket-mode"))
-    except OSError as e:
-        raise SpipedError("Error binding socket: %s" % e.strerror) from None
+    server = start_tunnel(build_tunnel(opts, wait_dns, resolve_source=listener is None),
+                          listener)
     # C checks -u only in the daemon, after its parent has exited 0; an
     # unknown user or group is known now, so report it with exit 1.
     identity = lookup_identity(opts["-u"]) if "-u" in opts else None
@@ -1846,6 +2027,294 @@ def _run_spiped(opts):
         server.serve(tick=min(1.0, notifier.watchdog or 1.0))
     finally:
         server.server_close()
+    return 0
+
+class Tunnels:
+    """The servers of a --config file, one per line, kept in step with it.
+
+    The main thread owns this object (all its methods run there).  Each
+    Server serves in a thread of its own; a server leaving (its line was
+    removed or replaced) drains there and is forgotten once closed.  A
+    thread ending wakes the main loop through the wake pipe.
+    """
+
+    def __init__(self, path, drain_timeout=None, passed=()):
+        self.path = path
+        self.drain_timeout = drain_timeout
+        self.specs = {}      # source -> TunnelSpec being served
+        self.servers = {}    # source -> Server accepting for it
+        self.threads = {}    # Server -> its thread, leaving servers too
+        self.passed = {}     # address_key -> listening socket systemd passed
+        for sock in passed:
+            self.passed[address_key(sock.family, sock.getsockname())] = sock
+        self.next_resolve = {}  # source -> monotonic time of its next target look-up
+        self.stopping = False
+        self.tick = 1.0
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    def check_passed(self, specs):
+        """SpipedError unless every passed socket is the source of a line of SPECS."""
+        wanted = {address_key(spec.family, spec.sockaddr) for spec in specs.values()}
+        for address, sock in self.passed.items():
+            if address not in wanted:
+                raise SpipedError("Inherited file descriptor %d (%s) is the source of no"
+                                  " tunnel in %s" % (sock.fileno(), format_sockaddr(
+                                      sock.family, sock.getsockname()), self.path))
+
+    def _bind(self, spec):
+        """A Server for SPEC on its passed socket if there is one, else bound now."""
+        passed = self.passed.get(address_key(spec.family, spec.sockaddr))
+        try:
+            return start_tunnel(spec, None if passed is None else passed.dup())
+        except SpipedError as e:
+            raise SpipedError(*("%s:%d: %s" % (self.path, spec.line, msg)
+                                for msg in e.lines)) from None
+
+    def bind(self, specs):
+        """Bind every tunnel of SPECS, or none (SpipedError naming FILE:LINE)."""
+        servers = {}
+        try:
+            for source, spec in specs.items():
+                servers[source] = self._bind(spec)
+        except SpipedError:
+            for server in servers.values():
+                server.server_close()
+            raise
+        return servers
+
+    def serve(self, specs, servers):
+        """Start serving SERVERS (from bind()) for SPECS."""
+        now = time.monotonic()
+        for source, server in servers.items():
+            self.specs[source] = specs[source]
+            self.servers[source] = server
+            self.next_resolve[source] = now + specs[source].opts["-r"]
+            thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
+            self.threads[server] = thread
+            thread.start()
+
+    def _serve(self, server):
+        try:
+            server.serve(tick=self.tick)
+        except Exception as e:  # a bug must not pass silently
+            log.warn("%sserver stopped: %r" % (server.config.label, e))
+        finally:
+            server.server_close()
+            self.wake()
+
+    def _retire(self, server, stop_listening):
+        """Stop SERVER accepting; its live connections drain in its thread.
+
+        With STOP_LISTENING the listener refuses new connects at once (a
+        socket systemd passed is left to systemd).
+        """
+        server.begin_shutdown(self.drain_timeout)
+        if not stop_listening:
+            return
+        if address_key(server.socket.family, server.socket.getsockname()) not in self.passed:
+            try:
+                server.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        path, server.unlink_path = server.unlink_path, None
+        if path is not None and _file_identity(path) == server.unlink_ident:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def reload(self):
+        """SIGHUP: re-read the file and key files and apply the difference.
+
+        A file that fails its checks, or a new source that cannot be bound,
+        changes nothing; the reason is logged.
+        """
+        try:
+            specs = load_config(self.path)
+            self.check_passed(specs)
+            added, removed, rekeyed, replaced = diff_tunnels(
+                {s: spec.identity() for s, spec in self.specs.items()},
+                {s: spec.identity() for s, spec in specs.items()})
+            fresh = self.bind({s: specs[s] for s in added})
+        except SpipedError as e:
+            for line in e.lines:
+                log.warn(line)
+            log.warn("%s not reloaded; still serving as before" % self.path)
+            return
+        for source in replaced:  # the new Server takes over the listening socket
+            old = self.servers[source]
+            try:
+                server = start_tunnel(specs[source], old.socket.dup())
+            except (OSError, SpipedError) as e:
+                log.warn("%s:%d: %s: not replaced: %s" % (self.path, specs[source].line,
+                                                         source, e))
+                continue
+            if server.address_family == socket.AF_UNIX and "--socket-mode" in specs[source].opts:
+                try:
+                    os.chmod(old.unlink_path, specs[source].opts["--socket-mode"])
+                except (OSError, TypeError):
+                    pass
+            server.unlink_path, server.unlink_ident = old.unlink_path, old.unlink_ident
+            old.unlink_path = None
+            self._retire(old, stop_listening=False)
+            fresh[source] = server
+        for source in rekeyed:  # connections read the config once, as they start
+            self.servers[source].config = specs[source].config
+            self.specs[source] = specs[source]
+        for source in removed:
+            self._retire(self.servers.pop(source), stop_listening=True)
+            del self.specs[source], self.next_resolve[source]
+        self.serve(specs, fresh)
+        log.warn("%s reloaded: %d added, %d removed, %d rekeyed, %d replaced, %d unchanged"
+                 % (self.path, len(added), len(removed), len(rekeyed), len(fresh) - len(added),
+                    len(specs) - len(added) - len(rekeyed) - len(replaced)))
+
+    def shutdown(self):
+        """SIGTERM: every server stops accepting and drains."""
+        self.stopping = True
+        for server in self.threads:
+            server.begin_shutdown(self.drain_timeout)
+
+    def reap(self):
+        """Forget servers whose threads ended; True once all have after shutdown()."""
+        for server, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                del self.threads[server]
+        return self.stopping and not self.threads
+
+    def re_resolve(self):
+        """Look up each due tunnel's target again (-r); keep the old list on failure."""
+        now = time.monotonic()
+        for source, spec in self.specs.items():
+            period = spec.opts["-r"]
+            if "-R" in spec.opts or not 0 < period < float("inf") \
+                    or now < self.next_resolve[source]:
+                continue
+            self.next_resolve[source] = now + period
+            try:
+                fresh = resolve(spec.opts["-t"])
+            except AddressError as e:
+                log.warn(e.lines[0])
+                continue
+            if fresh:
+                self.servers[source].targets = fresh
+
+    def statistics(self):
+        """One SIGUSR1 line per tunnel, named by its source."""
+        for source, server in self.servers.items():
+            with server.lock:
+                live = list(server.live)
+            log.event("%s: %s" % (source, server.stats.summary(live)))
+
+    def status(self):
+        """systemd's STATUS: live and total connections of each tunnel."""
+        return "%d tunnels: %s" % (len(self.servers), "; ".join(
+            "%s %d live, %d total" % (source, server.stats.live, server.stats.total)
+            for source, server in self.servers.items()))
+
+    def close(self):
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+
+
+def _install_tunnel_signals(wake):
+    """SIGTERM, SIGHUP and SIGUSR1 are recorded in the returned list and WAKE the loop.
+
+    A second SIGTERM exits at once, as C restores the default action.
+    """
+    pid1 = os.getpid() == 1
+    pending = []
+    terms = []
+
+    def record(signum, frame):
+        if signum == signal.SIGTERM:
+            if pid1 and terms:
+                os._exit(0)
+            terms.append(signum)
+            if not pid1:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        pending.append(signum)
+        wake()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, record)
+    if pid1:
+        log.warn("WARNING: Applying workaround for Docker signal-handling bug")
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(0))
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return pending
+
+
+def _run_tunnels(opts):
+    """spiped --config FILE: every tunnel of FILE in this process until SIGTERM."""
+    path = opts["--config"]
+    foreground = "-F" in opts
+    wait_dns = "-D" in opts
+    pidfile = opts.get("-p") or path + ".pid"
+    if "--syslog" in opts and foreground:
+        log.use_syslog(warnings=False)  # warnings stay on stderr with -F
+
+    def go_background():
+        daemonize(pidfile)
+        if "--syslog" in opts:
+            log.use_syslog()
+
+    if wait_dns and not foreground:
+        go_background()
+    specs = load_config(path, wait_dns)
+    tunnels = Tunnels(path, opts.get("--drain-timeout"), inherited_listeners())
+    tunnels.check_passed(specs)
+    servers = tunnels.bind(specs)
+    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
+    if not wait_dns and not foreground:
+        go_background()
+    if identity is not None:
+        drop_privileges(*identity)
+
+    threading.stack_size(512 * 1024)
+    _limit_malloc_arenas()
+    notifier = Notifier()
+    tunnels.tick = min(1.0, notifier.watchdog or 1.0)
+    pending = _install_tunnel_signals(tunnels.wake)
+    tunnels.serve(specs, servers)
+    notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+    selector = selectors.DefaultSelector()
+    selector.register(tunnels.wake_r, selectors.EVENT_READ)
+    try:
+        while not tunnels.reap():
+            notifier.tick()
+            notifier.status(tunnels.status())
+            if selector.select(tunnels.tick):
+                try:
+                    while os.read(tunnels.wake_r, 4096):
+                        pass
+                except OSError:
+                    pass
+            while pending:
+                signum = pending.pop(0)
+                if signum == signal.SIGTERM and not tunnels.stopping:
+                    notifier.send("STOPPING=1")
+                    tunnels.shutdown()
+                elif signum == signal.SIGHUP and not tunnels.stopping:
+                    notifier.send("RELOADING=1\nMONOTONIC_USEC=%d"
+                                  % (time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6))
+                    tunnels.reload()
+                    notifier.send("READY=1")
+                elif signum == signal.SIGUSR1:
+                    tunnels.statistics()
+            tunnels.re_resolve()
+    finally:
+        selector.close()
+        tunnels.close()
     return 0
 
 # -- spipe -------------------------------------------------------------------
