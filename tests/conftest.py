@@ -354,3 +354,15 @@ def rss_kib(pid):
 def terminate(proc, sig=signal.SIGTERM, timeout=10):
     proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    """PRED()'s first true value, polled until TIMEOUT seconds; AssertionError after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s not met after %.1fs" % (what, timeout))
+        time.sleep(0.02)
