@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -411,3 +412,59 @@ def test_activation_socket_matching_no_line_is_an_error(procs, keyfile, tmp_path
     assert p.returncode == 1
     assert ("Inherited file descriptor 4 (%s) is the source of no tunnel in %s" % (a2, conf)
             ).encode() in err
+
+
+# -- contrib -------------------------------------------------------------------
+
+CONTRIB = os.path.join(os.path.dirname(SPIPED_PY), "contrib")
+
+
+def test_contrib_example_config_parses():
+    lines = spiped.parse_config_file(os.path.join(CONTRIB, "systemd", "spiped.conf"))
+    assert len(lines) == 3 and {"-e", "-d"} <= set().union(*(o for _, o in lines))
+
+
+def test_contrib_service_runs_config_with_reload(tmp_path):
+    with open(os.path.join(CONTRIB, "systemd", "spiped.service")) as f:
+        unit = f.read()
+    assert "ExecStart=/usr/local/bin/spiped --config /etc/spiped/spiped.conf -F\n" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in unit
+    assert "Type=notify\n" in unit and "NoNewPrivileges=yes\n" in unit
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed")
+    fake = tmp_path / "spiped"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    copy = tmp_path / "spiped.service"
+    copy.write_text(unit.replace("/usr/local/bin/spiped ", str(fake) + " "))
+    p = subprocess.run([exe, "verify", "--man=no", str(copy)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), \
+        p.stdout + p.stderr
+
+
+def test_docker_entrypoint_passes_config_without_key(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "spiped"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH="%s:%s" % (bindir, os.environ["PATH"]))
+    for first in (["--config", "/etc/t.conf"], ["--config=/etc/t.conf"]):
+        out = subprocess.run([os.path.join(CONTRIB, "docker", "docker-entrypoint.sh"),
+                              *first, "--drain-timeout", "5"], env=env, capture_output=True,
+                             text=True, timeout=30).stdout.split("\n")
+        assert out[:-1] == ["-F", *first, "--drain-timeout", "5"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_openrc_tunnels_script_is_clean():
+    script = os.path.join(CONTRIB, "openrc", "spiped-tunnels")
+    assert os.access(script, os.X_OK)
+    with open(script) as f:
+        text = f.read()
+    assert "--config '$spiped_config' -F" in text and "--signal HUP" in text
+    p = subprocess.run(["shellcheck", "--shell=sh", "--exclude=SC2034,SC2154", script],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
