@@ -2116,20 +2116,20 @@ class Tunnels:
         With STOP_LISTENING the listener refuses new connects at once (a
         socket systemd passed is left to systemd).
         """
+        # Before begin_shutdown(): an idle server closes its socket right after.
+        if stop_listening:
+            path, server.unlink_path = server.unlink_path, None
+            if path is not None and _file_identity(path) == server.unlink_ident:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            if address_key(server.address_family, server.server_address) not in self.passed:
+                try:
+                    server.socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         server.begin_shutdown(self.drain_timeout)
-        if not stop_listening:
-            return
-        if address_key(server.socket.family, server.socket.getsockname()) not in self.passed:
-            try:
-                server.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        path, server.unlink_path = server.unlink_path, None
-        if path is not None and _file_identity(path) == server.unlink_ident:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
 
     def reload(self):
         """SIGHUP: re-read the file and key files and apply the difference.

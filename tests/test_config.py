@@ -41,8 +41,11 @@ def log_text(path):
 
 def wait_log(path, needle, timeout=15.0):
     """The log at PATH once it contains NEEDLE."""
-    return wait_for(lambda: needle in log_text(path) and log_text(path), timeout,
-                    "%r in %s" % (needle, path))
+    try:
+        return wait_for(lambda: needle in log_text(path) and log_text(path), timeout)
+    except AssertionError:
+        raise AssertionError("%r not in %s, which holds:\n%s"
+                             % (needle, path, log_text(path))) from None
 
 
 def start_config(procs, conf, err, *extra):
