@@ -302,6 +302,81 @@ def test_sighup_replaces_a_changed_line_keeping_its_connections(procs, echo, key
 
 
 @need_c
+@pytest.mark.timeout(120)
+def test_accept_key_on_a_tunnel_line_and_its_removal_at_reload(procs, echo, keyfile, tmp_path):
+    """-d with --accept-key: C clients with either key get through; dropping it rekeys."""
+    target = echo()
+    old = new_key(tmp_path / "old.key")
+    a = tcp_addr(free_port())
+    line = "-d -s %s -t %s -k %s" % (a, target.addr, keyfile)
+    conf = write_config(tmp_path / "k.conf", [line + " --accept-key " + old])
+    err = tmp_path / "err"
+    p = start_config(procs, conf, err)
+    with_new, with_old = c_encrypter(procs, a, keyfile), c_encrypter(procs, a, old)
+    assert exchange(with_new, b"new key", timeout=20) == b"new key"
+    assert exchange(with_old, b"old key", timeout=20) == b"old key"
+    write_config(conf, [line])
+    p.send_signal(signal.SIGHUP)
+    wait_log(err, "reloaded: 0 added, 0 removed, 1 rekeyed, 0 replaced, 0 unchanged")
+    assert exchange(with_old, b"old key", timeout=20) == b""
+    assert exchange(with_new, b"new key again", timeout=20) == b"new key again"
+    p.send_signal(signal.SIGUSR1)
+    text = wait_log(err, "%s: stats:" % a)
+    assert "keys=%s=2,old.key=1" % os.path.basename(keyfile) in text
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+
+
+@need_c
+@pytest.mark.timeout(60)
+def test_proxy_protocol_on_a_tunnel_line(procs, echo, keyfile, tmp_path):
+    """-e with --proxy-protocol 1: the C -d's target first reads a header naming our client."""
+    target = echo(mode="sink")
+    far = c_decrypter(procs, target.addr, keyfile)
+    port = free_port()
+    a = tcp_addr(port)
+    conf = write_config(tmp_path / "p.conf", [
+        "-e -s %s -t %s -k %s --proxy-protocol 1" % (a, far, keyfile),
+        "-e -s %s -t %s -k %s" % (tcp_addr(free_port()), far, keyfile)])
+    p = start_config(procs, conf, tmp_path / "err")
+    s = connect(a, timeout=20)
+    client_port = s.getsockname()[1]
+    s.sendall(b"after the header")
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(20)
+    while s.recv(4096):
+        pass
+    s.close()
+    assert wait_for(lambda: target.received, 20)
+    assert target.received[0] == (b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\nafter the header"
+                                  % (client_port, port))
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+
+
+@need_c
+@pytest.mark.timeout(60)
+def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, keyfile, tmp_path):
+    """[127.0.0.1]:P rewritten as 127.0.0.1:P: the listener is handed over, not bound twice."""
+    target = echo()
+    far = c_decrypter(procs, target.addr, keyfile)
+    port = free_port()
+    conf = write_config(tmp_path / "n.conf", ["-e -s [127.0.0.1]:%d -t %s -k %s"
+                                              % (port, far, keyfile)])
+    err = tmp_path / "err"
+    p = start_config(procs, conf, err)
+    write_config(conf, ["-e -s 127.0.0.1:%d -t %s -k %s" % (port, far, keyfile)])
+    p.send_signal(signal.SIGHUP)
+    text = wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
+    assert "in use" not in text
+    assert exchange(tcp_addr(port), b"same address", timeout=20) == b"same address"
+    p.send_signal(signal.SIGUSR1)
+    text = wait_log(err, "127.0.0.1:%d: stats: live=0 total=1 " % port)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+
+
+@need_c
 @pytest.mark.timeout(60)
 def test_broken_file_at_reload_changes_nothing(procs, echo, keyfile, tmp_path):
     target = echo()
