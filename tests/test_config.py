@@ -115,6 +115,7 @@ def test_process_option_on_a_line_is_an_error(tmp_path, keyfile, option, capsys)
     ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K -n x", "Error parsing argument: -n x"),
     ("-e -s '[127.0.0.1]:1 -t [127.0.0.1]:2 -k K", "No closing quotation"),
     ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K --bogus", "illegal option -- --bogus"),
+    ("-d -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K --accept-key -", "cannot be read again"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, line, why):
     conf = tmp_path / "c.conf"
