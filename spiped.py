@@ -37,6 +37,7 @@ import os
 import pwd
 import re
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
@@ -160,7 +161,6 @@ class Log:
         self.syslog = None           # the syslog module, once opened
         self.warn_to_syslog = False  # after daemonizing with --syslog
         self.events_to_syslog = False
-        self.events = False          # --log-connections
 
     def _syslog(self):
         import syslog
@@ -1164,14 +1164,14 @@ class Connection(socketserver.BaseRequestHandler):
             if sock is not None:
                 sock.close()
         self.server.connection_closed(self.request, self)
-        if log.events and self.relays_started:  # set-up failures logged their own line
+        if self.config.log_connections and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
 
     def _event(self, text):
-        if log.events:
-            log.event("connection %d: %s" % (self.number, text))
+        if self.config.log_connections:
+            log.event("%sconnection %d: %s" % (self.config.label, self.number, text))
 
 # ---------------------------------------------------------------------------
 # 7. Server: accept loop, connection limit, graceful drain
@@ -1248,6 +1248,8 @@ class Config:
         self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
         self.connect_after_auth = False  # --connect-after-auth (-d)
         self.drain_timeout = None
+        self.log_connections = False     # --log-connections
+        self.label = ""                  # "SOURCE: " before log lines, with --config
         self.__dict__.update(kw)
 
 
@@ -1427,13 +1429,17 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 if self.key_files is not None:
                     self.key_files.reload(self.config, self.stats, self.notifier)
             elif what == "stats":
-                with self.lock:
-                    live = [c for c in self.live.values() if c is not None]
-                log.event(self.stats.summary(live))
+                log.event(self.summary())
         if self.notifier is not None:
             self.notifier.tick()
             self.notifier.status("%d live, %d total connections"
                                  % (self.stats.live, self.stats.total))
+
+    def summary(self):
+        """The SIGUSR1 statistics line, live connections' bytes included."""
+        with self.lock:
+            live = [c for c in self.live.values() if c is not None]
+        return self.stats.summary(live)
 
     # -- connections --------------------------------------------------------
 
@@ -1443,8 +1449,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.next_number += 1
             number = self.next_number
             self.live[connection.request] = connection
-        if log.events:
-            log.event("connection %d: accepted from %s" % (number, connection.describe_peer()))
+        if connection.config.log_connections:
+            log.event("%sconnection %d: accepted from %s"
+                      % (connection.config.label, number, connection.describe_peer()))
         return number
 
     def handle_error(self, request, client_address):
@@ -1499,6 +1506,32 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if drain_timeout is not None and self.drain_deadline is None:
                 self.drain_deadline = time.monotonic() + drain_timeout
         self.wake()
+
+    def stop_listening(self):
+        """Refuse new connects at once, ahead of begin_shutdown()'s drain.
+
+        Shuts the listening socket down and removes the unix socket file.
+        Call it before begin_shutdown(), while serve() runs in its thread:
+        serve() cannot return (and server_close() read the path) before.
+        """
+        path, self.unlink_path = self.unlink_path, None
+        if path is not None and _file_identity(path) == self.unlink_ident:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def hand_over(self, successor):
+        """SUCCESSOR serves a copy of our listening socket: it removes the file at close.
+
+        Call it before begin_shutdown(), as stop_listening().
+        """
+        successor.unlink_path, successor.unlink_ident = self.unlink_path, self.unlink_ident
+        self.unlink_path = None
 
     def abort_all(self):
         """Cut every live connection (bounded drain ran out)."""
@@ -1759,7 +1792,30 @@ def inherited_listener(environ=os.environ):
         return None
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    fd = 3
+    sock = _passed_listener(3)
+    if count > 1:
+        log.warn("systemd passed %d sockets; serving on the first only" % count)
+    return sock
+
+
+def inherited_listeners(environ=os.environ):
+    """Every listening socket systemd passed us (fds 3 onwards), in order.
+
+    Raises SpipedError when one is not a listening stream socket.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [_passed_listener(fd) for fd in range(3, 3 + max(count, 0))]
+
+
+def _passed_listener(fd):
+    """FD as a socket object; SpipedError unless it is a listening stream socket."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
@@ -1773,8 +1829,6 @@ def inherited_listener(environ=os.environ):
     if kind != socket.SOCK_STREAM or not accepting:
         sock.detach()
         raise SpipedError("Inherited file descriptor %d is not a listening stream socket" % fd)
-    if count > 1:
-        log.warn("systemd passed %d sockets; serving on the first only" % count)
     return sock
 
 
@@ -1804,9 +1858,14 @@ def _resolve_or_retry(addr, retry, resolver=resolve):
 
 
 def _re_resolver(server, addr, period):
-    """Refresh the target list every PERIOD seconds; keep the old one on failure."""
+    """Refresh the target list every PERIOD seconds; keep the old one on failure.
+
+    Ends once SERVER shuts down (a --config line removed or replaced).
+    """
     while True:
         time.sleep(period)
+        if server.stopping:
+            return
         try:
             fresh = resolve(addr)
         except AddressError as e:
@@ -1852,13 +1911,23 @@ Extensions (long options; every C command line keeps its meaning):
                          host
   --connect-after-auth   -d only: connect to the target only once the
                          client's handshake message proved it has the key
+  --config FILE          serve every tunnel in FILE, one per line written as
+                         its spiped options (-e|-d -s -t -k ...), with blank
+                         lines and # comments; the command line then holds
+                         only -D -F -p -u --syslog --drain-timeout.  The
+                         default pidfile is FILE.pid.  SIGHUP re-reads FILE
+                         and the key files: added lines start, removed lines
+                         stop listening and drain, lines whose only change is
+                         a key (-k, --accept-key) take the new keys for new
+                         connections, other changed lines restart
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
-logs one statistics line.  systemd: socket activation (LISTEN_FDS) and
-readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are used when present.
-SIGHUP (C spiped would exit) re-reads -k and every --accept-key file: new
-connections use the new keys, live ones keep theirs; if a file cannot be
-read, nothing changes.
+logs one statistics line (one per tunnel with --config).  systemd: socket
+activation (LISTEN_FDS) and readiness (NOTIFY_SOCKET, WATCHDOG_USEC) are
+used when present.
+SIGHUP (C spiped would exit) re-reads -k and every --accept-key file (with
+--config, the file and every tunnel's key files): new connections use the
+new keys, live ones keep theirs; if a file cannot be read, nothing changes.
 """
 
 SPIPE_LONG_HELP = """\
@@ -1867,6 +1936,12 @@ Extensions (long options; every C command line keeps its meaning):
 stdin goes to the target encrypted, the target's replies come out on stdout;
 spipe exits (status 0) when the server side closes.
 """
+
+
+# Options of the whole process: with --config they stay on the command line
+# and are an error on a tunnel line; every other option describes a tunnel.
+PROCESS_OPTIONS = ("-F", "-D", "-p", "-u", "-v", "--syslog", "--drain-timeout",
+                   "--config", "--help")
 
 
 class _Exit(Exception):
@@ -2011,18 +2086,24 @@ def _print_version():
     sys.stderr.flush()
 
 
-def parse_spiped_args(args):
-    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit."""
+def parse_spiped_args(args, tunnel_line=False):
+    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit.
+
+    With TUNNEL_LINE (a line of a --config file), process options are a
+    UsageError naming the option.
+    """
     seen = {}
     for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
                                   ("--syslog", "--log-connections", "--help",
                                    "--connect-after-auth"),
                                   ("--drain-timeout", "--socket-mode", "--accept-key",
-                                   "--proxy-protocol")):
+                                   "--proxy-protocol", "--config")):
         if option is None:
             if value:
                 raise UsageError(None)
             break
+        if tunnel_line and option in PROCESS_OPTIONS:
+            raise UsageError("%s belongs on the command line, not on a tunnel line" % option)
         if option == "--help":
             sys.stdout.write(SPIPED_USAGE + "\n" + SPIPED_LONG_HELP)
             raise _Exit(0)
@@ -2054,6 +2135,11 @@ def parse_spiped_args(args):
                                   % (option, value))
             value = int(value)
         seen[option] = value
+    if "--config" in seen:
+        stray = [o for o in seen if o not in PROCESS_OPTIONS]
+        if stray:
+            raise UsageError("with --config, tunnel options belong in the file: %s" % stray[0])
+        return seen
     if ("-e" in seen) == ("-d" in seen):
         raise UsageError(None)
     if not all(o in seen for o in ("-s", "-t", "-k")):
@@ -2073,13 +2159,116 @@ def parse_spiped_args(args):
     return seen
 
 
+# -- --config FILE: many tunnels ---------------------------------------------
+
+# Options whose change on a line only swaps the keys of its tunnel.
+KEY_OPTIONS = ("-k", "--accept-key")
+TUNNEL_LINE_USAGE = "not a tunnel: {-e | -d} -s <source> -t <target> -k <key file> [options]"
+
+
+def parse_config_file(path):
+    """[(line number, options)] for the tunnels in --config file PATH.
+
+    Each line is split as a POSIX shell would and parsed by
+    parse_spiped_args; blank and comment lines are skipped.  Raises
+    SpipedError naming PATH:LINE.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise SpipedError("Cannot read %s: %s" % (path, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise SpipedError("%s: not UTF-8 text: %s" % (path, e.reason)) from None
+    tunnels = []
+    for number, line in enumerate(text.splitlines(), 1):
+        where = "%s:%d: " % (path, number)
+        try:
+            args = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise SpipedError(where + str(e)) from None
+        if not args:
+            continue
+        try:
+            opts = parse_spiped_args(args, tunnel_line=True)
+        except UsageError as e:
+            raise SpipedError(where + (e.args[0] or TUNNEL_LINE_USAGE)) from None
+        except SpipedError as e:
+            raise SpipedError(*(where + msg for msg in e.lines)) from None
+        if "-" in [opts["-k"]] + opts.get("--accept-key", []):
+            raise SpipedError(where + "a key from stdin (-) cannot be read again at a reload;"
+                              " name a key file")
+        tunnels.append((number, opts))
+    return tunnels
+
+
+def address_key(family, sockaddr):
+    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
+    if family in (socket.AF_INET, socket.AF_INET6):
+        host = sockaddr[0].partition("%")[0]
+        return family, socket.inet_pton(family, host), sockaddr[1]
+    return family, sockaddr
+
+
+def load_config(path, retry=False, drain_timeout=None, reread=False):
+    """Parse and check --config file PATH; {source: TunnelSpec}, nothing bound.
+
+    Every address is resolved and every key file read (REREAD: as at a
+    reload, see build_tunnel); two lines with the same source are an
+    error.  Each tunnel drains for at most DRAIN_TIMEOUT (the process's
+    --drain-timeout).  Raises SpipedError naming PATH:LINE.
+    """
+    specs = {}
+    seen = {}  # address_key -> line
+    for number, opts in parse_config_file(path):
+        where = "%s:%d: " % (path, number)
+        try:
+            opts = dict(opts, **{"--drain-timeout": drain_timeout})
+            spec = build_tunnel(opts, retry, label="%s: " % opts["-s"], reread=reread)
+        except SpipedError as e:
+            raise SpipedError(*(where + msg for msg in e.lines)) from None
+        spec.line = number
+        address = address_key(spec.family, spec.sockaddr)
+        other = specs[opts["-s"]].line if opts["-s"] in specs else seen.get(address)
+        if other is not None:
+            raise SpipedError(where + "source %s is already used on line %d"
+                              % (opts["-s"], other))
+        seen[address] = number
+        specs[opts["-s"]] = spec
+    return specs
+
+
+def diff_tunnels(old, new):
+    """What turns tunnel set OLD into NEW; both map source -> (options, key).
+
+    Returns (added, removed, rekeyed, replaced) lists of sources: rekeyed
+    lines differ only in KEY_OPTIONS or the key itself; replaced lines
+    differ in anything else.  Equal lines are in none of the lists.
+    """
+    def without_keys(opts):
+        return {o: v for o, v in opts.items() if o not in KEY_OPTIONS}
+
+    added = [source for source in new if source not in old]
+    removed = [source for source in old if source not in new]
+    rekeyed, replaced = [], []
+    for source in new:
+        if source in old and old[source] != new[source]:
+            if without_keys(old[source][0]) == without_keys(new[source][0]):
+                rekeyed.append(source)
+            else:
+                replaced.append(source)
+    return added, removed, rekeyed, replaced
+
+
 def _install_signals(server):
     """Handlers only record the signal and wake the serve loop, which acts.
 
-    SIGTERM drains; the first one restores the default action, so a second
-    kills at once as in C.  SIGINT keeps its default (as PID 1, where
-    defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1 logs
-    statistics.  SIGHUP (C would exit) reloads the keys.
+    SERVER is the one Server, or the Tunnels of --config: what has .signals
+    and .wake().  SIGTERM drains; the first one restores the default
+    action, so a second kills at once as in C.  SIGINT keeps its default
+    (as PID 1, where defaults do nothing: exit 0, and a second SIGTERM
+    too).  SIGUSR1 logs statistics.  SIGHUP (C would exit) reloads the
+    keys, and with --config the file.
     """
     pid1 = os.getpid() == 1
     terms = []  # SIGTERMs seen
@@ -2142,15 +2331,90 @@ def _cli(usage, parse, run):
 def spiped_main(args):
     """spiped: returns the exit status."""
     log.prog = "spiped"
-    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args), _run_spiped)
+    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args),
+                lambda opts: (_run_tunnels if "--config" in opts else _run_spiped)(opts))
+
+
+class TunnelSpec:
+    """One tunnel, checked and resolved, not yet bound: what build_tunnel() made."""
+
+    def __init__(self, opts, config, family, sockaddr, targets, key_files):
+        self.opts = opts
+        self.config = config
+        self.family = family
+        self.sockaddr = sockaddr      # the source address to bind (None: inherited)
+        self.targets = targets
+        self.key_files = key_files    # KeyFiles for -k and each --accept-key
+        self.line = 0                 # its line in a --config file
+
+    def identity(self):
+        """(options, key ring): what diff_tunnels() compares."""
+        return self.opts, self.config.keyring
+
+
+def build_tunnel(opts, retry=False, resolve_source=True, label="", reread=False):
+    """Resolve the addresses and read the keys that tunnel options OPTS name.
+
+    RETRY (-D) retries failed look-ups each second.  Without RESOLVE_SOURCE
+    the source is not looked up (a listening socket was passed).  REREAD (a
+    reload) also refuses an empty key file, as a file being rewritten.
+    Raises SpipedError with C's messages.
+    """
+    source, target = opts["-s"], opts["-t"]
+    family = sockaddr = None
+    if resolve_source:
+        sources = _resolve_or_retry(source, retry)
+        if len(sources) > 1:
+            log.warn("Using the first of multiple addresses found for %s" % source)
+        family, sockaddr = sources[0]
+    targets = _resolve_or_retry(target, retry)
+    if not targets:
+        raise SpipedError("No addresses found for %s" % target)
+    bind = None
+    if "-b" in opts:
+        bind = _resolve_or_retry(opts["-b"], retry, bind_address)[0][1]
+    key_files = KeyFiles([opts["-k"]] + opts.get("--accept-key", []))
+    keyring = key_files._reread() if reread else key_files.load()
+    config = Config(decrypt="-d" in opts, source=source, target=target, keyring=keyring,
+                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
+                    keepalive="-j" not in opts, bind=bind,
+                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
+                    proxy_protocol=opts.get("--proxy-protocol"),
+                    connect_after_auth="--connect-after-auth" in opts,
+                    drain_timeout=opts.get("--drain-timeout"),
+                    log_connections="--log-connections" in opts, label=label)
+    return TunnelSpec(opts, config, family, sockaddr, targets, key_files)
+
+
+def start_tunnel(spec, listener=None):
+    """A Server for SPEC, bound to its source or serving LISTENER (not yet serving).
+
+    Raises SpipedError when the source cannot be bound.
+    """
+    family = spec.family if listener is None else listener.family
+    if listener is None and family == socket.AF_UNIX:
+        clear_stale_socket(spec.sockaddr)
+    try:
+        server = Server(spec.config, family, spec.sockaddr, spec.targets, listener=listener,
+                        socket_mode=spec.opts.get("--socket-mode"))
+    except OSError as e:
+        raise SpipedError("Error binding socket: %s" % e.strerror) from None
+    server.stats.add_keys(name for name, _ in spec.config.keyring)
+    return server
+
+
+def _start_re_resolver(server, opts):
+    """-r: look the target up again in a thread while SERVER accepts (not with -R)."""
+    if "-R" not in opts and 0 < opts["-r"] < float("inf"):  # "-r nan": never
+        threading.Thread(target=_re_resolver, args=(server, opts["-t"], opts["-r"]),
+                         daemon=True).start()
 
 
 def _run_spiped(opts):
     foreground = "-F" in opts
     wait_dns = "-D" in opts
-    source, target = opts["-s"], opts["-t"]
+    source = opts["-s"]
     pidfile = opts.get("-p") or source + ".pid"
-    log.events = "--log-connections" in opts
     if "--syslog" in opts and foreground:
         log.use_syslog(warnings=False)  # C's warnings stay on stderr with -F
 
@@ -2163,36 +2427,8 @@ def _run_spiped(opts):
         go_background()
 
     listener = inherited_listener()
-    if listener is None:
-        sources = _resolve_or_retry(source, wait_dns)
-        if len(sources) > 1:
-            log.warn("Using the first of multiple addresses found for %s" % source)
-        family, sockaddr = sources[0]
-    else:
-        family, sockaddr = listener.family, None
-    targets = _resolve_or_retry(target, wait_dns)
-    if not targets:
-        raise SpipedError("No addresses found for %s" % target)
-    bind = None
-    if "-b" in opts:
-        bind = _resolve_or_retry(opts["-b"], wait_dns, bind_address)[0][1]
-    key_files = KeyFiles([opts["-k"]] + opts.get("--accept-key", []))
-    keyring = key_files.load()
-
-    config = Config(decrypt="-d" in opts, source=source, target=target, keyring=keyring,
-                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
-                    keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
-                    proxy_protocol=opts.get("--proxy-protocol"),
-                    connect_after_auth="--connect-after-auth" in opts,
-                    drain_timeout=opts.get("--drain-timeout"))
-    if listener is None and family == socket.AF_UNIX:
-        clear_stale_socket(sockaddr)
-    try:
-        server = Server(config, family, sockaddr, targets, listener=listener,
-                        socket_mode=opts.get("--socket-mode"))
-    except OSError as e:
-        raise SpipedError("Error binding socket: %s" % e.strerror) from None
+    spec = build_tunnel(opts, wait_dns, resolve_source=listener is None)
+    server = start_tunnel(spec, listener)
     # C checks -u only in the daemon, after its parent has exited 0; an
     # unknown user or group is known now, so report it with exit 1.
     identity = lookup_identity(opts["-u"]) if "-u" in opts else None
@@ -2204,13 +2440,10 @@ def _run_spiped(opts):
 
     threading.stack_size(512 * 1024)
     _limit_malloc_arenas()
-    if "-R" not in opts and 0 < opts["-r"] < float("inf"):  # "-r nan": never
-        threading.Thread(target=_re_resolver, args=(server, target, opts["-r"]),
-                         daemon=True).start()
+    _start_re_resolver(server, opts)
     notifier = Notifier()
     server.notifier = notifier
-    server.key_files = key_files
-    server.stats.add_keys(name for name, _ in keyring)
+    server.key_files = spec.key_files
     _install_signals(server)
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())  # the daemon's PID after a fork
     notifier.status("0 live, 0 total connections")
@@ -2218,6 +2451,272 @@ def _run_spiped(opts):
         server.serve(tick=min(1.0, notifier.watchdog or 1.0))
     finally:
         server.server_close()
+    return 0
+
+
+class Tunnels:
+    """The servers of a --config file, one per line, kept in step with it.
+
+    The main thread owns this object and runs run(), its loop: signals
+    are recorded in .signals and wake it (_install_signals), and it acts
+    on them for the whole process.  Each Server serves in a thread of its
+    own; a server leaving (its line was removed or replaced) drains there
+    and is forgotten once closed.  A thread ending wakes the loop too.
+    """
+
+    def __init__(self, path, drain_timeout=None, passed=()):
+        self.path = path
+        self.drain_timeout = drain_timeout
+        self.specs = {}      # source -> TunnelSpec being served
+        self.servers = {}    # source -> Server accepting for it
+        self.threads = {}    # Server -> its thread, leaving servers too
+        self.passed = {}     # address_key -> listening socket systemd passed
+        for sock in passed:
+            self.passed[address_key(sock.family, sock.getsockname())] = sock
+        self.signals = []    # appended by signal handlers, consumed by run()
+        self.stopping = False
+        self.tick = 1.0
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    def load(self, retry=False, reread=False):
+        """load_config() of our file with the process's --drain-timeout."""
+        return load_config(self.path, retry, drain_timeout=self.drain_timeout, reread=reread)
+
+    def check_passed(self, specs):
+        """SpipedError unless every passed socket is the source of a line of SPECS."""
+        wanted = {address_key(spec.family, spec.sockaddr) for spec in specs.values()}
+        for address, sock in self.passed.items():
+            if address not in wanted:
+                raise SpipedError("Inherited file descriptor %d (%s) is the source of no"
+                                  " tunnel in %s" % (sock.fileno(), format_sockaddr(
+                                      sock.family, sock.getsockname()), self.path))
+
+    def _bind(self, spec):
+        """A Server for SPEC on its passed socket if there is one, else bound now."""
+        passed = self.passed.get(address_key(spec.family, spec.sockaddr))
+        try:
+            return start_tunnel(spec, None if passed is None else passed.dup())
+        except SpipedError as e:
+            raise SpipedError(*("%s:%d: %s" % (self.path, spec.line, msg)
+                                for msg in e.lines)) from None
+
+    def bind(self, specs):
+        """Bind every tunnel of SPECS, or none (SpipedError naming FILE:LINE)."""
+        servers = {}
+        try:
+            for source, spec in specs.items():
+                servers[source] = self._bind(spec)
+        except SpipedError:
+            for server in servers.values():
+                server.server_close()
+            raise
+        return servers
+
+    def serve(self, specs, servers):
+        """Start serving SERVERS (from bind()) for SPECS."""
+        for source, server in servers.items():
+            self.specs[source] = specs[source]
+            self.servers[source] = server
+            thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
+            self.threads[server] = thread
+            thread.start()
+            _start_re_resolver(server, specs[source].opts)
+
+    def _serve(self, server):
+        try:
+            server.serve(tick=self.tick)
+        except Exception as e:  # a bug must not pass silently
+            log.warn("%sserver stopped: %r" % (server.config.label, e))
+        finally:
+            server.server_close()
+            self.wake()
+
+    def _retire(self, server, stop_listening):
+        """Stop SERVER accepting; its live connections drain in its thread.
+
+        With STOP_LISTENING the listener refuses new connects at once (a
+        socket systemd passed is left to systemd).
+        """
+        if stop_listening and \
+                address_key(server.address_family, server.server_address) not in self.passed:
+            server.stop_listening()
+        server.begin_shutdown(server.config.drain_timeout)
+
+    def _replace(self, old_source, source, spec):
+        """A new Server for SPEC takes over OLD_SOURCE's listening socket; the old one drains.
+
+        The new one is returned, not yet serving; None (logged) if it cannot be made.
+        """
+        old = self.servers[old_source]
+        try:
+            server = start_tunnel(spec, old.socket.dup())
+        except (OSError, SpipedError) as e:
+            log.warn("%s:%d: %s: not replaced: %s" % (self.path, spec.line, source, e))
+            return None
+        old.hand_over(server)
+        mode = spec.opts.get("--socket-mode")
+        if server.unlink_path is not None and mode is not None:
+            try:
+                os.chmod(server.unlink_path, mode)
+            except OSError:
+                pass
+        del self.servers[old_source], self.specs[old_source]
+        self._retire(old, stop_listening=False)
+        return server
+
+    def reload(self):
+        """SIGHUP: re-read the file and key files and apply the difference.
+
+        A file that fails its checks, or a new source that cannot be bound,
+        changes nothing; the reason is logged.  A line whose source text
+        changed but names the same address as a removed line takes over
+        that line's listening socket, like a changed line.
+        """
+        try:
+            specs = self.load(reread=True)
+            self.check_passed(specs)
+            added, removed, rekeyed, replaced = diff_tunnels(
+                {s: spec.identity() for s, spec in self.specs.items()},
+                {s: spec.identity() for s, spec in specs.items()})
+            where = {address_key(self.specs[s].family, self.specs[s].sockaddr): s
+                     for s in removed}
+            moved = {}  # added source -> removed source bound to the same address
+            for source in added:
+                old = where.get(address_key(specs[source].family, specs[source].sockaddr))
+                if old is not None:
+                    moved[source] = old
+            fresh = self.bind({s: specs[s] for s in added if s not in moved})
+        except SpipedError as e:
+            for line in e.lines:
+                log.warn(line)
+            log.warn("%s not reloaded; still serving as before" % self.path)
+            return
+        changed = 0
+        for source, old_source in [(s, s) for s in replaced] + list(moved.items()):
+            server = self._replace(old_source, source, specs[source])
+            if server is not None:
+                fresh[source] = server
+                changed += 1
+        for source in rekeyed:  # connections read the key ring once, as they start
+            server, spec = self.servers[source], specs[source]
+            server.config.keyring = spec.config.keyring  # Config's one reloadable field
+            server.stats.add_keys(name for name, _ in spec.config.keyring)
+            spec.config = server.config
+            self.specs[source] = spec
+            log.event("%s: reloaded %s" % (source, _count_keys(len(spec.config.keyring))))
+        for source in removed:
+            if source not in moved.values():
+                self._retire(self.servers.pop(source), stop_listening=True)
+                del self.specs[source]
+        self.serve(specs, fresh)
+        log.warn("%s reloaded: %d added, %d removed, %d rekeyed, %d replaced, %d unchanged"
+                 % (self.path, len(added) - len(moved), len(removed) - len(moved),
+                    len(rekeyed), changed, len(specs) - len(added) - len(rekeyed)
+                    - len(replaced)))
+
+    def shutdown(self):
+        """SIGTERM: every server stops accepting and drains."""
+        self.stopping = True
+        for server in self.threads:
+            server.begin_shutdown(server.config.drain_timeout)
+
+    def reap(self):
+        """Forget servers whose threads ended; True once all have after shutdown()."""
+        for server, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                del self.threads[server]
+        return self.stopping and not self.threads
+
+    def statistics(self):
+        """One SIGUSR1 line per tunnel, named by its source."""
+        for source, server in self.servers.items():
+            log.event("%s: %s" % (source, server.summary()))
+
+    def status(self):
+        """systemd's STATUS: live and total connections of each tunnel."""
+        return "%d tunnels: %s" % (len(self.servers), "; ".join(
+            "%s %d live, %d total" % (source, server.stats.live, server.stats.total)
+            for source, server in self.servers.items()))
+
+    def run(self, notifier):
+        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.wake_r, selectors.EVENT_READ)
+        try:
+            while not self.reap():
+                notifier.tick()
+                notifier.status(self.status())
+                if selector.select(self.tick):
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except OSError:
+                        pass
+                while self.signals:
+                    what = self.signals.pop(0)
+                    if what == "term" and not self.stopping:
+                        notifier.send("STOPPING=1")
+                        self.shutdown()
+                    elif what == "reload" and not self.stopping:
+                        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                        notifier.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+                        self.reload()
+                        notifier.send("READY=1")
+                    elif what == "stats":
+                        self.statistics()
+        finally:
+            selector.close()
+
+    def close(self):
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+
+
+def _run_tunnels(opts):
+    """spiped --config FILE: every tunnel of FILE in this process until SIGTERM."""
+    path = opts["--config"]
+    foreground = "-F" in opts
+    wait_dns = "-D" in opts
+    pidfile = opts.get("-p") or path + ".pid"
+    if "--syslog" in opts and foreground:
+        log.use_syslog(warnings=False)  # warnings stay on stderr with -F
+
+    def go_background():
+        daemonize(pidfile)
+        if "--syslog" in opts:
+            log.use_syslog()
+
+    if wait_dns and not foreground:
+        go_background()
+    tunnels = Tunnels(path, opts.get("--drain-timeout"), inherited_listeners())
+    specs = tunnels.load(wait_dns)
+    tunnels.check_passed(specs)
+    servers = tunnels.bind(specs)
+    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
+    if not wait_dns and not foreground:
+        go_background()
+    if identity is not None:
+        drop_privileges(*identity)
+
+    threading.stack_size(512 * 1024)
+    _limit_malloc_arenas()
+    notifier = Notifier()
+    tunnels.tick = min(1.0, notifier.watchdog or 1.0)
+    _install_signals(tunnels)
+    tunnels.serve(specs, servers)
+    notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+    try:
+        tunnels.run(notifier)
+    finally:
+        tunnels.close()
     return 0
 
 # -- spipe -------------------------------------------------------------------

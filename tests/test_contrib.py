@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, SPIPED_PY, exchange, free_port, ours, tcp_addr
+from conftest import ROOT, SPIPED_PY, exchange, free_port, ours, tcp_addr, wait_listening
 
 CONTRIB = os.path.join(ROOT, "contrib")
 DOCKER = os.path.join(CONTRIB, "docker")
@@ -299,6 +299,22 @@ def test_healthcheck_recognises_our_spiped(procs, keyfile, tmp_path):
     h = healthcheck(str(daemon.pid))
     assert h.returncode == 0, h.stdout
     assert "is listening" in h.stdout
+
+
+def test_healthcheck_counts_the_tunnels_of_a_config(procs, keyfile, tmp_path):
+    line = "-e -s %s -t [127.0.0.1]:1 -k " + keyfile + "\n"
+    first, second = str(tmp_path / "one.sock"), tcp_addr(free_port())
+    conf = tmp_path / "t.conf"
+    conf.write_text("# two tunnels\n" + line % first + line % second)
+    daemon = procs.daemon(ours("--config", str(conf), "-F"), first)
+    wait_listening(second, daemon)
+    h = healthcheck(str(daemon.pid))
+    assert h.returncode == 0, h.stdout
+    assert "is listening (2 of 2 tunnels)" in h.stdout
+    conf.write_text(conf.read_text() + line % tcp_addr(free_port()))  # not reloaded yet
+    h = healthcheck(str(daemon.pid))
+    assert h.returncode == 1, h.stdout
+    assert "listens for 2 of 3 tunnels" in h.stdout
 
 
 def test_healthcheck_ignores_other_programs(standin):

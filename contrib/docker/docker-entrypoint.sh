@@ -2,7 +2,7 @@
 # Entry point of the spiped image.
 #
 # When the first argument is an option (starts with "-"), run
-#   spiped -k KEY -F "$@"
+#   spiped -k KEY -F "$@"   (or spiped -F "$@" when it is --config FILE)
 # in the foreground as this process (exec, so spiped is PID 1 and receives
 # the container's signals itself).  Any other first argument is a command to
 # run as given, e.g. "spiped-generate-key.sh", "spipe ...", "sh".
@@ -15,6 +15,10 @@ set -eu
 key=${SPIPED_KEY:-/spiped/key}
 
 case ${1-} in
+--config | --config=*)
+	# Every tunnel of a configuration file; its lines name their own keys.
+	exec spiped -F "$@"
+	;;
 -*)
 	if [ -d "$key" ]; then
 		if [ -f "$key/spiped-keyfile" ]; then
