@@ -1676,10 +1676,17 @@ def drop_privileges(uid, gid):
 
 
 class Notifier:
-    """systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG), stdlib only."""
+    """systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG), stdlib only.
+
+    With NOTIFY_SOCKET set, the datagram socket is made once, here, at
+    start-up: a status line sent after each accept() then needs no
+    descriptor of its own, so it never takes the last free one from the
+    connection being set up (a daemon at its RLIMIT_NOFILE).
+    """
 
     def __init__(self, environ=os.environ):
         self.address = None
+        self.sock = None
         self.watchdog = None
         path = environ.get("NOTIFY_SOCKET", "")
         if path.startswith("@"):
@@ -1692,14 +1699,23 @@ class Notifier:
             self.watchdog = int(usec) / 2e6
         self.next_ping = 0.0
         self.last_status = None
+        if self.address is not None:
+            try:
+                self._socket()
+            except OSError:
+                pass  # send() tries again
+
+    def _socket(self):
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return self.sock
 
     def send(self, text):
         """Send one notify message; never blocks (a full queue drops it)."""
         if self.address is None:
             return
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendto(text.encode(), socket.MSG_DONTWAIT, self.address)
+            self._socket().sendto(text.encode(), socket.MSG_DONTWAIT, self.address)
         except OSError:
             pass
 

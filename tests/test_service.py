@@ -454,6 +454,35 @@ def test_unread_notify_socket_never_blocks_the_daemon(procs, notify, keyfile, ec
     assert proc.poll() is None
 
 
+# In a process of its own: take every free descriptor, then send.
+OUT_OF_DESCRIPTORS = r"""
+import errno, os, resource, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import spiped
+notifier = spiped.Notifier({"NOTIFY_SOCKET": sys.argv[2]})
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError as e:
+    assert e.errno == errno.EMFILE, e
+notifier.send("STATUS=out of descriptors")
+"""
+
+
+@pytest.mark.timeout(30)
+def test_notify_needs_no_spare_descriptor(notify):
+    """Status lines go out from a daemon at its RLIMIT_NOFILE: the notify socket
+    is made at start-up, so a message never takes the descriptor that a
+    connection being set up at the same moment needs."""
+    n = notify()
+    subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, SPIPED_PY, n.env],
+                   check=True, timeout=20)
+    assert n.wait_line(lambda l: l == "STATUS=out of descriptors", 5)
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("where", ["unset", "missing-path", "missing-abstract"])
 def test_no_notify_socket_is_harmless(procs, keyfile, echo, tmp_path, where):
