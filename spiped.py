@@ -44,6 +44,7 @@ import stat
 import struct
 import sys
 import threading
+import _thread
 import time
 import traceback
 
@@ -981,9 +982,9 @@ def _shutdown(sock, how):
 class Connection(socketserver.BaseRequestHandler):
     """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    The server's ThreadingMixIn runs it in a new thread: handle() does the
-    set-up, starts a second thread for the inward direction and relays the
-    outward one itself.  Each of the two threads holds the connection; the
+    The server's ThreadingMixIn runs it in a new thread: handle() starts a
+    second thread for the inward direction, does the set-up meanwhile and
+    relays the outward one itself.  Each of the two threads holds the connection; the
     server's shutdown_request() releases the first, the second relay
     releases its own, and the last release runs teardown(), the one place
     where the sockets are closed.  abort() cuts both directions at any
@@ -1002,6 +1003,7 @@ class Connection(socketserver.BaseRequestHandler):
         self.holds = 1     # threads still using the sockets
         self.closed = False
         self.relays_started = False
+        self.inward_job = None  # the inward relay's arguments, once set up
         self.keyring = self.config.keyring  # a reload leaves this connection's keys alone
         self.number = self.server.attach(self)
 
@@ -1009,11 +1011,34 @@ class Connection(socketserver.BaseRequestHandler):
         return format_sockaddr(self.client.family, self.client_address)
 
     def handle(self):
-        """Set up; then relay inward in a second thread and outward in this one.
+        """Start the inward relay's thread; set up; then relay outward here.
 
-        Failures of the set-up and of a relay end here; any other exception
-        goes to the server's handle_error().
+        The second thread starts first, so its start overlaps the dial and
+        the handshake; it waits on a lock until the keys are there (or the
+        set-up failed).  Failures of the set-up and of a relay end here; any
+        other exception goes to the server's handle_error().
         """
+        go = _thread.allocate_lock()
+        go.acquire()
+        with self.lock:
+            self.holds += 1
+        try:
+            _thread.start_new_thread(self._inward, (go,))
+        except RuntimeError:  # no thread to be had: give up this connection
+            self.abort("cannot start a thread")
+            self.release()
+            return
+        job = None
+        try:
+            job = self._set_up()
+        finally:
+            self.inward_job = job and job[1]
+            go.release()
+        if job is not None:
+            self._pipe(relay_seal, *job[0])
+
+    def _set_up(self):
+        """Dial and handshake; ((outward relay args), (inward relay args)) or None."""
         cfg = self.config
         stats = self.server.stats
         try:
@@ -1021,14 +1046,14 @@ class Connection(socketserver.BaseRequestHandler):
         except ConnectError as e:
             stats.count("connect_failures")
             self._event("connect to %s failed: %s" % (cfg.target, e))
-            return
+            return None
         except HandshakeError as e:
             stats.count_handshake(e.reason)
             self._event("handshake failed: %s" % e)
-            return
+            return None
         self._key_used(result.key_name)
         if cfg.proxy_protocol and not self._send_proxy_header(sealer):
-            return
+            return None
         if cfg.decrypt:
             plain, sealed = self.target, self.client
         else:
@@ -1037,17 +1062,9 @@ class Connection(socketserver.BaseRequestHandler):
         inward = self.down if not cfg.decrypt else self.up
         with self.lock:
             if self.failed is not None:  # aborted during the set-up
-                return
-            self.holds += 1
+                return None
         self.relays_started = True
-        try:
-            threading.Thread(target=self._inward, args=(sealed, opener, plain, inward),
-                             daemon=True).start()
-        except RuntimeError:  # no thread to be had: give up this connection
-            self.abort("cannot start a thread")
-            self.release()
-            return
-        self._pipe(relay_seal, plain, sealer, sealed, outward)
+        return (plain, sealer, sealed, outward), (sealed, opener, plain, inward)
 
     def _key_used(self, name):
         """Count and log the key this connection's handshake used."""
@@ -1056,10 +1073,16 @@ class Connection(socketserver.BaseRequestHandler):
         self.server.stats.count_key(name)
         self._event("key %s" % name)
 
-    def _inward(self, sealed, opener, plain, counter):
-        """The second relay's thread: like handle(), errors go to handle_error()."""
+    def _inward(self, go):
+        """The second relay's thread: waits for handle()'s set-up, then relays.
+
+        Started with _thread (no Thread object, no start handshake).  Like
+        handle(), errors go to handle_error().
+        """
         try:
-            self._pipe(relay_open, sealed, opener, plain, counter)
+            go.acquire()
+            if self.inward_job is not None:
+                self._pipe(relay_open, *self.inward_job)
         except Exception:
             self.server.handle_error(self.request, self.client_address)
         finally:
