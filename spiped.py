@@ -107,6 +107,8 @@ DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
 DEFAULT_MAXCONN = 100    # -n
 LISTEN_BACKLOG = 10
 READ_SIZE = BATCH * PAYLOAD
+IDLE_PACKETS = 2         # packets per read while traffic is light
+IDLE_READ = IDLE_PACKETS * PAYLOAD
 UNIX_PATH_MAX = 108      # sizeof(sun_path) on Linux
 
 # ---------------------------------------------------------------------------
@@ -920,49 +922,73 @@ class Dialer:
 def relay_seal(read, sealer, sock, counter):
     """Read plaintext with READ until EOF; send it sealed on SOCK.
 
-    Returns at EOF; raises OSError on an I/O error.
+    Reads are small (IDLE_READ) until one fills up, then READ_SIZE until
+    one comes back small again: a read waiting on an idle connection holds
+    only a small buffer.  Returns at EOF; raises OSError on an I/O error.
     """
     seal = sealer.seal
     send = sock.sendall
+    size = IDLE_READ
     while True:
-        data = read(READ_SIZE)
-        if not data:
+        data = read(size)
+        got = len(data)
+        if not got:
             return
-        counter[0] += len(data)
+        counter[0] += got
         send(seal(data))
+        size = READ_SIZE if got >= size or got > IDLE_READ else IDLE_READ
 
 
 def relay_open(sock, opener, write, counter):
     """Read packets from SOCK until EOF; write their authenticated plaintext.
 
+    While traffic is light it reads at most IDLE_PACKETS packets at a time
+    into a new small object; once a read fills that (or leaves part of a
+    packet), it reads into a batch buffer of BATCH packets, dropped again
+    after a read of IDLE_PACKETS packets or less with nothing left over.
     A trailing partial packet at EOF is dropped, as C does.  Raises
     BadPacket (after writing the authentic part) or OSError.
     """
-    buf = bytearray(BATCH * PACKET)
-    view = memoryview(buf)
-    recv_into = sock.recv_into
+    recv, recv_into = sock.recv, sock.recv_into
     open_ = opener.open
+    idle = IDLE_PACKETS * PACKET
+    buf = view = None  # the batch buffer, only while data keeps coming
     have = 0
     while True:
-        got = recv_into(view[have:])
-        if not got:
-            return
-        have += got
+        if buf is None:
+            data = recv(idle)
+            got = len(data)
+            if not got:
+                return
+            chunk, have = memoryview(data), got
+        else:
+            got = recv_into(view[have:])
+            if not got:
+                return
+            have += got
+            chunk = view
         whole = have - have % PACKET
-        if not whole:
-            continue
-        try:
-            data = open_(view[:whole])
-        except BadPacket as e:
-            if e.good:
-                counter[0] += len(e.good)
-                write(e.good)
-            raise
-        counter[0] += len(data)
-        write(data)
+        if whole:
+            try:
+                plain = open_(chunk[:whole])
+            except BadPacket as e:
+                if e.good:
+                    counter[0] += len(e.good)
+                    write(e.good)
+                raise
+            counter[0] += len(plain)
+            write(plain)
         rest = have - whole
-        if rest:
+        if buf is None:
+            if rest or got == idle:  # more is coming: read in batches
+                buf = bytearray(BATCH * PACKET)
+                view = memoryview(buf)
+                buf[:rest] = chunk[whole:have]
+            chunk = data = None
+        elif rest:
             buf[:rest] = buf[whole:have]
+        elif got <= idle:  # drained by a small read: idle again
+            chunk = view = buf = None
         have = rest
 
 
