@@ -921,17 +921,23 @@ class Dialer:
             self.sock = None
 
 
-def relay_seal(read, sealer, sock, counter):
+_PEEK = socket.MSG_PEEK
+
+
+def relay_seal(read, sealer, sock, counter, peek=False):
     """Read plaintext with READ until EOF; send it sealed on SOCK.
 
     Reads are small (IDLE_READ) until one fills up, then READ_SIZE until
-    one comes back small again: a read waiting on an idle connection holds
-    only a small buffer.  Returns at EOF; raises OSError on an I/O error.
+    one comes back small again.  With PEEK (READ is a socket's recv) a
+    small read first waits with a one-byte MSG_PEEK, so an idle connection
+    holds no buffer.  Returns at EOF; raises OSError on an I/O error.
     """
     seal = sealer.seal
     send = sock.sendall
     size = IDLE_READ
     while True:
+        if peek and size == IDLE_READ and not read(1, _PEEK):
+            return
         data = read(size)
         got = len(data)
         if not got:
@@ -944,8 +950,9 @@ def relay_seal(read, sealer, sock, counter):
 def relay_open(sock, opener, write, counter):
     """Read packets from SOCK until EOF; write their authenticated plaintext.
 
-    While traffic is light it reads at most IDLE_PACKETS packets at a time
-    into a new small object; once a read fills that (or leaves part of a
+    While traffic is light it waits for data with a one-byte MSG_PEEK (so
+    an idle connection holds no buffer), then reads at most IDLE_PACKETS
+    packets into a new small object; once a read fills that (or leaves part of a
     packet), it reads into a batch buffer of BATCH packets, dropped again
     after a read of IDLE_PACKETS packets or less with nothing left over.
     A trailing partial packet at EOF is dropped, as C does.  Raises
@@ -958,6 +965,8 @@ def relay_open(sock, opener, write, counter):
     have = 0
     while True:
         if buf is None:
+            if not recv(1, _PEEK):  # wait for data without holding a buffer
+                return
             data = recv(idle)
             got = len(data)
             if not got:
@@ -1174,7 +1183,7 @@ class Connection(socketserver.BaseRequestHandler):
         """
         try:
             if relay is relay_seal:
-                relay(src.recv, worker, dst, counter)
+                relay(src.recv, worker, dst, counter, True)
             else:
                 relay(src, worker, dst.sendall, counter)
             _shutdown(dst, socket.SHUT_WR)
