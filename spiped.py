@@ -952,9 +952,10 @@ def relay_open(sock, opener, write, counter):
 
     While traffic is light it waits for data with a one-byte MSG_PEEK (so
     an idle connection holds no buffer), then reads at most IDLE_PACKETS
-    packets into a new small object; once a read fills that (or leaves part of a
-    packet), it reads into a batch buffer of BATCH packets, dropped again
-    after a read of IDLE_PACKETS packets or less with nothing left over.
+    packets into a new small object; once a read fills that (or leaves
+    part of a packet), it reads into a batch buffer of BATCH packets,
+    dropped again after a read of IDLE_PACKETS packets or less with
+    nothing left over.
     A trailing partial packet at EOF is dropped, as C does.  Raises
     BadPacket (after writing the authentic part) or OSError.
     """
@@ -1021,8 +1022,8 @@ class Connection(socketserver.BaseRequestHandler):
 
     The server's ThreadingMixIn runs it in a new thread: handle() starts a
     second thread for the inward direction, does the set-up meanwhile and
-    relays the outward one itself.  Each of the two threads holds the connection; the
-    server's shutdown_request() releases the first, the second relay
+    relays the outward one itself.  Each of the two threads holds the
+    connection; the server's shutdown_request() releases the first, the second relay
     releases its own, and the last release runs teardown(), the one place
     where the sockets are closed.  abort() cuts both directions at any
     stage of the set-up.  Both are safe to call more than once.
