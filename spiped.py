@@ -45,6 +45,7 @@ import stat
 import struct
 import sys
 import threading
+import _thread
 import time
 import traceback
 
@@ -107,6 +108,10 @@ DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
 DEFAULT_MAXCONN = 100    # -n
 LISTEN_BACKLOG = 10
 READ_SIZE = BATCH * PAYLOAD
+THREAD_STACK = 256 * 1024  # per thread: test_stack.py runs a connection in 32 KiB;
+#                            the re-resolver thread's getaddrinfo() wants more
+IDLE_PACKETS = 2         # packets per read while traffic is light
+IDLE_READ = IDLE_PACKETS * PAYLOAD
 UNIX_PATH_MAX = 108      # sizeof(sun_path) on Linux
 
 # ---------------------------------------------------------------------------
@@ -916,52 +921,86 @@ class Dialer:
             self.sock = None
 
 
-def relay_seal(read, sealer, sock, counter):
+_PEEK = socket.MSG_PEEK
+
+
+def relay_seal(read, sealer, sock, counter, peek=False):
     """Read plaintext with READ until EOF; send it sealed on SOCK.
 
-    Returns at EOF; raises OSError on an I/O error.
+    Reads are small (IDLE_READ) until one fills up, then READ_SIZE until
+    one comes back small again.  With PEEK (READ is a socket's recv) a
+    small read first waits with a one-byte MSG_PEEK, so an idle connection
+    holds no buffer.  Returns at EOF; raises OSError on an I/O error.
     """
     seal = sealer.seal
     send = sock.sendall
+    size = IDLE_READ
     while True:
-        data = read(READ_SIZE)
-        if not data:
+        if peek and size == IDLE_READ and not read(1, _PEEK):
             return
-        counter[0] += len(data)
+        data = read(size)
+        got = len(data)
+        if not got:
+            return
+        counter[0] += got
         send(seal(data))
+        size = READ_SIZE if got >= size or got > IDLE_READ else IDLE_READ
 
 
 def relay_open(sock, opener, write, counter):
     """Read packets from SOCK until EOF; write their authenticated plaintext.
 
+    While traffic is light it waits for data with a one-byte MSG_PEEK (so
+    an idle connection holds no buffer), then reads at most IDLE_PACKETS
+    packets into a new small object; once a read fills that (or leaves
+    part of a packet), it reads into a batch buffer of BATCH packets,
+    dropped again after a read of IDLE_PACKETS packets or less with
+    nothing left over.
     A trailing partial packet at EOF is dropped, as C does.  Raises
     BadPacket (after writing the authentic part) or OSError.
     """
-    buf = bytearray(BATCH * PACKET)
-    view = memoryview(buf)
-    recv_into = sock.recv_into
+    recv, recv_into = sock.recv, sock.recv_into
     open_ = opener.open
+    idle = IDLE_PACKETS * PACKET
+    buf = view = None  # the batch buffer, only while data keeps coming
     have = 0
     while True:
-        got = recv_into(view[have:])
-        if not got:
-            return
-        have += got
+        if buf is None:
+            if not recv(1, _PEEK):  # wait for data without holding a buffer
+                return
+            data = recv(idle)
+            got = len(data)
+            if not got:
+                return
+            chunk, have = memoryview(data), got
+        else:
+            got = recv_into(view[have:])
+            if not got:
+                return
+            have += got
+            chunk = view
         whole = have - have % PACKET
-        if not whole:
-            continue
-        try:
-            data = open_(view[:whole])
-        except BadPacket as e:
-            if e.good:
-                counter[0] += len(e.good)
-                write(e.good)
-            raise
-        counter[0] += len(data)
-        write(data)
+        if whole:
+            try:
+                plain = open_(chunk[:whole])
+            except BadPacket as e:
+                if e.good:
+                    counter[0] += len(e.good)
+                    write(e.good)
+                raise
+            counter[0] += len(plain)
+            write(plain)
         rest = have - whole
-        if rest:
+        if buf is None:
+            if rest or got == idle:  # more is coming: read in batches
+                buf = bytearray(BATCH * PACKET)
+                view = memoryview(buf)
+                buf[:rest] = chunk[whole:have]
+            chunk = data = None
+        elif rest:
             buf[:rest] = buf[whole:have]
+        elif got <= idle:  # drained by a small read: idle again
+            chunk = view = buf = None
         have = rest
 
 
@@ -981,10 +1020,10 @@ def _shutdown(sock, how):
 class Connection(socketserver.BaseRequestHandler):
     """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    The server's ThreadingMixIn runs it in a new thread: handle() does the
-    set-up, starts a second thread for the inward direction and relays the
-    outward one itself.  Each of the two threads holds the connection; the
-    server's shutdown_request() releases the first, the second relay
+    The server's ThreadingMixIn runs it in a new thread: handle() starts a
+    second thread for the inward direction, does the set-up meanwhile and
+    relays the outward one itself.  Each of the two threads holds the
+    connection; the server's shutdown_request() releases the first, the second relay
     releases its own, and the last release runs teardown(), the one place
     where the sockets are closed.  abort() cuts both directions at any
     stage of the set-up.  Both are safe to call more than once.
@@ -1002,6 +1041,7 @@ class Connection(socketserver.BaseRequestHandler):
         self.holds = 1     # threads still using the sockets
         self.closed = False
         self.relays_started = False
+        self.inward_job = None  # the inward relay's arguments, once set up
         self.keyring = self.config.keyring  # a reload leaves this connection's keys alone
         self.number = self.server.attach(self)
 
@@ -1009,11 +1049,34 @@ class Connection(socketserver.BaseRequestHandler):
         return format_sockaddr(self.client.family, self.client_address)
 
     def handle(self):
-        """Set up; then relay inward in a second thread and outward in this one.
+        """Start the inward relay's thread; set up; then relay outward here.
 
-        Failures of the set-up and of a relay end here; any other exception
-        goes to the server's handle_error().
+        The second thread starts first, so its start overlaps the dial and
+        the handshake; it waits on a lock until the keys are there (or the
+        set-up failed).  Failures of the set-up and of a relay end here; any
+        other exception goes to the server's handle_error().
         """
+        go = _thread.allocate_lock()
+        go.acquire()
+        with self.lock:
+            self.holds += 1
+        try:
+            _thread.start_new_thread(self._inward, (go,))
+        except RuntimeError:  # no thread to be had: give up this connection
+            self.abort("cannot start a thread")
+            self.release()
+            return
+        job = None
+        try:
+            job = self._set_up()
+        finally:
+            self.inward_job = job and job[1]
+            go.release()
+        if job is not None:
+            self._pipe(relay_seal, *job[0])
+
+    def _set_up(self):
+        """Dial and handshake; ((outward relay args), (inward relay args)) or None."""
         cfg = self.config
         stats = self.server.stats
         try:
@@ -1021,14 +1084,14 @@ class Connection(socketserver.BaseRequestHandler):
         except ConnectError as e:
             stats.count("connect_failures")
             self._event("connect to %s failed: %s" % (cfg.target, e))
-            return
+            return None
         except HandshakeError as e:
             stats.count_handshake(e.reason)
             self._event("handshake failed: %s" % e)
-            return
+            return None
         self._key_used(result.key_name)
         if cfg.proxy_protocol and not self._send_proxy_header(sealer):
-            return
+            return None
         if cfg.decrypt:
             plain, sealed = self.target, self.client
         else:
@@ -1037,17 +1100,9 @@ class Connection(socketserver.BaseRequestHandler):
         inward = self.down if not cfg.decrypt else self.up
         with self.lock:
             if self.failed is not None:  # aborted during the set-up
-                return
-            self.holds += 1
+                return None
         self.relays_started = True
-        try:
-            threading.Thread(target=self._inward, args=(sealed, opener, plain, inward),
-                             daemon=True).start()
-        except RuntimeError:  # no thread to be had: give up this connection
-            self.abort("cannot start a thread")
-            self.release()
-            return
-        self._pipe(relay_seal, plain, sealer, sealed, outward)
+        return (plain, sealer, sealed, outward), (sealed, opener, plain, inward)
 
     def _key_used(self, name):
         """Count and log the key this connection's handshake used."""
@@ -1056,10 +1111,16 @@ class Connection(socketserver.BaseRequestHandler):
         self.server.stats.count_key(name)
         self._event("key %s" % name)
 
-    def _inward(self, sealed, opener, plain, counter):
-        """The second relay's thread: like handle(), errors go to handle_error()."""
+    def _inward(self, go):
+        """The second relay's thread: waits for handle()'s set-up, then relays.
+
+        Started with _thread (no Thread object, no start handshake).  Like
+        handle(), errors go to handle_error().
+        """
         try:
-            self._pipe(relay_open, sealed, opener, plain, counter)
+            go.acquire()
+            if self.inward_job is not None:
+                self._pipe(relay_open, *self.inward_job)
         except Exception:
             self.server.handle_error(self.request, self.client_address)
         finally:
@@ -1123,7 +1184,7 @@ class Connection(socketserver.BaseRequestHandler):
         """
         try:
             if relay is relay_seal:
-                relay(src.recv, worker, dst, counter)
+                relay(src.recv, worker, dst, counter, True)
             else:
                 relay(src, worker, dst.sendall, counter)
             _shutdown(dst, socket.SHUT_WR)
@@ -2454,7 +2515,7 @@ def _run_spiped(opts):
     if identity is not None:
         drop_privileges(*identity)
 
-    threading.stack_size(512 * 1024)
+    threading.stack_size(THREAD_STACK)
     _limit_malloc_arenas()
     _start_re_resolver(server, opts)
     notifier = Notifier()
