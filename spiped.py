@@ -2783,7 +2783,7 @@ def _run_tunnels(opts):
     if identity is not None:
         drop_privileges(*identity)
 
-    threading.stack_size(512 * 1024)
+    threading.stack_size(THREAD_STACK)
     _limit_malloc_arenas()
     notifier = Notifier()
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
