@@ -2487,11 +2487,14 @@ def _start_re_resolver(server, opts):
                          daemon=True).start()
 
 
-def _run_spiped(opts):
-    foreground = "-F" in opts
-    wait_dns = "-D" in opts
-    source = opts["-s"]
-    pidfile = opts.get("-p") or source + ".pid"
+def _start_process(opts, pidfile):
+    """The process options up to binding; returns finish(), to call once bound.
+
+    --syslog with -F keeps C's warnings on stderr; -D daemonizes now, before
+    any name is resolved, as C does.  finish() daemonizes (without -D),
+    drops to -u and sizes the threads to come.
+    """
+    foreground, wait_dns = "-F" in opts, "-D" in opts
     if "--syslog" in opts and foreground:
         log.use_syslog(warnings=False)  # C's warnings stay on stderr with -F
 
@@ -2503,20 +2506,26 @@ def _run_spiped(opts):
     if wait_dns and not foreground:
         go_background()
 
+    def finish():
+        # C checks -u only in the daemon, after its parent has exited 0; an
+        # unknown user or group is known now, so report it with exit 1.
+        identity = lookup_identity(opts["-u"]) if "-u" in opts else None
+        if not wait_dns and not foreground:
+            go_background()
+        if identity is not None:
+            drop_privileges(*identity)
+        threading.stack_size(THREAD_STACK)
+        _limit_malloc_arenas()
+
+    return finish
+
+
+def _run_spiped(opts):
+    finish = _start_process(opts, opts.get("-p") or opts["-s"] + ".pid")
     listener = inherited_listener()
-    spec = build_tunnel(opts, wait_dns, resolve_source=listener is None)
+    spec = build_tunnel(opts, "-D" in opts, resolve_source=listener is None)
     server = start_tunnel(spec, listener)
-    # C checks -u only in the daemon, after its parent has exited 0; an
-    # unknown user or group is known now, so report it with exit 1.
-    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
-
-    if not wait_dns and not foreground:
-        go_background()
-    if identity is not None:
-        drop_privileges(*identity)
-
-    threading.stack_size(THREAD_STACK)
-    _limit_malloc_arenas()
+    finish()
     _start_re_resolver(server, opts)
     notifier = Notifier()
     server.notifier = notifier
@@ -2760,31 +2769,12 @@ class Tunnels:
 def _run_tunnels(opts):
     """spiped --config FILE: every tunnel of FILE in this process until SIGTERM."""
     path = opts["--config"]
-    foreground = "-F" in opts
-    wait_dns = "-D" in opts
-    pidfile = opts.get("-p") or path + ".pid"
-    if "--syslog" in opts and foreground:
-        log.use_syslog(warnings=False)  # warnings stay on stderr with -F
-
-    def go_background():
-        daemonize(pidfile)
-        if "--syslog" in opts:
-            log.use_syslog()
-
-    if wait_dns and not foreground:
-        go_background()
+    finish = _start_process(opts, opts.get("-p") or path + ".pid")
     tunnels = Tunnels(path, opts.get("--drain-timeout"), inherited_listeners())
-    specs = tunnels.load(wait_dns)
+    specs = tunnels.load("-D" in opts)
     tunnels.check_passed(specs)
     servers = tunnels.bind(specs)
-    identity = lookup_identity(opts["-u"]) if "-u" in opts else None
-    if not wait_dns and not foreground:
-        go_background()
-    if identity is not None:
-        drop_privileges(*identity)
-
-    threading.stack_size(THREAD_STACK)
-    _limit_malloc_arenas()
+    finish()
     notifier = Notifier()
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
     _install_signals(tunnels)

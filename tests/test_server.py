@@ -24,7 +24,7 @@ import pytest
 
 import spiped
 from conftest import (ROOT, IMPLS, TargetServer, connect, free_port,
-                      need_c, tcp_addr)
+                      need_c, tcp_addr, wait_for)
 
 WRAPPER = """\
 import os, sys, time
@@ -40,16 +40,6 @@ def wrapped(tmp_path, patch):
     script = tmp_path / "wrapped_spiped.py"
     script.write_text(WRAPPER % (ROOT, patch))
     return lambda *args: [sys.executable, str(script), *args]
-
-
-def wait_for(predicate, timeout, step=0.02):
-    """Poll PREDICATE until it is true or TIMEOUT seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)
 
 
 def read_text(path):
