@@ -6,10 +6,9 @@ and the stalled-client test too, to show the expectations hold for the
 reference, and it is the peer that gets killed in the SIGKILL tests.
 After each fault the daemon must still serve a good client and must not
 leak: its descriptor count returns to the baseline exactly, no thread is
-left busy that was not busy before (e.g. a relay blocked on a socket, even
-in a reused thread), and the only extra threads allowed are idle ones: a
-thread sleeping in a futex wait that has a timeout, which is how ours keeps
-finished workers for reuse until their idle timeout.
+left busy that was not busy before (e.g. a relay blocked on a socket), and
+the thread count returns to the baseline too: each connection's two
+threads end with it.
 
 Hostile peers.  A seeded fuzzer plays a peer that is wrong on purpose, both
 as the client of ``spiped -d`` and as the server behind ``spiped -e``.  Most
@@ -421,7 +420,6 @@ def start_daemon(procs, tmp_path, mode, source, target, key, *extra, impl="ours"
 
 
 _FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98}.get(platform.machine())
-IDLE_BOUND = 100   # idle threads tolerated; a per-connection leak exceeds it
 
 
 class Baseline:
@@ -451,9 +449,9 @@ class Baseline:
 def _in_timed_wait(pid, tid):
     """True if thread TID sleeps in a futex wait that has a timeout, or is gone.
 
-    That is how an idle reused worker waits for its next task (until its idle
-    timeout); a thread blocked on a socket, or on a lock with no timeout,
-    does not look like this.
+    That is how the daemon's own helper threads wait (the accept loop's
+    timed select aside); a thread blocked on a socket, or on a lock with no
+    timeout, does not look like this.
     """
     try:
         with open("/proc/%d/task/%s/syscall" % (pid, tid)) as f:
@@ -469,23 +467,18 @@ def _busy_threads(pid):
 
 
 def assert_no_leak(pid, base, what, timeout=10.0):
-    """Descriptors back to BASE exactly; threads too, except idle workers.
+    """Descriptors and the thread count back to BASE exactly.
 
     Every thread that is busy now must have been busy at BASE (so no relay
-    is left blocked on a socket, even in a reused thread), and at most
-    IDLE_BOUND threads may have been added, all idle (sleeping in a timed
-    wait until their idle timeout).  With SPIPED_HEAVY=1 the idle ones must
-    go too: the deadline grows to 60 s and the thread count must drop back
-    to BASE's.
+    is left blocked on a socket), and no thread may have been added: each
+    connection's threads end with it.  With SPIPED_HEAVY=1 the deadline
+    grows to 60 s.
     """
     def back():
         nonlocal threads, fds, busy
         threads, fds = thread_and_fd_count(pid)
         busy = sorted(_busy_threads(pid) - base.busy)
-        if HEAVY or _FUTEX is None:
-            threads_ok = not busy and threads <= base.threads
-        else:
-            threads_ok = not busy and threads <= base.threads + IDLE_BOUND
+        threads_ok = not busy and threads <= base.threads
         return fds == base.fds and threads_ok
 
     threads = fds = busy = None
