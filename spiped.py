@@ -2649,9 +2649,13 @@ class Tunnels:
             return None
         old.hand_over(server)
         mode = spec.opts.get("--socket-mode")
-        if server.unlink_path is not None and mode is not None:
+        path = server.unlink_path
+        # The socket file was bound earlier: chmod it only while the path is
+        # still that file (lstat), never a symlink swapped in since.
+        if path is not None and mode is not None \
+                and _file_identity(path) == server.unlink_ident:
             try:
-                os.chmod(server.unlink_path, mode)
+                os.chmod(path, mode)
             except OSError:
                 pass
         del self.servers[old_source], self.specs[old_source]

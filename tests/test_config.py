@@ -6,6 +6,7 @@ its stderr goes to a file; the tests wait on that file and on /proc/net.
 import os
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -298,6 +299,34 @@ def test_sighup_replaces_a_changed_line_keeping_its_connections(procs, echo, key
     held.shutdown(socket.SHUT_WR)
     assert held.recv(100) == b"second"
     held.close()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+
+
+def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, tmp_path):
+    """A changed --socket-mode on a unix line reaches the socket file, but
+    only while the path is still that file: a symlink swapped in is left
+    alone (and so is what it points to)."""
+    sock = str(tmp_path / "t.sock")
+    line = "-e -s %s -t %s -k %s --socket-mode %s"
+    conf = write_config(tmp_path / "m.conf", [line % (sock, tcp_addr(free_port()), keyfile, "600")])
+    err = tmp_path / "err"
+    p = start_config(procs, conf, err)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    write_config(conf, [line % (sock, tcp_addr(free_port()), keyfile, "660")])
+    p.send_signal(signal.SIGHUP)
+    wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    # Swap a symlink in at the path; the next mode change must not chmod through it.
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    os.chmod(victim, 0o600)
+    os.rename(sock, str(tmp_path / "moved.sock"))
+    os.symlink(str(victim), sock)
+    write_config(conf, [line % (sock, tcp_addr(free_port()), keyfile, "666")])
+    p.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: log_text(err).count("1 replaced") == 2, 15), log_text(err)
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
 
