@@ -381,14 +381,20 @@ def test_sighup_reloads_as_pid_1(procs, tmp_path, echo):
                                addr, stderr=f)
     assert wait_for(lambda: _children(wrapper.pid))
     pid = _children(wrapper.pid)[0]
-    assert wait_for(lambda: catches(pid, signal.SIGHUP)), read_text(log)
-    assert wait_for(lambda: "Docker signal-handling bug" in read_text(log))  # it is PID 1
-    os.kill(pid, signal.SIGHUP)
-    assert wait_for(lambda: "reloaded 1 key" in read_text(log)), read_text(log)
-    assert wrapper.poll() is None
-    client = tcp_addr(free_port())
-    procs.daemon(ours("-e", "-F", "-s", client, "-t", addr, "-k", key), client)
-    assert served(client)
+    try:
+        assert wait_for(lambda: catches(pid, signal.SIGHUP)), read_text(log)
+        assert wait_for(lambda: "Docker signal-handling bug" in read_text(log))  # it is PID 1
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: "reloaded 1 key" in read_text(log)), read_text(log)
+        assert wrapper.poll() is None
+        client = tcp_addr(free_port())
+        procs.daemon(ours("-e", "-F", "-s", client, "-t", addr, "-k", key), client)
+        assert served(client)
+    finally:
+        # unshare does not pass signals on: end the namespace's PID 1 itself
+        # (which ends the namespace), then unshare exits and is reaped.
+        os.kill(pid, signal.SIGKILL)
+        wrapper.wait(timeout=10)
 
 
 def test_log_connections_on_e_names_the_k_file(procs, tmp_path, echo):
