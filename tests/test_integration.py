@@ -716,11 +716,17 @@ def test_openrc_respawn_after_kill9(openrc_box, openrc_tunnels):
     before = spiped_host_pids("-d", t["dec"])
     assert len(before) == 1, before
     os.kill(before[0], signal.SIGKILL)
-    after = wait_until(lambda: [p for p in spiped_host_pids("-d", t["dec"]) if p != before[0]], 30,
-                       "spiped.smtpd respawned")
-    assert len(after) == 1
-    wait_until(lambda: exchange(t["enc"], b"after respawn") == b"after respawn", 30,
-               "the tunnel carries data again")
+    try:
+        # supervise-daemon waits respawn_delay (2 s), then runs the service's
+        # command again; under load that can take a while.
+        after = wait_until(lambda: [p for p in spiped_host_pids("-d", t["dec"])
+                                    if p != before[0]], 60, "spiped.smtpd respawned")
+        assert len(after) == 1, after
+        wait_until(lambda: exchange(t["enc"], b"after respawn") == b"after respawn", 30,
+                   "the tunnel carries data again")
+    except AssertionError as e:  # what OpenRC saw, for whoever reads the failure
+        status = openrc_box.sh("rc-service spiped.smtpd status; ps -eo pid,args", check=False)
+        raise AssertionError("%s\n%s%s" % (e, status.stdout, status.stderr)) from None
 
 
 def test_openrc_graceful_stop_with_a_live_connection(openrc_box, openrc_tunnels):
