@@ -609,6 +609,13 @@ class PacketOpener(_PacketKeys):
 # ---------------------------------------------------------------------------
 
 
+def _poller():
+    """A selector for a socket or two: poll() holds no descriptor of its own."""
+    if hasattr(selectors, "PollSelector"):
+        return selectors.PollSelector()
+    return selectors.DefaultSelector()
+
+
 def _remaining(deadline):
     """Seconds left until DEADLINE (None = forever); HandshakeError when none."""
     if deadline is None:
@@ -656,8 +663,7 @@ class _DeadlineIO:
 
     def _wait(self, event):
         if self.selector is None:
-            self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-                else selectors.DefaultSelector()
+            self.selector = _poller()
             self.selector.register(self.sock, event)
         else:
             self.selector.modify(self.sock, event)
@@ -900,8 +906,7 @@ class Dialer:
         if self.sock is None:
             raise ConnectError(self.error)
         if self.pending:
-            selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") \
-                else selectors.DefaultSelector()
+            selector = _poller()
             try:
                 while self.pending:
                     left = None if deadline is None else deadline - time.monotonic()
@@ -1780,6 +1785,11 @@ class Notifier:
         except OSError:
             pass
 
+    def reloading(self):
+        """RELOADING=1 with the monotonic clock, before a reload (READY=1 ends it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+
     def status(self, text):
         if text != self.last_status:
             self.last_status = text
@@ -1833,8 +1843,7 @@ class KeyFiles:
 
     def reload(self, config, stats, notifier):
         """SIGHUP, run in the accept loop: new keys for new connections, or none."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        notifier.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+        notifier.reloading()
         try:
             ring = self._reread()
         except SpipedError as e:
@@ -1853,22 +1862,31 @@ def _count_keys(n):
     return "%d key%s" % (n, "" if n == 1 else "s")
 
 
+def _passed_count(environ=os.environ):
+    """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
+
+    Takes the variables out of the environment once they are ours.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return 0
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return max(count, 0)
+
+
 def inherited_listener(environ=os.environ):
     """The listening socket systemd passed us (fd 3), or None.
 
     Raises SpipedError when the passed descriptor is not a listening
     stream socket.
     """
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        count = 0
+    count = _passed_count(environ)
     if count < 1:
         return None
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
     sock = _passed_listener(3)
     if count > 1:
         log.warn("systemd passed %d sockets; serving on the first only" % count)
@@ -1880,15 +1898,7 @@ def inherited_listeners(environ=os.environ):
 
     Raises SpipedError when one is not a listening stream socket.
     """
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        count = 0
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    return [_passed_listener(fd) for fd in range(3, 3 + max(count, 0))]
+    return [_passed_listener(fd) for fd in range(3, 3 + _passed_count(environ))]
 
 
 def _passed_listener(fd):
@@ -2756,8 +2766,7 @@ class Tunnels:
                         notifier.send("STOPPING=1")
                         self.shutdown()
                     elif what == "reload" and not self.stopping:
-                        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-                        notifier.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+                        notifier.reloading()
                         self.reload()
                         notifier.send("READY=1")
                     elif what == "stats":
