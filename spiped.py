@@ -110,6 +110,7 @@ LISTEN_BACKLOG = 10
 READ_SIZE = BATCH * PAYLOAD
 THREAD_STACK = 256 * 1024  # per thread: test_stack.py runs a connection in 32 KiB;
 #                            the re-resolver thread's getaddrinfo() wants more
+ABORT_GRACE = 1.0        # after a drain timeout, for aborted connections to close
 IDLE_PACKETS = 2         # packets per read while traffic is light
 IDLE_READ = IDLE_PACKETS * PAYLOAD
 UNIX_PATH_MAX = 108      # sizeof(sun_path) on Linux
@@ -1229,11 +1230,13 @@ class Connection(socketserver.BaseRequestHandler):
         for sock in (self.client, self.target):
             if sock is not None:
                 sock.close()
-        self.server.connection_closed(self.request, self)
         if self.config.log_connections and self.relays_started:  # set-up failures logged their own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % (how, self.up[0], self.down[0], time.monotonic() - self.started))
+        # Last: a drain ends when the count reaches zero, so the line above
+        # must already be written by then.
+        self.server.connection_closed(self.request, self)
 
     def _event(self, text):
         if self.config.log_connections:
@@ -1438,6 +1441,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     left = self.drain_deadline - time.monotonic()
                     if left <= 0:
                         self.abort_all()
+                        self._await_teardowns(ABORT_GRACE)
                         return
                     timeout = min(timeout, left)
                 for key, _ in selector.select(timeout):
@@ -1606,6 +1610,15 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         for connection in live:
             if connection is not None:  # None: not started; the exit closes it
                 connection.abort("drain timeout")
+
+    def _await_teardowns(self, seconds):
+        """Give aborted connections up to SECONDS to close and log their lines."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with self.lock:
+                if not self.live:
+                    return
+            time.sleep(0.01)
 
     def server_close(self):
         super().server_close()
@@ -2547,7 +2560,7 @@ def _run_spiped(opts):
         server.serve(tick=min(1.0, notifier.watchdog or 1.0))
     finally:
         server.server_close()
-    return 0
+    _exit_now(0)
 
 
 class Tunnels:
@@ -2797,7 +2810,23 @@ def _run_tunnels(opts):
         tunnels.run(notifier)
     finally:
         tunnels.close()
-    return 0
+    _exit_now(0)
+
+
+def _exit_now(status):
+    """End a daemon that has served: flush, then exit without finalizing.
+
+    Connection threads are daemon threads; one still inside a write to
+    stderr while the interpreter finalizes makes it abort (SIGABRT) on
+    the stream's lock.  Nothing is left to finalize: sockets are closed
+    and every line is written before a drain ends.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 # -- spipe -------------------------------------------------------------------
 

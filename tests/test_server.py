@@ -23,7 +23,7 @@ import time
 import pytest
 
 import spiped
-from conftest import (ROOT, IMPLS, TargetServer, connect, free_port,
+from conftest import (ROOT, IMPLS, TargetServer, connect, free_port, recv_exact,
                       need_c, tcp_addr, wait_for)
 
 WRAPPER = """\
@@ -173,10 +173,10 @@ calls = [0]
 real_modexp = spiped._modexp
 def counting_modexp(base, exponent):
     calls[0] += 1
+    with open(os.environ["MODEXP_COUNT"], "w") as f:  # the daemon ends with os._exit()
+        f.write(str(calls[0]))
     return real_modexp(base, exponent)
 spiped._modexp = counting_modexp
-import atexit
-atexit.register(lambda: open(os.environ["MODEXP_COUNT"], "w").write(str(calls[0])))
 """
 
 
@@ -226,6 +226,48 @@ def test_sigterm_while_the_loop_holds_its_lock(procs, tmp_path, keyfile, holding
     assert wait_for(lambda: read_text(held).count("held") > before, 10)
     proc.send_signal(signal.SIGTERM)  # lands while slow_full() holds the lock
     assert proc.wait(timeout=10) == 0, read_text(log)
+
+
+# ---------------------------------------------------------------------------
+# A drain ends only after its connections' lines are written
+# ---------------------------------------------------------------------------
+
+SLOW_EVENT = """
+real_event = spiped.log.event
+def slow_event(msg):
+    if "closed" in msg or "dropped" in msg:
+        time.sleep(0.3)      # a slow stderr (journald under load)
+    real_event(msg)
+spiped.log.event = slow_event
+"""
+
+
+@pytest.mark.parametrize("drain", [(), ("--drain-timeout", "0.5")])
+def test_sigterm_exit_waits_for_the_connections_lines(procs, tmp_path, keyfile, holding, drain):
+    """SIGTERM with live connections: the daemon exits 0 after each one's last line.
+
+    The drain used to end as soon as the count of live connections fell to
+    zero, before the connection's closing line was written: the line was
+    lost, and under systemd the interpreter aborted (SIGABRT) on stderr's
+    lock held by a relay thread still writing it as the process exited.
+    """
+    target = holding()
+    proc, source, log = start(procs, wrapped(tmp_path, SLOW_EVENT), tmp_path,
+                              "-d", "-t", target.addr, "-k", keyfile, "--log-connections", *drain)
+    clients = []
+    for _ in range(4):
+        s = connect(source)
+        clients.append(s)
+        _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    for s in clients:
+        s.close()
+    assert proc.wait(timeout=20) == 0, read_text(log)
+    text = read_text(log)
+    assert text.count("closed:") + text.count("dropped (") == 4, text
+    assert "Fatal Python error" not in text and "Traceback" not in text, text
 
 
 # ---------------------------------------------------------------------------
