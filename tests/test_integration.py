@@ -539,7 +539,8 @@ def test_systemd_graceful_stop_with_a_live_connection(systemd_box, systemd_tunne
         conn.finish()
         assert stopping.wait(timeout=30) == 0
         s = show(box, "spiped@smtp.service", "Result", "ExecMainStatus", "ActiveState")
-        assert (s["ActiveState"], s["Result"], s["ExecMainStatus"]) == ("inactive", "success", "0")
+        assert (s["ActiveState"], s["Result"], s["ExecMainStatus"]) == ("inactive", "success", "0"), \
+            box.sh("journalctl -b --no-pager -n 30 -u spiped@smtp.service").stdout
     finally:
         if stopping.poll() is None:
             stopping.kill()
