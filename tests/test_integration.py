@@ -625,6 +625,14 @@ class SyslogListener:
         self.sock.close()
 
 
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 @pytest.fixture(scope="session")
 def openrc_box(slim_rootfs, workdir):
     need("systemd-nspawn", "nsenter")
@@ -637,7 +645,13 @@ def openrc_box(slim_rootfs, workdir):
     shutil.rmtree(root + "/etc/conf.d", ignore_errors=True)
     box = Booted(root, ["/sbin/openrc-init"], "openrc-init", os.path.join(workdir, "nspawn-openrc.log"))
     try:
-        wait_until(lambda: os.path.exists(box.path("/run/openrc/softlevel")), 60, "OpenRC booted")
+        # softlevel appears as the boot begins; openrc-init runs `openrc` for
+        # each runlevel, and the last one leaving means "default" is reached.
+        # Starting services before that raced the boot: entering "default"
+        # stopped a service started by hand and restarted one added to it.
+        wait_until(lambda: _read(box.path("/run/openrc/softlevel")) == "default"
+                   and box.sh("pgrep -x openrc", check=False).returncode == 1,
+                   120, "OpenRC in its default runlevel")
         yield box
     finally:
         box.stop(poweroff="openrc-shutdown --poweroff now")
@@ -668,7 +682,11 @@ def openrc_tunnels(openrc_box, echo_target):
         "rc-service spiped.smtpd start"]))
     # rc-service returns once supervise-daemon runs; spiped listens a little later.
     for addr in (a, b):
-        wait_until(lambda: address_listening(addr), 30, "spiped listening on %s" % addr)
+        try:
+            wait_until(lambda: address_listening(addr), 30, "spiped listening on %s" % addr)
+        except AssertionError as e:
+            state = box.sh("rc-status -a; ps -eo pid,ppid,stat,args", check=False).stdout
+            raise AssertionError("%s\n%s\nsyslog:\n%s" % (e, state, "\n".join(syslog.find(""))))
     try:
         yield {"enc": a, "dec": b, "syslog": syslog}
     finally:
@@ -715,7 +733,7 @@ def test_openrc_checkconfig_refusals(openrc_box, openrc_tunnels):
 def test_openrc_respawn_after_kill9(openrc_box, openrc_tunnels):
     t = openrc_tunnels
     before = spiped_host_pids("-d", t["dec"])
-    assert len(before) == 1, before
+    assert len(before) == 1, (before, "\n".join(t["syslog"].find("")[-40:]))
     os.kill(before[0], signal.SIGKILL)
     try:
         # supervise-daemon waits respawn_delay (2 s), then runs the service's
@@ -725,9 +743,10 @@ def test_openrc_respawn_after_kill9(openrc_box, openrc_tunnels):
         assert len(after) == 1, after
         wait_until(lambda: exchange(t["enc"], b"after respawn") == b"after respawn", 30,
                    "the tunnel carries data again")
-    except AssertionError as e:  # what OpenRC saw, for whoever reads the failure
+    except (AssertionError, OSError) as e:  # what OpenRC saw, for whoever reads the failure
         status = openrc_box.sh("rc-service spiped.smtpd status; ps -eo pid,args", check=False)
-        raise AssertionError("%s\n%s%s" % (e, status.stdout, status.stderr)) from None
+        raise AssertionError("%s\n%s%s\nsyslog:\n%s" % (
+            e, status.stdout, status.stderr, "\n".join(t["syslog"].find("")[-40:]))) from None
 
 
 def test_openrc_graceful_stop_with_a_live_connection(openrc_box, openrc_tunnels):
