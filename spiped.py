@@ -1322,6 +1322,38 @@ class Config:
         self.__dict__.update(kw)
 
 
+class _WakePipe:
+    """A self-pipe: wake() from any thread or signal handler ends a select() on it."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        for fd in (self.read_fd, self.write_fd):
+            os.set_blocking(fd, False)
+
+    def fileno(self):
+        return self.read_fd
+
+    def wake(self):
+        try:
+            os.write(self.write_fd, b"!")
+        except OSError:
+            pass
+
+    def drain(self):
+        """Empty the pipe, once select() said it holds something."""
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """Accepts connections on one listening socket (TCP or unix) and runs each.
 
@@ -1361,9 +1393,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.signals = []  # appended by signal handlers, consumed by service_actions()
         self.notifier = None
         self.key_files = None  # KeyFiles, re-read on SIGHUP
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
+        self.waker = _WakePipe()
         self.accept_paused_until = 0.0
         self.accept_error_logged = False
         super().__init__(sockaddr, Connection, bind_and_activate=False)
@@ -1407,10 +1437,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     # -- accept loop ------------------------------------------------------
 
     def wake(self):
-        try:
-            os.write(self.wake_w, b"!")
-        except OSError:
-            pass
+        self.waker.wake()
 
     def full(self):
         limit = self.config.max_connections
@@ -1419,7 +1446,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def serve(self, tick=1.0):
         """Accept until shutdown() and until the live connections have ended."""
         selector = selectors.DefaultSelector()
-        selector.register(self.wake_r, selectors.EVENT_READ)
+        selector.register(self.waker, selectors.EVENT_READ)
         listening = False
         try:
             while True:
@@ -1445,12 +1472,8 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                         return
                     timeout = min(timeout, left)
                 for key, _ in selector.select(timeout):
-                    if key.fd == self.wake_r:
-                        try:
-                            while os.read(self.wake_r, 4096):
-                                pass
-                        except OSError:
-                            pass
+                    if key.fileobj is self.waker:
+                        self.waker.drain()
                     elif listening:
                         self._accept_one()
                 self.service_actions()
@@ -1627,11 +1650,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 os.unlink(self.unlink_path)
             except OSError:
                 pass
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.waker.close()
 
 
 def _file_identity(path):
@@ -2585,15 +2604,10 @@ class Tunnels:
         self.signals = []    # appended by signal handlers, consumed by run()
         self.stopping = False
         self.tick = 1.0
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
+        self.waker = _WakePipe()
 
     def wake(self):
-        try:
-            os.write(self.wake_w, b"!")
-        except OSError:
-            pass
+        self.waker.wake()
 
     def load(self, retry=False, reread=False):
         """load_config() of our file with the process's --drain-timeout."""
@@ -2762,17 +2776,13 @@ class Tunnels:
     def run(self, notifier):
         """Act on recorded signals until SIGTERM's drain has ended everywhere."""
         selector = selectors.DefaultSelector()
-        selector.register(self.wake_r, selectors.EVENT_READ)
+        selector.register(self.waker, selectors.EVENT_READ)
         try:
             while not self.reap():
                 notifier.tick()
                 notifier.status(self.status())
                 if selector.select(self.tick):
-                    try:
-                        while os.read(self.wake_r, 4096):
-                            pass
-                    except OSError:
-                        pass
+                    self.waker.drain()
                 while self.signals:
                     what = self.signals.pop(0)
                     if what == "term" and not self.stopping:
@@ -2788,8 +2798,7 @@ class Tunnels:
             selector.close()
 
     def close(self):
-        for fd in (self.wake_r, self.wake_w):
-            os.close(fd)
+        self.waker.close()
 
 
 def _run_tunnels(opts):
