@@ -19,16 +19,20 @@ opener; the last one to end closes both sockets.  Packets are 1060
 bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
 
 Sections, in the order the data flows:
-    1. Protocol constants          6. Relays and the connection
+    1. Protocol constants          6. Relay and the connection
     2. Errors and logging          7. Server (accept loop, limit, drain)
-    3. Addresses                   8. Process (daemon, pidfile, signals)
-    4. Cryptography (no I/O)       9. Command line and main()
-    5. Handshake on a socket
+    3. Addresses                   8. Process (daemon, privileges, systemd)
+    4. Cryptography (no I/O)       9. Supervisor (tunnels, signals, reload)
+    5. Handshake on a socket      10. Command line and main()
+
+One supervisor (Tunnels) runs every process: the tunnel of a C command
+line is a set of one, a --config file a set of many.
 
 Runs on Python 3.9+ with the standard library and Cryptodome
 (``pip install pycryptodomex`` or Debian's ``python3-pycryptodome``).
 """
 
+import dataclasses
 import errno
 import grp
 import hashlib
@@ -48,6 +52,7 @@ import threading
 import _thread
 import time
 import traceback
+from typing import Optional
 
 try:
     from Cryptodome.Cipher import AES
@@ -126,6 +131,10 @@ class SpipedError(Exception):
     def __init__(self, *lines):
         super().__init__(lines[0] if lines else "")
         self.lines = lines
+
+    def located(self, where):
+        """The same error with WHERE ("FILE:LINE: ") before each line."""
+        return SpipedError(*(where + line for line in self.lines)) if where else self
 
 
 class UsageError(Exception):
@@ -521,10 +530,13 @@ class _Mac:
 class _PacketKeys:
     """One direction's cipher and MAC keys and its packet counter."""
 
+    pending = b""  # a partial packet waiting for the rest (openers only)
+
     def __init__(self, cipher_key, mac_key, number=0):
         self._ecb = AES.new(cipher_key, AES.MODE_ECB)
         self._mac = _Mac(mac_key)
         self.number = number
+        self.plaintext = 0  # plaintext bytes sealed or opened so far
 
     def _keystream(self, first, count):
         """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
@@ -534,6 +546,9 @@ class _PacketKeys:
 
 class PacketSealer(_PacketKeys):
     """Turns plaintext into packets for one direction; owns its packet counter."""
+
+    # Plaintext bytes to read at a time: while traffic is light, once busy.
+    read_sizes = (IDLE_READ, READ_SIZE)
 
     def seal(self, data):
         """Packets (1060 bytes each) carrying DATA in chunks of up to 1024 bytes."""
@@ -559,11 +574,34 @@ class PacketSealer(_PacketKeys):
             out.append(ct)
             out.append(mac(ct, _be64(n + k)))
         self.number = n + count
+        self.plaintext += size
         return b"".join(out)
+
+    def transform(self, data):
+        """seal(): what relay() calls."""
+        return self.seal(data)
 
 
 class PacketOpener(_PacketKeys):
     """Checks and decrypts packets for one direction; owns its packet counter."""
+
+    # Wire bytes to read at a time: while traffic is light, once busy.
+    read_sizes = (IDLE_PACKETS * PACKET, BATCH * PACKET)
+
+    def feed(self, data):
+        """Plaintext of the whole packets that DATA completes, as open() gives it.
+
+        A partial packet at the end is kept (.pending) for the next call.
+        """
+        if self.pending:
+            data = self.pending + data
+        whole = len(data) - len(data) % PACKET
+        self.pending = bytes(data[whole:])
+        return self.open(memoryview(data)[:whole]) if whole else b""
+
+    def transform(self, data):
+        """feed(): what relay() calls."""
+        return self.feed(data)
 
     def open(self, wire):
         """Plaintext of the whole packets in WIRE (a multiple of 1060 bytes).
@@ -601,6 +639,7 @@ class PacketOpener(_PacketKeys):
                 out.append(plain[base:base + length])
         self.number = n + good
         data = b"".join(out)
+        self.plaintext += len(data)
         if why is not None:
             raise BadPacket(data, why)
         return data
@@ -707,13 +746,16 @@ class _DeadlineIO:
             self.selector.close()
 
 
-class HandshakeResult(tuple):
-    """(sealer, opener); .key_name names the key the exchange used."""
+@dataclasses.dataclass(frozen=True)
+class HandshakeResult:
+    """What a key exchange gives one side; unpacks as (sealer, opener)."""
 
-    def __new__(cls, sealer, opener, key_name=None):
-        pair = super().__new__(cls, (sealer, opener))
-        pair.key_name = key_name
-        return pair
+    sealer: "PacketSealer"
+    opener: "PacketOpener"
+    key_name: Optional[str] = None   # the ring's name of the key used
+
+    def __iter__(self):
+        return iter((self.sealer, self.opener))
 
 
 def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
@@ -817,7 +859,7 @@ class DHKeyPool:
                 self.ready.append(pair)
 
 # ---------------------------------------------------------------------------
-# 6. Relays and the connection
+# 6. Relay and the connection
 # ---------------------------------------------------------------------------
 
 
@@ -930,84 +972,43 @@ class Dialer:
 _PEEK = socket.MSG_PEEK
 
 
-def relay_seal(read, sealer, sock, counter, peek=False):
-    """Read plaintext with READ until EOF; send it sealed on SOCK.
+def relay(read, codec, write, wait=None):
+    """Move one direction: READ(n) -> CODEC.transform() -> WRITE() until EOF.
 
-    Reads are small (IDLE_READ) until one fills up, then READ_SIZE until
-    one comes back small again.  With PEEK (READ is a socket's recv) a
-    small read first waits with a one-byte MSG_PEEK, so an idle connection
-    holds no buffer.  Returns at EOF; raises OSError on an I/O error.
+    CODEC is a PacketSealer (plaintext in, packets out) or a PacketOpener
+    (packets in, plaintext out; a partial packet waits in it for the rest,
+    and one left at EOF is dropped, as C does).  Reads are codec.read_sizes[0]
+    while traffic is light and [1] once a read fills up or leaves part of a
+    packet.  While light, WAIT() (a one-byte MSG_PEEK) blocks until data is
+    there, so an idle connection holds no buffer; it returns b"" at EOF.
+    A BadPacket's authentic part is written before it propagates; OSError
+    propagates.
     """
-    seal = sealer.seal
-    send = sock.sendall
-    size = IDLE_READ
+    idle, busy = codec.read_sizes
+    transform = codec.transform
+    size = idle
     while True:
-        if peek and size == IDLE_READ and not read(1, _PEEK):
+        if wait is not None and size == idle and not wait():
             return
         data = read(size)
         got = len(data)
         if not got:
             return
-        counter[0] += got
-        send(seal(data))
-        size = READ_SIZE if got >= size or got > IDLE_READ else IDLE_READ
+        try:
+            out = transform(data)
+        except BadPacket as e:
+            if e.good:
+                write(e.good)
+            raise
+        if out:
+            write(out)
+        size = busy if got > idle or got == size or codec.pending else idle
 
 
-def relay_open(sock, opener, write, counter):
-    """Read packets from SOCK until EOF; write their authenticated plaintext.
-
-    While traffic is light it waits for data with a one-byte MSG_PEEK (so
-    an idle connection holds no buffer), then reads at most IDLE_PACKETS
-    packets into a new small object; once a read fills that (or leaves
-    part of a packet), it reads into a batch buffer of BATCH packets,
-    dropped again after a read of IDLE_PACKETS packets or less with
-    nothing left over.
-    A trailing partial packet at EOF is dropped, as C does.  Raises
-    BadPacket (after writing the authentic part) or OSError.
-    """
-    recv, recv_into = sock.recv, sock.recv_into
-    open_ = opener.open
-    idle = IDLE_PACKETS * PACKET
-    buf = view = None  # the batch buffer, only while data keeps coming
-    have = 0
-    while True:
-        if buf is None:
-            if not recv(1, _PEEK):  # wait for data without holding a buffer
-                return
-            data = recv(idle)
-            got = len(data)
-            if not got:
-                return
-            chunk, have = memoryview(data), got
-        else:
-            got = recv_into(view[have:])
-            if not got:
-                return
-            have += got
-            chunk = view
-        whole = have - have % PACKET
-        if whole:
-            try:
-                plain = open_(chunk[:whole])
-            except BadPacket as e:
-                if e.good:
-                    counter[0] += len(e.good)
-                    write(e.good)
-                raise
-            counter[0] += len(plain)
-            write(plain)
-        rest = have - whole
-        if buf is None:
-            if rest or got == idle:  # more is coming: read in batches
-                buf = bytearray(BATCH * PACKET)
-                view = memoryview(buf)
-                buf[:rest] = chunk[whole:have]
-            chunk = data = None
-        elif rest:
-            buf[:rest] = buf[whole:have]
-        elif got <= idle:  # drained by a small read: idle again
-            chunk = view = buf = None
-        have = rest
+def _peeker(sock):
+    """WAIT for relay(): block until SOCK has data; b"" at EOF."""
+    recv = sock.recv
+    return lambda: recv(1, _PEEK)
 
 
 def _shutdown(sock, how):
@@ -1029,30 +1030,42 @@ class Connection(socketserver.BaseRequestHandler):
     The server's ThreadingMixIn runs it in a new thread: handle() starts a
     second thread for the inward direction, does the set-up meanwhile and
     relays the outward one itself.  Each of the two threads holds the
-    connection; the server's shutdown_request() releases the first, the second relay
-    releases its own, and the last release runs teardown(), the one place
-    where the sockets are closed.  abort() cuts both directions at any
-    stage of the set-up.  Both are safe to call more than once.
+    connection; the server's shutdown_request() releases the first, the
+    second relay releases its own, and the last release runs teardown(),
+    the one place where the sockets are closed.  abort() cuts both
+    directions at any stage of the set-up.  Both are safe to call twice.
     """
 
     def setup(self):
-        self.config = self.server.config
+        server = self.server
+        self.options = server.options
         self.client = self.request
-        self.target = None
         self.started = time.monotonic()
-        self.up = [0]      # plaintext bytes source -> target
-        self.down = [0]    # plaintext bytes target -> source
-        self.lock = threading.Lock()  # guards target, failed, holds, closed
-        self.failed = None
-        self.holds = 1     # threads still using the sockets
+        self.lock = threading.Lock()  # guards target, codecs, failed, holds, closed
+        self.target = None   # the dialled socket, once connected
+        self.codecs = None   # (sealer, opener) once the set-up succeeded
+        self.failed = None   # why the connection was cut, if it was
+        self.holds = 1       # threads still using the sockets
         self.closed = False
-        self.relays_started = False
-        self.inward_job = None  # the inward relay's arguments, once set up
-        self.keyring = self.config.keyring  # a reload leaves this connection's keys alone
-        self.number = self.server.attach(self)
+        self.plain_header = 0  # PROXY header bytes sent to the target unsealed (-d)
+        # Written by handle() before it releases the inward thread's lock.
+        self.inward_job = None
+        self.keyring = server.keyring  # read once: a reload leaves this connection alone
+        self.number = server.attach(self)
 
     def describe_peer(self):
         return format_sockaddr(self.client.family, self.client_address)
+
+    def bytes_moved(self):
+        """(plaintext bytes source -> target, target -> source) so far."""
+        with self.lock:
+            codecs = self.codecs
+        if codecs is None:
+            return 0, 0
+        sealed, opened = codecs[0].plaintext, codecs[1].plaintext
+        if self.options.decrypt:
+            return opened + self.plain_header, sealed
+        return sealed, opened
 
     def handle(self):
         """Start the inward relay's thread; set up; then relay outward here.
@@ -1072,50 +1085,42 @@ class Connection(socketserver.BaseRequestHandler):
             self.abort("cannot start a thread")
             self.release()
             return
-        job = None
+        jobs = None
         try:
-            job = self._set_up()
+            jobs = self._set_up()
         finally:
-            self.inward_job = job and job[1]
+            self.inward_job = jobs and jobs[1]
             go.release()
-        if job is not None:
-            self._pipe(relay_seal, *job[0])
+        if jobs is not None:
+            self._pipe(*jobs[0])
 
     def _set_up(self):
-        """Dial and handshake; ((outward relay args), (inward relay args)) or None."""
-        cfg = self.config
+        """Dial and handshake; the two relays' (source, codec, destination), or None."""
         stats = self.server.stats
         try:
-            sealer, opener = result = self._establish()
+            result = self._establish()
         except ConnectError as e:
-            stats.count("connect_failures")
-            self._event("connect to %s failed: %s" % (cfg.target, e))
+            stats.count_connect_failure()
+            self._event("connect to %s failed: %s" % (self.options.target, e))
             return None
         except HandshakeError as e:
             stats.count_handshake(e.reason)
             self._event("handshake failed: %s" % e)
             return None
-        self._key_used(result.key_name)
-        if cfg.proxy_protocol and not self._send_proxy_header(sealer):
+        if result.key_name is not None:
+            stats.count_key(result.key_name)
+            self._event("key %s" % result.key_name)
+        if self.options.proxy_protocol and not self._send_proxy_header(result.sealer):
             return None
-        if cfg.decrypt:
-            plain, sealed = self.target, self.client
-        else:
-            plain, sealed = self.client, self.target
-        outward = self.up if not cfg.decrypt else self.down
-        inward = self.down if not cfg.decrypt else self.up
         with self.lock:
             if self.failed is not None:  # aborted during the set-up
                 return None
-        self.relays_started = True
-        return (plain, sealer, sealed, outward), (sealed, opener, plain, inward)
-
-    def _key_used(self, name):
-        """Count and log the key this connection's handshake used."""
-        if name is None:
-            return
-        self.server.stats.count_key(name)
-        self._event("key %s" % name)
+            self.codecs = (result.sealer, result.opener)
+        if self.options.decrypt:
+            plain, sealed = self.target, self.client
+        else:
+            plain, sealed = self.client, self.target
+        return (plain, result.sealer, sealed), (sealed, result.opener, plain)
 
     def _inward(self, go):
         """The second relay's thread: waits for handle()'s set-up, then relays.
@@ -1126,38 +1131,38 @@ class Connection(socketserver.BaseRequestHandler):
         try:
             go.acquire()
             if self.inward_job is not None:
-                self._pipe(relay_open, *self.inward_job)
+                self._pipe(*self.inward_job)
         except Exception:
             self.server.handle_error(self.request, self.client_address)
         finally:
             self.release()
 
     def _establish(self):
-        """Connect to the target and run the handshake; (sealer, opener)."""
-        cfg = self.config
-        timeout = cfg.timeout
+        """Connect to the target and run the handshake; a HandshakeResult.
+
+        -d shakes hands on the accepted socket while the target connect is
+        under way (one deadline covers both, and a target that refuses ends
+        the handshake at once); --connect-after-auth dials only once the
+        client's DH message proved it has the key.
+        """
+        options, server = self.options, self.server
+        timeout = options.timeout
         deadline = None if timeout is None else self.started + timeout
-        if not self.server.accepted_tuned:
-            tune_socket(self.client, cfg.keepalive)
-        dialer = Dialer(self.server.targets, cfg.bind, cfg.keepalive)
+        if not server.accepted_tuned:
+            tune_socket(self.client, options.keepalive)
+        dialer = Dialer(server.targets, server.bind, options.keepalive)
+        common = dict(fast=options.fast, require_pfs=options.require_pfs)
         try:
-            if cfg.decrypt:
-                # -d: the handshake on the accepted socket runs while the
-                # target connect is under way; one deadline covers both,
-                # and a target that refuses ends the handshake at once.
-                # --connect-after-auth dials only once the client's DH
-                # message proved it has the key.
-                keys = handshake(self.client, self.keyring, client=False, fast=cfg.fast,
-                                 require_pfs=cfg.require_pfs, dialer=dialer,
-                                 dial_after_auth=cfg.connect_after_auth,
-                                 timeout=None if deadline is None else
-                                 max(deadline - time.monotonic(), 1e-3))
+            if options.decrypt:
+                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                result = handshake(self.client, self.keyring, client=False, timeout=left,
+                                   dialer=dialer, dial_after_auth=options.connect_after_auth,
+                                   **common)
                 self._set_target(dialer.finish(deadline))
-                return keys
+                return result
             self._set_target(dialer.finish(deadline))
-            return handshake(self.target, self.keyring, client=True, fast=cfg.fast,
-                             require_pfs=cfg.require_pfs, timeout=timeout,
-                             keys=self.server.dh_keys)
+            return handshake(self.target, self.keyring, client=True, timeout=timeout,
+                             keys=server.dh_keys, **common)
         finally:
             dialer.close()
 
@@ -1172,27 +1177,25 @@ class Connection(socketserver.BaseRequestHandler):
         sealed as the first plaintext with -e, plain to the target with -d.
         Counted like other plaintext.  False when the connection failed.
         """
-        cfg = self.config
+        decrypt = self.options.decrypt
         try:
-            header = proxy_header(cfg.proxy_protocol, self.client.family, self.client_address,
-                                  self.client.getsockname())
-            self.target.sendall(header if cfg.decrypt else sealer.seal(header))
+            header = proxy_header(self.options.proxy_protocol, self.client.family,
+                                  self.client_address, self.client.getsockname())
+            self.target.sendall(header if decrypt else sealer.seal(header))
         except OSError as e:
             self._event("writing the PROXY header failed: %s" % (e.strerror or e))
             return False
-        self.up[0] += len(header)
+        if decrypt:
+            self.plain_header = len(header)
         return True
 
-    def _pipe(self, relay, src, worker, dst, counter):
+    def _pipe(self, src, codec, dst):
         """Run one direction; half-close at EOF; a failure aborts both directions.
 
         I/O errors and bad packets end here; other exceptions propagate.
         """
         try:
-            if relay is relay_seal:
-                relay(src.recv, worker, dst, counter, True)
-            else:
-                relay(src, worker, dst.sendall, counter)
+            relay(src.recv, codec, dst.sendall, _peeker(src))
             _shutdown(dst, socket.SHUT_WR)
         except BadPacket as e:
             self.abort("bad packet: %s" % e)
@@ -1222,25 +1225,26 @@ class Connection(socketserver.BaseRequestHandler):
             self.teardown()
 
     def teardown(self):
-        """Close both sockets and free the connection's slot, once."""
+        """Close both sockets, log the closing line, and free the slot last, once."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            relayed = self.codecs is not None
         for sock in (self.client, self.target):
             if sock is not None:
                 sock.close()
-        if self.config.log_connections and self.relays_started:  # set-up failures logged their own line
+        if relayed:  # a set-up failure logged its own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
-                        % (how, self.up[0], self.down[0], time.monotonic() - self.started))
+                        % ((how,) + self.bytes_moved() + (time.monotonic() - self.started,)))
         # Last: a drain ends when the count reaches zero, so the line above
         # must already be written by then.
         self.server.connection_closed(self.request, self)
 
     def _event(self, text):
-        if self.config.log_connections:
-            log.event("%sconnection %d: %s" % (self.config.label, self.number, text))
+        if self.options.log_connections:
+            log.event("%sconnection %d: %s" % (self.server.label, self.number, text))
 
 # ---------------------------------------------------------------------------
 # 7. Server: accept loop, connection limit, graceful drain
@@ -1248,7 +1252,7 @@ class Connection(socketserver.BaseRequestHandler):
 
 
 class Stats:
-    """Counters for SIGUSR1 and the readiness STATUS line."""
+    """One tunnel's counters, for SIGUSR1 and systemd's STATUS; every change under .lock."""
 
     REASONS = ("timeout", "bad-mac", "no-pfs", "closed", "garbage", "io")
 
@@ -1256,16 +1260,30 @@ class Stats:
         self.lock = threading.Lock()
         self.live = 0
         self.total = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_in = 0    # plaintext source -> target, of closed connections
+        self.bytes_out = 0   # plaintext target -> source, of closed connections
         self.connect_failures = 0
         self.limit_reached = 0
         self.handshake_failures = dict.fromkeys(self.REASONS, 0)
         self.keys = {}       # key name -> connections that used it
 
-    def count(self, name, amount=1):
+    def accepted(self, limit_reached):
+        """A connection was accepted; LIMIT_REACHED: it took the last slot of -n."""
         with self.lock:
-            setattr(self, name, getattr(self, name) + amount)
+            self.live += 1
+            self.total += 1
+            self.limit_reached += bool(limit_reached)
+
+    def closed(self, bytes_in, bytes_out):
+        """A connection ended, having moved these plaintext bytes."""
+        with self.lock:
+            self.live -= 1
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+
+    def count_connect_failure(self):
+        with self.lock:
+            self.connect_failures += 1
 
     def count_handshake(self, reason):
         with self.lock:
@@ -1281,45 +1299,24 @@ class Stats:
         with self.lock:
             self.keys[name] = self.keys.get(name, 0) + 1
 
-    def summary(self, live_connections=()):
+    def counts(self):
+        """(live, total) connections."""
         with self.lock:
-            up = self.bytes_in + sum(c.up[0] for c in live_connections)
-            down = self.bytes_out + sum(c.down[0] for c in live_connections)
+            return self.live, self.total
+
+    def summary(self, live_bytes=()):
+        """The statistics line; LIVE_BYTES: (in, out) of each live connection."""
+        live_bytes = list(live_bytes)
+        with self.lock:
+            up = self.bytes_in + sum(b[0] for b in live_bytes)
+            down = self.bytes_out + sum(b[1] for b in live_bytes)
             failures = ",".join("%s=%d" % kv for kv in self.handshake_failures.items())
+            keys = ",".join("%s=%d" % kv for kv in self.keys.items())
             return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
                     "handshake_failures=%s connect_failures=%d limit_reached=%d"
                     % (self.live, self.total, up, down, failures,
                        self.connect_failures, self.limit_reached)
-                    + self._keys_summary())
-
-    def _keys_summary(self):
-        if not self.keys:
-            return ""
-        return " keys=" + ",".join("%s=%d" % kv for kv in self.keys.items())
-
-
-class Config:
-    """Everything a connection needs to know, fixed at start-up.
-
-    Except .keyring ((name, K), ...; -k first): a reload (SIGHUP) replaces
-    it in one assignment, and each connection reads it once, at accept.
-    """
-
-    def __init__(self, **kw):
-        self.decrypt = False
-        self.source = self.target = None
-        self.keyring = ()
-        self.fast = self.require_pfs = False
-        self.timeout = DEFAULT_TIMEOUT
-        self.keepalive = True
-        self.bind = None
-        self.max_connections = DEFAULT_MAXCONN
-        self.proxy_protocol = None       # --proxy-protocol: 1, 2 or None
-        self.connect_after_auth = False  # --connect-after-auth (-d)
-        self.drain_timeout = None
-        self.log_connections = False     # --log-connections
-        self.label = ""                  # "SOURCE: " before log lines, with --config
-        self.__dict__.update(kw)
+                    + (" keys=" + keys if keys else ""))
 
 
 class _WakePipe:
@@ -1354,311 +1351,43 @@ class _WakePipe:
                 os.close(fd)
 
 
-class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Accepts connections on one listening socket (TCP or unix) and runs each.
-
-        serve() --accept--> process_request()   (ThreadingMixIn: a new thread)
-                                  |
-                            Connection: set-up, relay outward
-                                  +-- second thread: relay inward
-
-    socketserver.TCPServer binds and listens (address_family says TCP or
-    unix); the mixin's own process_request() starts one thread per
-    connection.  serve() replaces serve_forever(): it stops calling
-    accept() while -n connections are live (clients wait in the backlog),
-    wakes on a pipe byte from signal handlers and closing connections,
-    calls service_actions() on every pass, and returns once a shutdown has
-    drained.  shutdown_request() releases the mixin thread's hold on its
-    connection instead of closing the socket the second relay still uses.
-    """
-
-    allow_reuse_address = True
-    request_queue_size = LISTEN_BACKLOG
-    daemon_threads = True   # exit after a drain without joining anyone
-    block_on_close = False  # and keep no list of threads
-
-    def __init__(self, config, family, sockaddr, targets, listener=None, socket_mode=None):
-        self.config = config
-        self.address_family = family
-        self.targets = targets
-        self.stats = Stats()
-        # -e computes its key pairs ahead; -d only after the client proved the key.
-        self.dh_keys = None if config.decrypt or config.fast else DHKeyPool()
-        self.live = {}     # accepted socket -> its Connection (None until it runs)
-        self.lock = threading.Lock()  # guards live, next_number, stopping, accept pause
-        self.next_number = 0
-        self.unlink_path = self.unlink_ident = None
-        self.stopping = False
-        self.drain_deadline = None
-        self.signals = []  # appended by signal handlers, consumed by service_actions()
-        self.notifier = None
-        self.key_files = None  # KeyFiles, re-read on SIGHUP
-        self.waker = _WakePipe()
-        self.accept_paused_until = 0.0
-        self.accept_error_logged = False
-        super().__init__(sockaddr, Connection, bind_and_activate=False)
-        if listener is not None:  # systemd bound and listens for us
-            self.socket.close()
-            self.socket = listener
-            self.server_address = listener.getsockname()
-        else:
-            try:
-                if socket_mode is not None and family == socket.AF_UNIX:
-                    self.bind_with_mode(socket_mode)
-                else:
-                    self.server_bind()
-                self.server_activate()
-            except OSError:
-                self.server_close()
-                raise
-            if family == socket.AF_UNIX:
-                self.unlink_path = sockaddr
-                self.unlink_ident = _file_identity(sockaddr)
-        self.socket.setblocking(False)
-        # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
-        # socket to each accepted one: set them once here, not per connection.
-        tune_socket(self.socket, config.keepalive)
-        self.accepted_tuned = sys.platform.startswith("linux")
-
-    def bind_with_mode(self, mode):
-        """Bind the unix socket so that its file is created with MODE's permission bits.
-
-        bind() creates the file with 0o777 & ~umask, so the mode is set through
-        the umask around bind(): a chmod() of the path afterwards would follow
-        a symlink swapped in meanwhile.  The umask is process-wide; this runs
-        at start-up, before any thread serves, and restores it at once.
-        """
-        old = os.umask(0o777 & ~mode)
-        try:
-            self.server_bind()
-        finally:
-            os.umask(old)
-
-    # -- accept loop ------------------------------------------------------
-
-    def wake(self):
-        self.waker.wake()
-
-    def full(self):
-        limit = self.config.max_connections
-        return bool(limit) and len(self.live) >= limit
-
-    def serve(self, tick=1.0):
-        """Accept until shutdown() and until the live connections have ended."""
-        selector = selectors.DefaultSelector()
-        selector.register(self.waker, selectors.EVENT_READ)
-        listening = False
-        try:
-            while True:
-                with self.lock:
-                    if self.stopping and not self.live:
-                        return
-                    want = not self.stopping and not self.full() \
-                        and time.monotonic() >= self.accept_paused_until
-                if want != listening:
-                    if want:
-                        selector.register(self.socket, selectors.EVENT_READ)
-                    else:
-                        selector.unregister(self.socket)
-                    listening = want
-                timeout = tick
-                if self.accept_paused_until:
-                    timeout = min(timeout, max(self.accept_paused_until - time.monotonic(), 0.01))
-                if self.drain_deadline is not None:
-                    left = self.drain_deadline - time.monotonic()
-                    if left <= 0:
-                        self.abort_all()
-                        self._await_teardowns(ABORT_GRACE)
-                        return
-                    timeout = min(timeout, left)
-                for key, _ in selector.select(timeout):
-                    if key.fileobj is self.waker:
-                        self.waker.drain()
-                    elif listening:
-                        self._accept_one()
-                self.service_actions()
-        finally:
-            selector.close()
-
-    def _accept_one(self):
-        try:
-            sock, peer = self.socket.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # Out of descriptors: pause accepting rather than spin.
-                if not self.accept_error_logged:
-                    log.warn("Error accepting connection: %s" % e.strerror)
-                    self.accept_error_logged = True
-                self.accept_paused_until = time.monotonic() + 0.25
-            return
-        self.accept_paused_until = 0.0
-        self.accept_error_logged = False  # the next exhaustion gets its line again
-        limit = self.config.max_connections
-        with self.lock:
-            self.live[sock] = None
-            reached = limit and len(self.live) == limit
-        with self.stats.lock:
-            self.stats.total += 1
-            self.stats.live += 1
-        if reached:
-            self.stats.count("limit_reached")
-            log.warn("Maximum number of connections (%d) reached" % limit)
-        try:
-            self.process_request(sock, peer)
-        except RuntimeError:  # cannot start a thread: drop this one
-            self.shutdown_request(sock)
-
-    def service_actions(self):
-        """Each pass of serve(): act on recorded signals; systemd watchdog and status."""
-        while self.signals:
-            what = self.signals.pop(0)
-            if what == "term":
-                if self.notifier is not None:
-                    self.notifier.send("STOPPING=1")
-                self.begin_shutdown(self.config.drain_timeout)
-            elif what == "reload":
-                if self.key_files is not None:
-                    self.key_files.reload(self.config, self.stats, self.notifier)
-            elif what == "stats":
-                log.event(self.summary())
-        if self.notifier is not None:
-            self.notifier.tick()
-            self.notifier.status("%d live, %d total connections"
-                                 % (self.stats.live, self.stats.total))
-
-    def summary(self):
-        """The SIGUSR1 statistics line, live connections' bytes included."""
-        with self.lock:
-            live = [c for c in self.live.values() if c is not None]
-        return self.stats.summary(live)
-
-    # -- connections --------------------------------------------------------
-
-    def attach(self, connection):
-        """A connection's thread has started: number it and let abort_all() reach it."""
-        with self.lock:
-            self.next_number += 1
-            number = self.next_number
-            self.live[connection.request] = connection
-        if connection.config.log_connections:
-            log.event("%sconnection %d: accepted from %s"
-                      % (connection.config.label, number, connection.describe_peer()))
-        return number
-
-    def handle_error(self, request, client_address):
-        """An unexpected exception in a connection's thread: log it, cut the connection."""
-        exc = sys.exc_info()[1]
-        with self.lock:
-            connection = self.live.get(request)
-        number = connection.number if connection is not None else 0
-        log.warn("connection %d: internal error: %r" % (number, exc))
-        for line in traceback.format_exc().rstrip().splitlines():
-            log.warn(line)
-        if connection is not None:
-            connection.abort("internal error: %r" % (exc,))
-
-    def shutdown_request(self, request):
-        """The mixin's thread is done: release its hold on the connection.
-
-        The socket stays open while the other relay uses it; the
-        connection's teardown closes it.  A request whose connection never
-        started is closed here.
-        """
-        with self.lock:
-            connection = self.live.get(request)
-        if connection is not None:
-            connection.release()
-        else:
-            self.close_request(request)
-            self.connection_closed(request, None)
-
-    def connection_closed(self, request, connection):
-        """Called once per accepted socket as it is closed; frees its slot."""
-        with self.lock:
-            # Wake the accept loop only when it waits for this: a free slot,
-            # a free descriptor, or the end of a drain.
-            waiting = self.full() or self.accept_paused_until or self.stopping
-            self.live.pop(request, None)
-            self.accept_paused_until = 0.0  # a descriptor was freed: accept again
-        with self.stats.lock:
-            self.stats.live -= 1
-            if connection is not None:
-                self.stats.bytes_in += connection.up[0]
-                self.stats.bytes_out += connection.down[0]
-        if waiting:
-            self.wake()
-
-    # -- shutdown ---------------------------------------------------------
-
-    def begin_shutdown(self, drain_timeout=None):
-        """Stop accepting; serve() returns when the live connections are done."""
-        with self.lock:
-            self.stopping = True
-            if drain_timeout is not None and self.drain_deadline is None:
-                self.drain_deadline = time.monotonic() + drain_timeout
-        self.wake()
-
-    def stop_listening(self):
-        """Refuse new connects at once, ahead of begin_shutdown()'s drain.
-
-        Shuts the listening socket down and removes the unix socket file.
-        Call it before begin_shutdown(), while serve() runs in its thread:
-        serve() cannot return (and server_close() read the path) before.
-        """
-        path, self.unlink_path = self.unlink_path, None
-        if path is not None and _file_identity(path) == self.unlink_ident:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def hand_over(self, successor):
-        """SUCCESSOR serves a copy of our listening socket: it removes the file at close.
-
-        Call it before begin_shutdown(), as stop_listening().
-        """
-        successor.unlink_path, successor.unlink_ident = self.unlink_path, self.unlink_ident
-        self.unlink_path = None
-
-    def abort_all(self):
-        """Cut every live connection (bounded drain ran out)."""
-        with self.lock:
-            live = list(self.live.values())
-        for connection in live:
-            if connection is not None:  # None: not started; the exit closes it
-                connection.abort("drain timeout")
-
-    def _await_teardowns(self, seconds):
-        """Give aborted connections up to SECONDS to close and log their lines."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            with self.lock:
-                if not self.live:
-                    return
-            time.sleep(0.01)
-
-    def server_close(self):
-        super().server_close()
-        if self.unlink_path is not None and _file_identity(self.unlink_path) == self.unlink_ident:
-            try:
-                os.unlink(self.unlink_path)
-            except OSError:
-                pass
-        self.waker.close()
-
-
 def _file_identity(path):
     try:
         st = os.lstat(path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+class SocketFile:
+    """The file of a unix socket this process bound: changed or removed only while ours.
+
+    "Ours" is the same device and inode lstat() saw at bind, so a file or
+    symlink put in its place since is never followed, chmod()ed or removed.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.identity = _file_identity(path)
+
+    def ours(self):
+        return self.path is not None and _file_identity(self.path) == self.identity
+
+    def chmod(self, mode):
+        if self.ours():
+            try:
+                os.chmod(self.path, mode)
+            except OSError:
+                pass
+
+    def remove(self):
+        """Unlink the file if it is still ours; later calls do nothing."""
+        if self.ours():
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.path = None
 
 
 def clear_stale_socket(path):
@@ -1690,8 +1419,335 @@ def clear_stale_socket(path):
         probe.close()
     raise SpipedError(busy, "%s is in use by a running process; not removing it" % path)
 
+
+class ListeningServer(socketserver.TCPServer):
+    """A TCPServer bound to a TCP or unix address, or serving a socket handed to it.
+
+    All the care a unix socket's file needs is here: a stale file is
+    cleared before bind(), --socket-mode is applied through the umask, and
+    the file is removed at close only while it is still the one we bound
+    (or adopted from a predecessor that served the same socket).
+    """
+
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, family, sockaddr, handler, listener=None, socket_mode=None):
+        self.address_family = family if listener is None else listener.family
+        self.socket_mode = socket_mode
+        self.socket_file = None  # SocketFile of a unix socket we bound or adopted
+        super().__init__(sockaddr, handler, bind_and_activate=False)
+        if listener is not None:  # systemd (or a predecessor) bound and listens for us
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            return
+        try:
+            self.server_bind()
+            self.server_activate()
+        except (OSError, SpipedError):
+            self.server_close()
+            raise
+
+    def server_bind(self):
+        """Bind; a unix socket's stale file is cleared first and its mode set by the umask.
+
+        bind() creates the file with 0o777 & ~umask, so --socket-mode is
+        applied through the umask around bind(): a chmod() of the path
+        afterwards could follow a symlink swapped in meanwhile.  The umask
+        is process-wide; binding happens before any thread serves.
+        """
+        if self.address_family != socket.AF_UNIX:
+            super().server_bind()
+            return
+        clear_stale_socket(self.server_address)
+        mode = self.socket_mode
+        old = os.umask(0o777 & ~mode) if mode is not None else None
+        try:
+            super().server_bind()
+        finally:
+            if old is not None:
+                os.umask(old)
+        self.socket_file = SocketFile(self.server_address)
+
+    def adopt_socket_file(self, socket_file):
+        """Own SOCKET_FILE (a predecessor bound our listener) and give it our --socket-mode."""
+        self.socket_file = socket_file
+        if socket_file is not None and self.socket_mode is not None:
+            socket_file.chmod(self.socket_mode)
+
+    def release_socket_file(self):
+        """Give up the socket file (to a successor): we no longer remove it at close."""
+        socket_file, self.socket_file = self.socket_file, None
+        return socket_file
+
+    def stop_listening(self):
+        """Refuse new connects at once: shut the listener down, remove our socket file."""
+        if self.socket_file is not None:
+            self.socket_file.remove()
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def server_close(self):
+        super().server_close()
+        if self.socket_file is not None:
+            self.socket_file.remove()
+
+
+class Server(socketserver.ThreadingMixIn, ListeningServer):
+    """Accepts connections on one listening socket (TCP or unix) and runs each.
+
+        serve() --accept--> process_request()   (ThreadingMixIn: a new thread)
+                                  |
+                            Connection: set-up, relay outward
+                                  +-- second thread: relay inward
+
+    ListeningServer binds and listens (TCP or unix); the mixin's own
+    process_request() starts one thread per connection.  serve() replaces
+    serve_forever(): it stops calling accept() while -n connections are
+    live (clients wait in the backlog), wakes on a pipe byte from closing
+    connections, and returns once a shutdown has drained.
+    shutdown_request() releases the mixin thread's hold on its connection
+    instead of closing the socket the second relay still uses.
+    """
+
+    daemon_threads = True   # exit after a drain without joining anyone
+    block_on_close = False  # and keep no list of threads
+
+    def __init__(self, spec, listener=None, on_change=None):
+        self.options = spec.options
+        self.label = spec.label
+        self.bind = spec.bind
+        # Each replaced whole, never changed in place; a connection reads
+        # them once, as it starts.  targets: by the -r thread; keyring: set_keyring().
+        self.targets = spec.targets
+        self.keyring = spec.keyring
+        self.stats = Stats()
+        self.stats.add_keys(name for name, _ in spec.keyring)
+        # -e computes its key pairs ahead; -d only after the client proved the key.
+        self.dh_keys = None if spec.options.decrypt or spec.options.fast else DHKeyPool()
+        self.on_change = on_change or (lambda: None)  # after each accept and close
+        # changed's lock guards live, next_number, stopping, drain_deadline
+        # and accept_paused_until; it is notified as connections end.
+        self.changed = threading.Condition(threading.Lock())
+        self.live = {}     # accepted socket -> its Connection (None until it runs)
+        self.next_number = 0
+        self.stopping = False
+        self.drain_deadline = None
+        self.accept_paused_until = 0.0
+        self.stopped = threading.Event()  # set as the shutdown begins
+        self.accept_error_logged = False  # the serve() thread's own
+        self.waker = _WakePipe()
+        super().__init__(spec.family, spec.sockaddr, Connection, listener,
+                         spec.options.socket_mode)
+        self.socket.setblocking(False)
+        # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
+        # socket to each accepted one: set them once here, not per connection.
+        tune_socket(self.socket, spec.options.keepalive)
+        self.accepted_tuned = sys.platform.startswith("linux")
+
+    def set_keyring(self, keyring):
+        """New connections use KEYRING from now on; live ones keep theirs."""
+        self.keyring = keyring
+        self.stats.add_keys(name for name, _ in keyring)
+
+    # -- accept loop ------------------------------------------------------
+
+    def wake(self):
+        self.waker.wake()
+
+    def full(self):
+        limit = self.options.max_connections
+        return bool(limit) and len(self.live) >= limit
+
+    def serve(self, tick=1.0):
+        """Accept until begin_shutdown(), then until the live connections have ended."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.waker, selectors.EVENT_READ)
+        listening = False
+        try:
+            while True:
+                with self.changed:
+                    if self.stopping and not self.live:
+                        return
+                    want, timeout = self._next_pass(tick)
+                if timeout <= 0:  # the bounded drain ran out
+                    self.abort_all()
+                    self._await_teardowns(ABORT_GRACE)
+                    return
+                if want != listening:
+                    if want:
+                        selector.register(self.socket, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self.socket)
+                    listening = want
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self.waker:
+                        self.waker.drain()
+                    elif listening:
+                        self._accept_one()
+        finally:
+            selector.close()
+
+    def _next_pass(self, tick):
+        """(accept now?, seconds to wait) for serve(), under .changed; <= 0: drain over."""
+        now = time.monotonic()
+        want = not self.stopping and not self.full() and now >= self.accept_paused_until
+        timeout = tick
+        if self.accept_paused_until:
+            timeout = min(timeout, max(self.accept_paused_until - now, 0.01))
+        if self.drain_deadline is not None:
+            timeout = min(timeout, self.drain_deadline - now)
+        return want, timeout
+
+    def _accept_one(self):
+        try:
+            sock, peer = self.socket.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: pause accepting rather than spin.
+                if not self.accept_error_logged:
+                    log.warn("Error accepting connection: %s" % e.strerror)
+                    self.accept_error_logged = True
+                with self.changed:
+                    self.accept_paused_until = time.monotonic() + 0.25
+            return
+        self.accept_error_logged = False  # the next exhaustion gets its line again
+        limit = self.options.max_connections
+        with self.changed:
+            self.accept_paused_until = 0.0
+            self.live[sock] = None
+            reached = bool(limit) and len(self.live) == limit
+        self.stats.accepted(reached)
+        if reached:
+            log.warn("Maximum number of connections (%d) reached" % limit)
+        self.on_change()
+        try:
+            self.process_request(sock, peer)
+        except RuntimeError:  # cannot start a thread: drop this one
+            self.shutdown_request(sock)
+
+    def summary(self):
+        """The SIGUSR1 statistics line, live connections' bytes included."""
+        with self.changed:
+            live = [c for c in self.live.values() if c is not None]
+        return self.stats.summary(c.bytes_moved() for c in live)
+
+    # -- connections --------------------------------------------------------
+
+    def attach(self, connection):
+        """A connection's thread has started: number it and let abort_all() reach it."""
+        with self.changed:
+            self.next_number += 1
+            number = self.next_number
+            self.live[connection.request] = connection
+        if self.options.log_connections:
+            log.event("%sconnection %d: accepted from %s"
+                      % (self.label, number, connection.describe_peer()))
+        return number
+
+    def handle_error(self, request, client_address):
+        """An unexpected exception in a connection's thread: log it, cut the connection."""
+        exc = sys.exc_info()[1]
+        with self.changed:
+            connection = self.live.get(request)
+        number = connection.number if connection is not None else 0
+        log.warn("connection %d: internal error: %r" % (number, exc))
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.warn(line)
+        if connection is not None:
+            connection.abort("internal error: %r" % (exc,))
+
+    def shutdown_request(self, request):
+        """The mixin's thread is done: release its hold on the connection.
+
+        The socket stays open while the other relay uses it; the
+        connection's teardown closes it.  A request whose connection never
+        started is closed here.
+        """
+        with self.changed:
+            connection = self.live.get(request)
+        if connection is not None:
+            connection.release()
+        else:
+            self.close_request(request)
+            self.connection_closed(request, None)
+
+    def connection_closed(self, request, connection):
+        """Called once per accepted socket as it is closed; frees its slot."""
+        moved = connection.bytes_moved() if connection is not None else (0, 0)
+        self.stats.closed(*moved)
+        with self.changed:
+            # Wake the accept loop only when it waits for this: a free slot,
+            # a free descriptor, or the end of a drain.
+            waiting = self.full() or self.accept_paused_until or self.stopping
+            self.live.pop(request, None)
+            self.accept_paused_until = 0.0  # a descriptor was freed: accept again
+            self.changed.notify_all()
+        if waiting:
+            self.wake()
+        self.on_change()
+
+    # -- shutdown ---------------------------------------------------------
+
+    def begin_shutdown(self, drain_timeout=None, stop_listening=False):
+        """Stop accepting; serve() returns when the live connections are done.
+
+        With STOP_LISTENING, new connects are refused at once (the
+        listener is shut down and the socket file removed) rather than
+        left waiting in the backlog.
+        """
+        if stop_listening:
+            self.stop_listening()
+        with self.changed:
+            self.stopping = True
+            if drain_timeout is not None and self.drain_deadline is None:
+                self.drain_deadline = time.monotonic() + drain_timeout
+        self.stopped.set()
+        self.wake()
+
+    def abort_all(self):
+        """Cut every live connection (bounded drain ran out)."""
+        with self.changed:
+            live = list(self.live.values())
+        for connection in live:
+            if connection is not None:  # None: not started; the exit closes it
+                connection.abort("drain timeout")
+
+    def _await_teardowns(self, seconds):
+        """Give aborted connections up to SECONDS to close and log their lines."""
+        with self.changed:
+            self.changed.wait_for(lambda: not self.live, seconds)
+
+    def server_close(self):
+        super().server_close()
+        self.waker.close()
+
+    # -- -r: the target looked up again -----------------------------------
+
+    def start_re_resolver(self):
+        """-r: refresh the target list in a thread until the shutdown (not with -R)."""
+        period = self.options.rtime
+        if self.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
+            threading.Thread(target=self._re_resolve, args=(period,), daemon=True).start()
+
+    def _re_resolve(self, period):
+        """Every PERIOD seconds until stopped; a failed look-up keeps the old list."""
+        while not self.stopped.wait(period):
+            try:
+                fresh = resolve(self.options.target)
+            except AddressError as e:
+                log.warn(e.lines[0])
+                continue
+            if fresh:
+                self.targets = fresh
+
 # ---------------------------------------------------------------------------
-# 8. Process: daemonizing, pidfile, privileges, signals, systemd
+# 8. Process: daemonizing, pidfile, privileges, systemd, signals
 # ---------------------------------------------------------------------------
 
 
@@ -1738,22 +1794,21 @@ def lookup_identity(spec):
     user, colon, group = spec.partition(":")
     if colon and not group:
         raise SpipedError('Empty group name: "%s"' % spec, failed)
-    uid = gid = None
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            if not (group.isdigit() and group.isascii() and int(group) < 1 << 32):
-                raise SpipedError("No such group: %s" % group, failed) from None
-            gid = int(group)
-    if user:
-        try:
-            uid = pwd.getpwnam(user).pw_uid
-        except KeyError:
-            if not (user.isdigit() and user.isascii() and int(user) < 1 << 32):
-                raise SpipedError("No such user: %s" % user, failed) from None
-            uid = int(user)
+    gid = _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
+    uid = _lookup_id(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
     return uid, gid
+
+
+def _lookup_id(name, look_up, what):
+    """The id of user or group NAME (a name, or a number below 2^32); None for ''."""
+    if not name:
+        return None
+    try:
+        return look_up(name)
+    except KeyError:
+        if not (name.isdigit() and name.isascii() and int(name) < 1 << 32):
+            raise SpipedError("No such %s: %s" % (what, name), "Failed to drop privileges") from None
+        return int(name)
 
 
 def drop_privileges(uid, gid):
@@ -1833,66 +1888,6 @@ class Notifier:
             self.next_ping = time.monotonic() + self.watchdog
 
 
-class KeyFiles:
-    """The key files of the command line: -k first, then each --accept-key.
-
-    load() reads them into a key ring at start-up; reload() reads them
-    again on SIGHUP and swaps config.keyring in one assignment, or, if
-    any file cannot be read, changes nothing.  A key read from stdin
-    (-k -) cannot be read again and is kept.
-    """
-
-    def __init__(self, paths):
-        self.paths = list(paths)
-        names = ["stdin" if p == "-" else os.path.basename(p.rstrip("/")) or p
-                 for p in self.paths]
-        # Names appear in logs and statistics: base names unless two clash.
-        self.names = names if len(set(names)) == len(names) else \
-            ["stdin" if p == "-" else p for p in self.paths]
-        self.stdin_key = None
-
-    def load(self):
-        """The key ring ((name, K), ...); read_key()'s errors (C's lines) propagate."""
-        ring = []
-        for path, name in zip(self.paths, self.names):
-            if path == "-" and self.stdin_key is not None:
-                key = self.stdin_key
-            else:
-                key = read_key(path)
-                if path == "-":
-                    self.stdin_key = key
-            ring.append((name, key))
-        return tuple(ring)
-
-    def _reread(self):
-        """load() again, where an empty file is an error too (a file being rewritten)."""
-        ring = self.load()
-        empty = hashlib.sha256(b"").digest()
-        for (name, key), path in zip(ring, self.paths):
-            if path != "-" and key == empty:
-                raise SpipedError("%s: file is empty" % path)
-        return ring
-
-    def reload(self, config, stats, notifier):
-        """SIGHUP, run in the accept loop: new keys for new connections, or none."""
-        notifier.reloading()
-        try:
-            ring = self._reread()
-        except SpipedError as e:
-            log.warn("Key reload failed, still using the %s loaded before: %s"
-                     % (_count_keys(len(config.keyring)), e.lines[0]))
-        else:
-            config.keyring = ring
-            stats.add_keys(name for name, _ in ring)
-            kept = " (the key from stdin is kept: stdin cannot be read again)" \
-                if "-" in self.paths else ""
-            log.event("reloaded %s%s" % (_count_keys(len(ring)), kept))
-        notifier.send("READY=1")
-
-
-def _count_keys(n):
-    return "%d key%s" % (n, "" if n == 1 else "s")
-
 
 def _passed_count(environ=os.environ):
     """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
@@ -1906,7 +1901,7 @@ def _passed_count(environ=os.environ):
     except ValueError:
         count = 0
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
+        environ.pop(name, None)
     return max(count, 0)
 
 
@@ -1964,6 +1959,94 @@ def _limit_malloc_arenas(count=2):
         pass
 
 
+
+def set_signals(handlers):
+    """Install HANDLERS ({signal number: handler}): the one place that does."""
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def install_signals(supervisor):
+    """Handlers only record the signal and wake SUPERVISOR's loop, which acts.
+
+    SIGTERM drains; the first one restores the default action, so a
+    second kills at once as in C.  SIGINT keeps its default (as PID 1,
+    where defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1
+    logs statistics.  SIGHUP (C would exit) reloads the keys, and with
+    --config the file.
+    """
+    pid1 = os.getpid() == 1
+    terms = []  # SIGTERMs seen
+
+    def record(what):
+        supervisor.signals.append(what)
+        supervisor.wake()
+
+    def on_term(signum, frame):
+        terms.append(signum)
+        if not pid1:
+            set_signals({signal.SIGTERM: signal.SIG_DFL})
+        elif len(terms) > 1:
+            os._exit(0)
+        record("term")
+
+    handlers = {signal.SIGTERM: on_term,
+                signal.SIGUSR1: lambda signum, frame: record("stats"),
+                signal.SIGHUP: lambda signum, frame: record("reload"),
+                signal.SIGINT: signal.SIG_DFL}
+    if pid1:
+        log.warn("WARNING: Applying workaround for Docker signal-handling bug")
+        handlers[signal.SIGINT] = lambda signum, frame: os._exit(0)
+    set_signals(handlers)
+
+# ---------------------------------------------------------------------------
+# 9. Supervisor: the tunnels of the process, kept in step with their plan
+# ---------------------------------------------------------------------------
+
+
+class KeyFiles:
+    """The key files of one tunnel: -k first, then each --accept-key.
+
+    load() reads them into a key ring, at the start and again at each
+    reload.  A key read from stdin (-k -) cannot be read again: its first
+    reading is kept.
+    """
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        names = ["stdin" if p == "-" else os.path.basename(p.rstrip("/")) or p
+                 for p in self.paths]
+        if len(set(names)) != len(names):  # names for logs: base names unless two clash
+            names = ["stdin" if p == "-" else p for p in self.paths]
+        self.names = names
+        self.stdin_key = None
+
+    def load(self, reread=False):
+        """The key ring ((name, K), ...); read_key()'s errors (C's lines) propagate.
+
+        REREAD (a reload): an empty file is an error too (a file being rewritten).
+        """
+        ring = []
+        for path, name in zip(self.paths, self.names):
+            if path == "-" and self.stdin_key is not None:
+                key = self.stdin_key
+            else:
+                key = read_key(path)
+                if path == "-":
+                    self.stdin_key = key
+                elif reread and key == _EMPTY_KEY:
+                    raise SpipedError("%s: file is empty" % path)
+            ring.append((name, key))
+        return tuple(ring)
+
+
+_EMPTY_KEY = hashlib.sha256(b"").digest()
+
+
+def _count_keys(n):
+    return "%d key%s" % (n, "" if n == 1 else "s")
+
+
 def _resolve_or_retry(addr, retry, resolver=resolve):
     """resolve(ADDR); with -D, print the resolver's message and retry each second."""
     while True:
@@ -1976,25 +2059,401 @@ def _resolve_or_retry(addr, retry, resolver=resolve):
             time.sleep(1)
 
 
-def _re_resolver(server, addr, period):
-    """Refresh the target list every PERIOD seconds; keep the old one on failure.
+@dataclasses.dataclass(frozen=True)
+class TunnelSpec:
+    """One tunnel, checked and resolved, not yet bound: what build_tunnel() made."""
 
-    Ends once SERVER shuts down (a --config line removed or replaced).
+    options: "TunnelOptions"
+    family: int
+    sockaddr: object          # the source address to bind (or a passed socket's)
+    targets: tuple            # the target's (family, sockaddr) pairs, in order
+    bind: object              # -b's sockaddr, or None
+    keyring: tuple            # ((name, K), ...), -k first
+    label: str = ""           # before its log lines: "SOURCE: " with --config
+    where: str = ""           # before its errors: "FILE:LINE: " with --config
+    line: int = 0             # its line in a --config file
+
+    def identity(self):
+        """(options, key ring): what diff_tunnels() compares."""
+        return self.options, self.keyring
+
+
+def build_tunnel(options, key_files, retry=False, listener=None, reread=False, **names):
+    """Resolve the addresses and read the keys (KEY_FILES) of tunnel OPTIONS.
+
+    RETRY (-D) retries failed look-ups each second.  With LISTENER (a
+    socket systemd passed) the source is that socket, not looked up.
+    REREAD: as at a reload (see KeyFiles.load).  NAMES: the TunnelSpec's
+    label, where and line.  Raises SpipedError with
+    C's messages, after the spec's where.
     """
-    while True:
-        time.sleep(period)
-        if server.stopping:
-            return
+    try:
+        if listener is None:
+            sources = _resolve_or_retry(options.source, retry)
+            if len(sources) > 1:
+                log.warn("Using the first of multiple addresses found for %s" % options.source)
+            family, sockaddr = sources[0]
+        else:
+            family, sockaddr = listener.family, listener.getsockname()
+        targets = _resolve_or_retry(options.target, retry)
+        if not targets:
+            raise SpipedError("No addresses found for %s" % options.target)
+        bind = None
+        if options.bind is not None:
+            bind = _resolve_or_retry(options.bind, retry, bind_address)[0][1]
+        keyring = key_files.load(reread)
+    except SpipedError as e:
+        raise e.located(names.get("where", "")) from None
+    return TunnelSpec(options, family, sockaddr, tuple(targets), bind, keyring, **names)
+
+
+def parse_config_file(path):
+    """[(line number, TunnelOptions)] for the tunnels in --config file PATH.
+
+    Each line is split as a POSIX shell would and parsed by
+    parse_spiped_args; blank and comment lines are skipped.  Raises
+    SpipedError naming PATH:LINE.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise SpipedError("Cannot read %s: %s" % (path, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise SpipedError("%s: not UTF-8 text: %s" % (path, e.reason)) from None
+    tunnels = []
+    for number, line in enumerate(text.splitlines(), 1):
+        where = "%s:%d: " % (path, number)
         try:
-            fresh = resolve(addr)
-        except AddressError as e:
-            log.warn(e.lines[0])
-            continue
-        if fresh:
-            server.targets = fresh
+            args = shlex.split(line, comments=True)
+            if not args:
+                continue
+            options = parse_spiped_args(args, tunnel_line=True)
+        except ValueError as e:  # shlex
+            raise SpipedError(where + str(e)) from None
+        except UsageError as e:
+            raise SpipedError(where + (e.args[0] or TUNNEL_LINE_USAGE)) from None
+        except SpipedError as e:
+            raise e.located(where) from None
+        if "-" in options.key_paths():
+            raise SpipedError(where + "a key from stdin (-) cannot be read again at a reload;"
+                              " name a key file")
+        tunnels.append((number, options))
+    return tunnels
+
+
+TUNNEL_LINE_USAGE = "not a tunnel: {-e | -d} -s <source> -t <target> -k <key file> [options]"
+
+
+def address_key(family, sockaddr):
+    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
+    if family in (socket.AF_INET, socket.AF_INET6):
+        host = sockaddr[0].partition("%")[0]
+        return family, socket.inet_pton(family, host), sockaddr[1]
+    return family, sockaddr
+
+
+def diff_tunnels(old, new):
+    """What turns tunnel set OLD into NEW; both map source -> (TunnelOptions, key ring).
+
+    Returns (added, removed, rekeyed, replaced) lists of sources: rekeyed
+    lines differ only in their key options (-k, --accept-key) or the keys
+    themselves; replaced lines differ in anything else.  Equal lines are
+    in none of the lists.
+    """
+    added = [source for source in new if source not in old]
+    removed = [source for source in old if source not in new]
+    rekeyed, replaced = [], []
+    for source in new:
+        if source in old and old[source] != new[source]:
+            if old[source][0].without_keys() == new[source][0].without_keys():
+                rekeyed.append(source)
+            else:
+                replaced.append(source)
+    return added, removed, rekeyed, replaced
+
+
+class CommandLine:
+    """The plan of spiped's command line: one tunnel; a reload re-reads its keys only."""
+
+    name = "the command line"
+
+    def __init__(self, options, listener=None):
+        self.options = options
+        self.listener = listener  # a socket systemd passed: the source is not looked up
+        self.key_files = KeyFiles(options.key_paths())
+        self.spec = None
+
+    def load(self, retry=False, reread=False):
+        """{source: TunnelSpec}: resolved the first time; later only the keys are read."""
+        if self.spec is None:
+            self.spec = build_tunnel(self.options, self.key_files, retry, self.listener)
+        else:
+            self.spec = dataclasses.replace(self.spec, keyring=self.key_files.load(reread))
+        return {self.options.source: self.spec}
+
+    def status(self, servers):
+        return "%d live, %d total connections" % servers[self.options.source].stats.counts()
+
+    def statistics(self, servers):
+        for server in servers.values():
+            log.event(server.summary())
+
+    def reload_failed(self, error):
+        log.warn("Key reload failed, still using the %s loaded before: %s"
+                 % (_count_keys(len(self.spec.keyring)), error.lines[0]))
+
+    def rekeyed(self, source, spec):
+        pass  # reloaded() says it
+
+    def reloaded(self, counts):
+        kept = ""
+        if "-" in self.key_files.paths:
+            kept = " (the key from stdin is kept: stdin cannot be read again)"
+        log.event("reloaded %s%s" % (_count_keys(len(self.spec.keyring)), kept))
+
+
+class ConfigFile:
+    """The plan of a --config file: a tunnel per line; a reload reads it all again."""
+
+    def __init__(self, path):
+        self.path = self.name = path
+
+    def load(self, retry=False, reread=False):
+        """{source: TunnelSpec} for every line; a source used twice is an error."""
+        specs, lines = {}, {}  # lines: source or address_key -> its line
+        for number, options in parse_config_file(self.path):
+            where = "%s:%d: " % (self.path, number)
+            spec = build_tunnel(options, KeyFiles(options.key_paths()), retry,
+                                label="%s: " % options.source, where=where, line=number,
+                                reread=reread)
+            address = address_key(spec.family, spec.sockaddr)
+            other = lines.get(options.source, lines.get(address))
+            if other is not None:
+                raise SpipedError(where + "source %s is already used on line %d"
+                                  % (options.source, other))
+            lines[options.source] = lines[address] = number
+            specs[options.source] = spec
+        return specs
+
+    def status(self, servers):
+        return "%d tunnels: %s" % (len(servers), "; ".join(
+            "%s %d live, %d total" % ((source,) + server.stats.counts())
+            for source, server in servers.items()))
+
+    def statistics(self, servers):
+        for source, server in servers.items():
+            log.event("%s: %s" % (source, server.summary()))
+
+    def reload_failed(self, error):
+        for line in error.lines:
+            log.warn(line)
+        log.warn("%s not reloaded; still serving as before" % self.path)
+
+    def rekeyed(self, source, spec):
+        log.event("%s: reloaded %s" % (source, _count_keys(len(spec.keyring))))
+
+    def reloaded(self, counts):
+        log.warn("%s reloaded: %d added, %d removed, %d rekeyed, %d replaced, %d unchanged"
+                 % ((self.path,) + counts))
+
+
+class Tunnels:
+    """The supervisor: serves the tunnels of its PLAN and keeps them in step with it.
+
+    PLAN (a CommandLine or a ConfigFile) says which tunnels there are and
+    how to speak of them.  The main thread owns this object and runs run():
+    signal handlers record in .signals and wake it, and it acts on them
+    for the whole process.  Each Server serves in a thread of its own; a
+    server leaving (its line was removed or replaced) drains there and is
+    forgotten once closed.  A server's thread ending wakes the loop too.
+    """
+
+    def __init__(self, plan, drain_timeout=None, passed=()):
+        self.plan = plan
+        self.drain_timeout = drain_timeout
+        self.specs = {}      # source -> TunnelSpec being served
+        self.servers = {}    # source -> Server accepting for it
+        self.threads = {}    # Server -> its thread, leaving servers too
+        self.passed = {address_key(sock.family, sock.getsockname()): sock for sock in passed}
+        self.signals = []    # appended by signal handlers, consumed by run()
+        self.stopping = False
+        self.tick = 1.0
+        self.watching = False  # systemd wants STATUS: wake after each accept and close
+        self.waker = _WakePipe()
+
+    def wake(self):
+        self.waker.wake()
+
+    def _counts_changed(self):
+        if self.watching:
+            self.wake()
+
+    def check_passed(self, specs):
+        """SpipedError unless every passed socket is the source of a tunnel of SPECS."""
+        wanted = {address_key(spec.family, spec.sockaddr) for spec in specs.values()}
+        for address, sock in self.passed.items():
+            if address not in wanted:
+                raise SpipedError("Inherited file descriptor %d (%s) is the source of no"
+                                  " tunnel in %s" % (sock.fileno(), format_sockaddr(
+                                      sock.family, sock.getsockname()), self.plan.name))
+
+    def _start(self, spec, listener=None):
+        """A Server for SPEC, bound now or serving LISTENER; SpipedError if it cannot bind."""
+        try:
+            return Server(spec, listener, self._counts_changed)
+        except OSError as e:
+            raise SpipedError("Error binding socket: %s" % e.strerror) from None
+
+    def bind(self, specs):
+        """Bind every tunnel of SPECS (to its passed socket if any), or none."""
+        servers = {}
+        for source, spec in specs.items():
+            passed = self.passed.get(address_key(spec.family, spec.sockaddr))
+            try:
+                servers[source] = self._start(spec, passed and passed.dup())
+            except SpipedError as e:
+                for server in servers.values():
+                    server.server_close()
+                raise e.located(spec.where) from None
+        return servers
+
+    def serve(self, specs, servers):
+        """Start serving SERVERS (from bind()) for SPECS, each in a thread."""
+        for source, server in servers.items():
+            self.specs[source] = specs[source]
+            self.servers[source] = server
+            thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
+            self.threads[server] = thread
+            thread.start()
+            server.start_re_resolver()
+
+    def _serve(self, server):
+        try:
+            server.serve(tick=self.tick)
+        except Exception as e:  # a bug must not pass silently
+            log.warn("%sserver stopped: %r" % (server.label, e))
+        finally:
+            server.server_close()
+            self.wake()
+
+    def _retire(self, server, stop_listening):
+        """SERVER stops accepting and drains in its thread; STOP_LISTENING: refuse at once.
+
+        A socket systemd passed is left listening, to systemd.
+        """
+        passed = address_key(server.address_family, server.server_address) in self.passed
+        server.begin_shutdown(self.drain_timeout, stop_listening and not passed)
+
+    def _replace(self, old_source, source, spec):
+        """A new Server for SPEC takes over OLD_SOURCE's listening socket; the old one drains.
+
+        The new one is returned, not yet serving; None (logged) if it cannot be made.
+        """
+        old = self.servers[old_source]
+        try:
+            server = self._start(spec, old.socket.dup())
+        except (OSError, SpipedError) as e:
+            log.warn("%s%s: not replaced: %s" % (spec.where, source, e))
+            return None
+        server.adopt_socket_file(old.release_socket_file())
+        del self.servers[old_source], self.specs[old_source]
+        self._retire(old, stop_listening=False)
+        return server
+
+    def _moved(self, specs, added, removed):
+        """{added source: removed source} of added lines bound where a removed one was."""
+        where = {address_key(self.specs[s].family, self.specs[s].sockaddr): s for s in removed}
+        moved = {}
+        for source in added:
+            old = where.get(address_key(specs[source].family, specs[source].sockaddr))
+            if old is not None:
+                moved[source] = old
+        return moved
+
+    def reload(self):
+        """SIGHUP: load the plan again and apply the difference.
+
+        A plan that fails its checks, or a new source that cannot be bound,
+        changes nothing; the plan says why.  A line whose source text
+        changed but names the same address as a removed line takes over
+        that line's listening socket, like a changed line.
+        """
+        try:
+            specs = self.plan.load(reread=True)
+            self.check_passed(specs)
+            added, removed, rekeyed, replaced = diff_tunnels(
+                {s: spec.identity() for s, spec in self.specs.items()},
+                {s: spec.identity() for s, spec in specs.items()})
+            moved = self._moved(specs, added, removed)
+            fresh = self.bind({s: specs[s] for s in added if s not in moved})
+        except SpipedError as e:
+            self.plan.reload_failed(e)
+            return
+        changed = 0
+        for source, old_source in [(s, s) for s in replaced] + list(moved.items()):
+            server = self._replace(old_source, source, specs[source])
+            if server is not None:
+                fresh[source] = server
+                changed += 1
+        for source in rekeyed:  # connections read the key ring once, as they start
+            self.servers[source].set_keyring(specs[source].keyring)
+            self.specs[source] = specs[source]
+            self.plan.rekeyed(source, specs[source])
+        for source in removed:
+            if source not in moved.values():
+                self._retire(self.servers.pop(source), stop_listening=True)
+                del self.specs[source]
+        self.serve(specs, fresh)
+        self.plan.reloaded((len(added) - len(moved), len(removed) - len(moved), len(rekeyed),
+                            changed, len(specs) - len(added) - len(rekeyed) - len(replaced)))
+
+    def shutdown(self):
+        """SIGTERM: every server stops accepting and drains."""
+        self.stopping = True
+        for server in self.threads:
+            server.begin_shutdown(self.drain_timeout)
+
+    def reap(self):
+        """Forget servers whose threads ended; True once all have after shutdown()."""
+        for server, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                del self.threads[server]
+        return self.stopping and not self.threads
+
+    def run(self, notifier):
+        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
+        self.watching = notifier.address is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self.waker, selectors.EVENT_READ)
+        try:
+            while not self.reap():
+                notifier.tick()
+                notifier.status(self.plan.status(self.servers))
+                if selector.select(self.tick):
+                    self.waker.drain()
+                while self.signals:
+                    self._act(self.signals.pop(0), notifier)
+        finally:
+            selector.close()
+
+    def _act(self, what, notifier):
+        """One recorded signal: "term", "reload" or "stats"."""
+        if what == "term" and not self.stopping:
+            notifier.send("STOPPING=1")
+            self.shutdown()
+        elif what == "reload" and not self.stopping:
+            notifier.reloading()
+            self.reload()
+            notifier.send("READY=1")
+        elif what == "stats":
+            self.plan.statistics(self.servers)
+
+    def close(self):
+        self.waker.close()
 
 # ---------------------------------------------------------------------------
-# 9. Command line and main()
+# 10. Command line and main()
 # ---------------------------------------------------------------------------
 
 SPIPED_USAGE = """\
@@ -2055,13 +2514,6 @@ Extensions (long options; every C command line keeps its meaning):
 stdin goes to the target encrypted, the target's replies come out on stdout;
 spipe exits (status 0) when the server side closes.
 """
-
-
-# Options of the whole process: with --config they stay on the command line
-# and are an error on a tunnel line; every other option describes a tunnel.
-PROCESS_OPTIONS = ("-F", "-D", "-p", "-u", "-v", "--syslog", "--drain-timeout",
-                   "--config", "--help")
-
 
 class _Exit(Exception):
     """Leave main() with this status (after messages were printed)."""
@@ -2205,221 +2657,6 @@ def _print_version():
     sys.stderr.flush()
 
 
-def parse_spiped_args(args, tunnel_line=False):
-    """Options dict from spiped's command line; raises UsageError/SpipedError/_Exit.
-
-    With TUNNEL_LINE (a line of a --config file), process options are a
-    UsageError naming the option.
-    """
-    seen = {}
-    for option, value in getopt_c(args, "edDFjfgRv", "stkbnopru",
-                                  ("--syslog", "--log-connections", "--help",
-                                   "--connect-after-auth"),
-                                  ("--drain-timeout", "--socket-mode", "--accept-key",
-                                   "--proxy-protocol", "--config")):
-        if option is None:
-            if value:
-                raise UsageError(None)
-            break
-        if tunnel_line and option in PROCESS_OPTIONS:
-            raise UsageError("%s belongs on the command line, not on a tunnel line" % option)
-        if option == "--help":
-            sys.stdout.write(SPIPED_USAGE + "\n" + SPIPED_LONG_HELP)
-            raise _Exit(0)
-        if option == "--accept-key":  # the one option that may repeat
-            seen.setdefault(option, []).append(value)
-            continue
-        if option in seen:
-            raise UsageError(None)
-        if option == "-v":
-            _print_version()
-            raise _Exit(0)
-        if option in ("-s", "-t"):
-            check_address_syntax(value)
-        elif option == "-n":
-            value = _parse_number(option, value, "int")
-        elif option in ("-o", "-r", "--drain-timeout"):
-            value = _parse_number(option, value, "float")
-        elif option == "--socket-mode":
-            try:
-                value = int(value, 8)
-                if not 0 <= value <= 0o7777:
-                    raise ValueError
-            except ValueError:
-                raise SpipedError("Error parsing argument: %s %s: Invalid argument"
-                                  % (option, value)) from None
-        elif option == "--proxy-protocol":
-            if value not in ("1", "2"):
-                raise SpipedError("Error parsing argument: %s %s: Invalid argument"
-                                  % (option, value))
-            value = int(value)
-        seen[option] = value
-    if "--config" in seen:
-        stray = [o for o in seen if o not in PROCESS_OPTIONS]
-        if stray:
-            raise UsageError("with --config, tunnel options belong in the file: %s" % stray[0])
-        return seen
-    if ("-e" in seen) == ("-d" in seen):
-        raise UsageError(None)
-    if not all(o in seen for o in ("-s", "-t", "-k")):
-        raise UsageError(None)
-    if "-f" in seen and "-g" in seen:
-        raise UsageError(None)
-    if "--accept-key" in seen and "-e" in seen:  # -e always uses -k alone
-        raise UsageError(None)
-    if "--connect-after-auth" in seen and "-d" not in seen:
-        raise UsageError("--connect-after-auth applies to -d only")
-    rtime = seen.get("-r") or DEFAULT_RTIME
-    if "-R" in seen and rtime != DEFAULT_RTIME:
-        raise UsageError(None)
-    seen["-r"] = rtime
-    timeout = seen.get("-o") or DEFAULT_TIMEOUT
-    seen["-o"] = None if timeout == float("inf") else timeout
-    return seen
-
-
-# -- --config FILE: many tunnels ---------------------------------------------
-
-# Options whose change on a line only swaps the keys of its tunnel.
-KEY_OPTIONS = ("-k", "--accept-key")
-TUNNEL_LINE_USAGE = "not a tunnel: {-e | -d} -s <source> -t <target> -k <key file> [options]"
-
-
-def parse_config_file(path):
-    """[(line number, options)] for the tunnels in --config file PATH.
-
-    Each line is split as a POSIX shell would and parsed by
-    parse_spiped_args; blank and comment lines are skipped.  Raises
-    SpipedError naming PATH:LINE.
-    """
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except OSError as e:
-        raise SpipedError("Cannot read %s: %s" % (path, e.strerror)) from None
-    except UnicodeDecodeError as e:
-        raise SpipedError("%s: not UTF-8 text: %s" % (path, e.reason)) from None
-    tunnels = []
-    for number, line in enumerate(text.splitlines(), 1):
-        where = "%s:%d: " % (path, number)
-        try:
-            args = shlex.split(line, comments=True)
-        except ValueError as e:
-            raise SpipedError(where + str(e)) from None
-        if not args:
-            continue
-        try:
-            opts = parse_spiped_args(args, tunnel_line=True)
-        except UsageError as e:
-            raise SpipedError(where + (e.args[0] or TUNNEL_LINE_USAGE)) from None
-        except SpipedError as e:
-            raise SpipedError(*(where + msg for msg in e.lines)) from None
-        if "-" in [opts["-k"]] + opts.get("--accept-key", []):
-            raise SpipedError(where + "a key from stdin (-) cannot be read again at a reload;"
-                              " name a key file")
-        tunnels.append((number, opts))
-    return tunnels
-
-
-def address_key(family, sockaddr):
-    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
-    if family in (socket.AF_INET, socket.AF_INET6):
-        host = sockaddr[0].partition("%")[0]
-        return family, socket.inet_pton(family, host), sockaddr[1]
-    return family, sockaddr
-
-
-def load_config(path, retry=False, drain_timeout=None, reread=False):
-    """Parse and check --config file PATH; {source: TunnelSpec}, nothing bound.
-
-    Every address is resolved and every key file read (REREAD: as at a
-    reload, see build_tunnel); two lines with the same source are an
-    error.  Each tunnel drains for at most DRAIN_TIMEOUT (the process's
-    --drain-timeout).  Raises SpipedError naming PATH:LINE.
-    """
-    specs = {}
-    seen = {}  # address_key -> line
-    for number, opts in parse_config_file(path):
-        where = "%s:%d: " % (path, number)
-        try:
-            opts = dict(opts, **{"--drain-timeout": drain_timeout})
-            spec = build_tunnel(opts, retry, label="%s: " % opts["-s"], reread=reread)
-        except SpipedError as e:
-            raise SpipedError(*(where + msg for msg in e.lines)) from None
-        spec.line = number
-        address = address_key(spec.family, spec.sockaddr)
-        other = specs[opts["-s"]].line if opts["-s"] in specs else seen.get(address)
-        if other is not None:
-            raise SpipedError(where + "source %s is already used on line %d"
-                              % (opts["-s"], other))
-        seen[address] = number
-        specs[opts["-s"]] = spec
-    return specs
-
-
-def diff_tunnels(old, new):
-    """What turns tunnel set OLD into NEW; both map source -> (options, key).
-
-    Returns (added, removed, rekeyed, replaced) lists of sources: rekeyed
-    lines differ only in KEY_OPTIONS or the key itself; replaced lines
-    differ in anything else.  Equal lines are in none of the lists.
-    """
-    def without_keys(opts):
-        return {o: v for o, v in opts.items() if o not in KEY_OPTIONS}
-
-    added = [source for source in new if source not in old]
-    removed = [source for source in old if source not in new]
-    rekeyed, replaced = [], []
-    for source in new:
-        if source in old and old[source] != new[source]:
-            if without_keys(old[source][0]) == without_keys(new[source][0]):
-                rekeyed.append(source)
-            else:
-                replaced.append(source)
-    return added, removed, rekeyed, replaced
-
-
-def _install_signals(server):
-    """Handlers only record the signal and wake the serve loop, which acts.
-
-    SERVER is the one Server, or the Tunnels of --config: what has .signals
-    and .wake().  SIGTERM drains; the first one restores the default
-    action, so a second kills at once as in C.  SIGINT keeps its default
-    (as PID 1, where defaults do nothing: exit 0, and a second SIGTERM
-    too).  SIGUSR1 logs statistics.  SIGHUP (C would exit) reloads the
-    keys, and with --config the file.
-    """
-    pid1 = os.getpid() == 1
-    terms = []  # SIGTERMs seen
-
-    def on_term(signum, frame):
-        terms.append(signum)
-        if not pid1:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        elif len(terms) > 1:
-            os._exit(0)
-        server.signals.append("term")
-        server.wake()
-
-    def on_usr1(signum, frame):
-        server.signals.append("stats")
-        server.wake()
-
-    def on_hup(signum, frame):
-        server.signals.append("reload")
-        server.wake()
-
-    def on_int(signum, frame):
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGUSR1, on_usr1)
-    signal.signal(signal.SIGHUP, on_hup)  # C would exit; we reload the keys
-    if pid1:
-        log.warn("WARNING: Applying workaround for Docker signal-handling bug")
-        signal.signal(signal.SIGINT, on_int)
-    else:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _cli(usage, parse, run):
@@ -2447,112 +2684,254 @@ def _cli(usage, parse, run):
         return 1
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelOptions:
+    """One tunnel as its spiped options say: the command line's or a --config line's."""
+
+    decrypt: bool                        # -d; -e otherwise
+    source: str                          # -s
+    target: str                          # -t
+    key: str                             # -k
+    accept_keys: tuple = ()              # --accept-key, each time it is given
+    bind: Optional[str] = None           # -b
+    fast: bool = False                   # -f
+    require_pfs: bool = False            # -g
+    keepalive: bool = True               # -j turns it off
+    max_connections: int = DEFAULT_MAXCONN  # -n; 0: no limit
+    timeout: Optional[float] = DEFAULT_TIMEOUT  # -o; None: no limit
+    rtime: float = DEFAULT_RTIME         # -r
+    re_resolve: bool = True              # -R turns it off
+    socket_mode: Optional[int] = None    # --socket-mode
+    proxy_protocol: Optional[int] = None  # --proxy-protocol: 1 or 2
+    connect_after_auth: bool = False     # --connect-after-auth
+    log_connections: bool = False        # --log-connections
+
+    def key_paths(self):
+        """-k, then every --accept-key."""
+        return (self.key,) + self.accept_keys
+
+    def without_keys(self):
+        """These options with the key files left out (what a rekey may change)."""
+        return dataclasses.replace(self, key="", accept_keys=())
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessOptions:
+    """spiped's command line: the process's own options, and its tunnel or --config FILE."""
+
+    tunnel: Optional[TunnelOptions]      # None with --config
+    config: Optional[str] = None         # --config
+    foreground: bool = False             # -F
+    wait_dns: bool = False               # -D
+    pidfile: Optional[str] = None        # -p
+    user: Optional[str] = None           # -u
+    syslog: bool = False                 # --syslog
+    drain_timeout: Optional[float] = None  # --drain-timeout
+
+    def pidfile_path(self):
+        """-p, or the default: the source address (or FILE) with .pid appended."""
+        return self.pidfile or (self.config or self.tunnel.source) + ".pid"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpipeOptions:
+    """spipe's command line."""
+
+    target: str                          # -t
+    key: str                             # -k
+    bind: Optional[str] = None           # -b
+    fast: bool = False                   # -f
+    require_pfs: bool = False            # -g
+    keepalive: bool = True               # -j turns it off
+    timeout: Optional[float] = DEFAULT_TIMEOUT  # -o; None: no limit
+
+
+def _text(option, text):
+    return text
+
+
+def _address(option, text):
+    check_address_syntax(text)
+    return text
+
+
+def _count(option, text):
+    return _parse_number(option, text, "int")
+
+
+def _seconds(option, text):
+    return _parse_number(option, text, "float")
+
+
+def _invalid(option, text):
+    return SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+
+
+def _octal_mode(option, text):
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o7777:
+        raise _invalid(option, text)
+    return value
+
+
+def _proxy_version(option, text):
+    if text not in ("1", "2"):
+        raise _invalid(option, text)
+    return int(text)
+
+
+# Each option: (the field it sets, how its argument is read; None: a flag).
+# The fields "help" and "version" act as they are met; PROCESS_FIELDS
+# belong to the process (ProcessOptions), every other field to a tunnel.
+SPIPED_OPTIONS = {
+    "-e": ("encrypt", None), "-d": ("decrypt", None), "-s": ("source", _address),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
+    "-n": ("max_connections", _count), "-o": ("timeout", _seconds),
+    "-r": ("rtime", _seconds), "-R": ("no_re_resolve", None),
+    "-D": ("wait_dns", None), "-F": ("foreground", None), "-p": ("pidfile", _text),
+    "-u": ("user", _text), "-v": ("version", None),
+    "--syslog": ("syslog", None), "--log-connections": ("log_connections", None),
+    "--help": ("help", None), "--connect-after-auth": ("connect_after_auth", None),
+    "--drain-timeout": ("drain_timeout", _seconds), "--socket-mode": ("socket_mode", _octal_mode),
+    "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
+    "--config": ("config", _text),
+}
+SPIPE_OPTIONS = {
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
+    "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
+}
+PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
+                  "drain_timeout", "config", "help")
+REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
+
+
+def _read_options(args, table, help_text, tunnel_line=False):
+    """{field: value} from ARGS as TABLE reads them, in the order given.
+
+    --help and -v act as they are met, as C's loop does; a repeated option
+    is a usage error.  With TUNNEL_LINE (a --config line), an option of
+    the process is a UsageError naming it.
+    """
+    shorts = [o[1] for o in table if len(o) == 2]
+    fields = {}
+    for option, value in getopt_c(args, [s for s in shorts if table["-" + s][1] is None],
+                                  [s for s in shorts if table["-" + s][1] is not None],
+                                  [o for o in table if len(o) > 2 and table[o][1] is None],
+                                  [o for o in table if len(o) > 2 and table[o][1] is not None]):
+        if option is None:
+            if value:
+                raise UsageError(None)
+            break
+        field, read = table[option]
+        if tunnel_line and field in PROCESS_FIELDS:
+            raise UsageError("%s belongs on the command line, not on a tunnel line" % option)
+        if field == "help":
+            sys.stdout.write(help_text)
+            raise _Exit(0)
+        if field in REPEATED_FIELDS:
+            fields[field] = fields.get(field, ()) + (read(option, value),)
+            continue
+        if field in fields:
+            raise UsageError(None)
+        if field == "version":
+            _print_version()
+            raise _Exit(0)
+        fields[field] = True if read is None else read(option, value)
+    return fields
+
+
+def _timeout(fields):
+    """-o's value (0 or none given: the default) as a deadline length; None for "inf"."""
+    timeout = fields.pop("timeout", 0) or DEFAULT_TIMEOUT
+    return None if timeout == float("inf") else timeout
+
+
+def parse_spiped_args(args, tunnel_line=False):
+    """ProcessOptions from spiped's command line; TunnelOptions for a --config line.
+
+    Raises UsageError, SpipedError or _Exit.
+    """
+    fields = _read_options(args, SPIPED_OPTIONS, SPIPED_USAGE + "\n" + SPIPED_LONG_HELP,
+                           tunnel_line)
+    process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
+    if "config" in process:
+        if fields:
+            option = next(o for o, (f, _) in SPIPED_OPTIONS.items() if f == next(iter(fields)))
+            raise UsageError("with --config, tunnel options belong in the file: %s" % option)
+        return ProcessOptions(None, **process)
+    tunnel = _tunnel_options(fields)
+    return tunnel if tunnel_line else ProcessOptions(tunnel, **process)
+
+
+def _tunnel_options(fields):
+    """TunnelOptions from a tunnel's FIELDS, with C's checks of how they combine."""
+    encrypt, decrypt = fields.pop("encrypt", False), fields.pop("decrypt", False)
+    if encrypt == decrypt or not all(f in fields for f in ("source", "target", "key")):
+        raise UsageError(None)
+    if fields.get("fast") and fields.get("require_pfs"):
+        raise UsageError(None)
+    if encrypt and "accept_keys" in fields:  # -e always uses -k alone
+        raise UsageError(None)
+    if fields.get("connect_after_auth") and not decrypt:
+        raise UsageError("--connect-after-auth applies to -d only")
+    rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
+    re_resolve = not fields.pop("no_re_resolve", False)
+    if not re_resolve and rtime != DEFAULT_RTIME:
+        raise UsageError(None)
+    return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve,
+                         timeout=_timeout(fields),
+                         keepalive=not fields.pop("no_keepalive", False), **fields)
+
+
+def parse_spipe_args(args):
+    """SpipeOptions from spipe's command line; raises UsageError/SpipedError/_Exit."""
+    fields = _read_options(args, SPIPE_OPTIONS, SPIPE_USAGE + "\n" + SPIPE_LONG_HELP)
+    if "target" not in fields or "key" not in fields:
+        raise UsageError(None)
+    if fields.get("fast") and fields.get("require_pfs"):
+        raise UsageError(None)
+    return SpipeOptions(timeout=_timeout(fields),
+                        keepalive=not fields.pop("no_keepalive", False), **fields)
+
+
+
 def spiped_main(args):
     """spiped: returns the exit status."""
     log.prog = "spiped"
-    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args),
-                lambda opts: (_run_tunnels if "--config" in opts else _run_spiped)(opts))
+    return _cli(SPIPED_USAGE, lambda: parse_spiped_args(args), _run_spiped)
 
 
-class TunnelSpec:
-    """One tunnel, checked and resolved, not yet bound: what build_tunnel() made."""
-
-    def __init__(self, opts, config, family, sockaddr, targets, key_files):
-        self.opts = opts
-        self.config = config
-        self.family = family
-        self.sockaddr = sockaddr      # the source address to bind (None: inherited)
-        self.targets = targets
-        self.key_files = key_files    # KeyFiles for -k and each --accept-key
-        self.line = 0                 # its line in a --config file
-
-    def identity(self):
-        """(options, key ring): what diff_tunnels() compares."""
-        return self.opts, self.config.keyring
-
-
-def build_tunnel(opts, retry=False, resolve_source=True, label="", reread=False):
-    """Resolve the addresses and read the keys that tunnel options OPTS name.
-
-    RETRY (-D) retries failed look-ups each second.  Without RESOLVE_SOURCE
-    the source is not looked up (a listening socket was passed).  REREAD (a
-    reload) also refuses an empty key file, as a file being rewritten.
-    Raises SpipedError with C's messages.
-    """
-    source, target = opts["-s"], opts["-t"]
-    family = sockaddr = None
-    if resolve_source:
-        sources = _resolve_or_retry(source, retry)
-        if len(sources) > 1:
-            log.warn("Using the first of multiple addresses found for %s" % source)
-        family, sockaddr = sources[0]
-    targets = _resolve_or_retry(target, retry)
-    if not targets:
-        raise SpipedError("No addresses found for %s" % target)
-    bind = None
-    if "-b" in opts:
-        bind = _resolve_or_retry(opts["-b"], retry, bind_address)[0][1]
-    key_files = KeyFiles([opts["-k"]] + opts.get("--accept-key", []))
-    keyring = key_files._reread() if reread else key_files.load()
-    config = Config(decrypt="-d" in opts, source=source, target=target, keyring=keyring,
-                    fast="-f" in opts, require_pfs="-g" in opts, timeout=opts["-o"],
-                    keepalive="-j" not in opts, bind=bind,
-                    max_connections=opts.get("-n", DEFAULT_MAXCONN),
-                    proxy_protocol=opts.get("--proxy-protocol"),
-                    connect_after_auth="--connect-after-auth" in opts,
-                    drain_timeout=opts.get("--drain-timeout"),
-                    log_connections="--log-connections" in opts, label=label)
-    return TunnelSpec(opts, config, family, sockaddr, targets, key_files)
-
-
-def start_tunnel(spec, listener=None):
-    """A Server for SPEC, bound to its source or serving LISTENER (not yet serving).
-
-    Raises SpipedError when the source cannot be bound.
-    """
-    family = spec.family if listener is None else listener.family
-    if listener is None and family == socket.AF_UNIX:
-        clear_stale_socket(spec.sockaddr)
-    try:
-        server = Server(spec.config, family, spec.sockaddr, spec.targets, listener=listener,
-                        socket_mode=spec.opts.get("--socket-mode"))
-    except OSError as e:
-        raise SpipedError("Error binding socket: %s" % e.strerror) from None
-    server.stats.add_keys(name for name, _ in spec.config.keyring)
-    return server
-
-
-def _start_re_resolver(server, opts):
-    """-r: look the target up again in a thread while SERVER accepts (not with -R)."""
-    if "-R" not in opts and 0 < opts["-r"] < float("inf"):  # "-r nan": never
-        threading.Thread(target=_re_resolver, args=(server, opts["-t"], opts["-r"]),
-                         daemon=True).start()
-
-
-def _start_process(opts, pidfile):
+def _start_process(process):
     """The process options up to binding; returns finish(), to call once bound.
 
     --syslog with -F keeps C's warnings on stderr; -D daemonizes now, before
     any name is resolved, as C does.  finish() daemonizes (without -D),
     drops to -u and sizes the threads to come.
     """
-    foreground, wait_dns = "-F" in opts, "-D" in opts
-    if "--syslog" in opts and foreground:
+    background = not process.foreground
+    if process.syslog and not background:
         log.use_syslog(warnings=False)  # C's warnings stay on stderr with -F
 
     def go_background():
-        daemonize(pidfile)
-        if "--syslog" in opts:
+        daemonize(process.pidfile_path())
+        if process.syslog:
             log.use_syslog()
 
-    if wait_dns and not foreground:
+    if process.wait_dns and background:
         go_background()
 
     def finish():
         # C checks -u only in the daemon, after its parent has exited 0; an
         # unknown user or group is known now, so report it with exit 1.
-        identity = lookup_identity(opts["-u"]) if "-u" in opts else None
-        if not wait_dns and not foreground:
+        identity = lookup_identity(process.user) if process.user is not None else None
+        if background and not process.wait_dns:
             go_background()
         if identity is not None:
             drop_privileges(*identity)
@@ -2562,257 +2941,22 @@ def _start_process(opts, pidfile):
     return finish
 
 
-def _run_spiped(opts):
-    finish = _start_process(opts, opts.get("-p") or opts["-s"] + ".pid")
-    listener = inherited_listener()
-    spec = build_tunnel(opts, "-D" in opts, resolve_source=listener is None)
-    server = start_tunnel(spec, listener)
-    finish()
-    _start_re_resolver(server, opts)
-    notifier = Notifier()
-    server.notifier = notifier
-    server.key_files = spec.key_files
-    _install_signals(server)
-    notifier.send("READY=1\nMAINPID=%d" % os.getpid())  # the daemon's PID after a fork
-    notifier.status("0 live, 0 total connections")
-    try:
-        server.serve(tick=min(1.0, notifier.watchdog or 1.0))
-    finally:
-        server.server_close()
-    _exit_now(0)
-
-
-class Tunnels:
-    """The servers of a --config file, one per line, kept in step with it.
-
-    The main thread owns this object and runs run(), its loop: signals
-    are recorded in .signals and wake it (_install_signals), and it acts
-    on them for the whole process.  Each Server serves in a thread of its
-    own; a server leaving (its line was removed or replaced) drains there
-    and is forgotten once closed.  A thread ending wakes the loop too.
-    """
-
-    def __init__(self, path, drain_timeout=None, passed=()):
-        self.path = path
-        self.drain_timeout = drain_timeout
-        self.specs = {}      # source -> TunnelSpec being served
-        self.servers = {}    # source -> Server accepting for it
-        self.threads = {}    # Server -> its thread, leaving servers too
-        self.passed = {}     # address_key -> listening socket systemd passed
-        for sock in passed:
-            self.passed[address_key(sock.family, sock.getsockname())] = sock
-        self.signals = []    # appended by signal handlers, consumed by run()
-        self.stopping = False
-        self.tick = 1.0
-        self.waker = _WakePipe()
-
-    def wake(self):
-        self.waker.wake()
-
-    def load(self, retry=False, reread=False):
-        """load_config() of our file with the process's --drain-timeout."""
-        return load_config(self.path, retry, drain_timeout=self.drain_timeout, reread=reread)
-
-    def check_passed(self, specs):
-        """SpipedError unless every passed socket is the source of a line of SPECS."""
-        wanted = {address_key(spec.family, spec.sockaddr) for spec in specs.values()}
-        for address, sock in self.passed.items():
-            if address not in wanted:
-                raise SpipedError("Inherited file descriptor %d (%s) is the source of no"
-                                  " tunnel in %s" % (sock.fileno(), format_sockaddr(
-                                      sock.family, sock.getsockname()), self.path))
-
-    def _bind(self, spec):
-        """A Server for SPEC on its passed socket if there is one, else bound now."""
-        passed = self.passed.get(address_key(spec.family, spec.sockaddr))
-        try:
-            return start_tunnel(spec, None if passed is None else passed.dup())
-        except SpipedError as e:
-            raise SpipedError(*("%s:%d: %s" % (self.path, spec.line, msg)
-                                for msg in e.lines)) from None
-
-    def bind(self, specs):
-        """Bind every tunnel of SPECS, or none (SpipedError naming FILE:LINE)."""
-        servers = {}
-        try:
-            for source, spec in specs.items():
-                servers[source] = self._bind(spec)
-        except SpipedError:
-            for server in servers.values():
-                server.server_close()
-            raise
-        return servers
-
-    def serve(self, specs, servers):
-        """Start serving SERVERS (from bind()) for SPECS."""
-        for source, server in servers.items():
-            self.specs[source] = specs[source]
-            self.servers[source] = server
-            thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
-            self.threads[server] = thread
-            thread.start()
-            _start_re_resolver(server, specs[source].opts)
-
-    def _serve(self, server):
-        try:
-            server.serve(tick=self.tick)
-        except Exception as e:  # a bug must not pass silently
-            log.warn("%sserver stopped: %r" % (server.config.label, e))
-        finally:
-            server.server_close()
-            self.wake()
-
-    def _retire(self, server, stop_listening):
-        """Stop SERVER accepting; its live connections drain in its thread.
-
-        With STOP_LISTENING the listener refuses new connects at once (a
-        socket systemd passed is left to systemd).
-        """
-        if stop_listening and \
-                address_key(server.address_family, server.server_address) not in self.passed:
-            server.stop_listening()
-        server.begin_shutdown(server.config.drain_timeout)
-
-    def _replace(self, old_source, source, spec):
-        """A new Server for SPEC takes over OLD_SOURCE's listening socket; the old one drains.
-
-        The new one is returned, not yet serving; None (logged) if it cannot be made.
-        """
-        old = self.servers[old_source]
-        try:
-            server = start_tunnel(spec, old.socket.dup())
-        except (OSError, SpipedError) as e:
-            log.warn("%s:%d: %s: not replaced: %s" % (self.path, spec.line, source, e))
-            return None
-        old.hand_over(server)
-        mode = spec.opts.get("--socket-mode")
-        path = server.unlink_path
-        # The socket file was bound earlier: chmod it only while the path is
-        # still that file (lstat), never a symlink swapped in since.
-        if path is not None and mode is not None \
-                and _file_identity(path) == server.unlink_ident:
-            try:
-                os.chmod(path, mode)
-            except OSError:
-                pass
-        del self.servers[old_source], self.specs[old_source]
-        self._retire(old, stop_listening=False)
-        return server
-
-    def reload(self):
-        """SIGHUP: re-read the file and key files and apply the difference.
-
-        A file that fails its checks, or a new source that cannot be bound,
-        changes nothing; the reason is logged.  A line whose source text
-        changed but names the same address as a removed line takes over
-        that line's listening socket, like a changed line.
-        """
-        try:
-            specs = self.load(reread=True)
-            self.check_passed(specs)
-            added, removed, rekeyed, replaced = diff_tunnels(
-                {s: spec.identity() for s, spec in self.specs.items()},
-                {s: spec.identity() for s, spec in specs.items()})
-            where = {address_key(self.specs[s].family, self.specs[s].sockaddr): s
-                     for s in removed}
-            moved = {}  # added source -> removed source bound to the same address
-            for source in added:
-                old = where.get(address_key(specs[source].family, specs[source].sockaddr))
-                if old is not None:
-                    moved[source] = old
-            fresh = self.bind({s: specs[s] for s in added if s not in moved})
-        except SpipedError as e:
-            for line in e.lines:
-                log.warn(line)
-            log.warn("%s not reloaded; still serving as before" % self.path)
-            return
-        changed = 0
-        for source, old_source in [(s, s) for s in replaced] + list(moved.items()):
-            server = self._replace(old_source, source, specs[source])
-            if server is not None:
-                fresh[source] = server
-                changed += 1
-        for source in rekeyed:  # connections read the key ring once, as they start
-            server, spec = self.servers[source], specs[source]
-            server.config.keyring = spec.config.keyring  # Config's one reloadable field
-            server.stats.add_keys(name for name, _ in spec.config.keyring)
-            spec.config = server.config
-            self.specs[source] = spec
-            log.event("%s: reloaded %s" % (source, _count_keys(len(spec.config.keyring))))
-        for source in removed:
-            if source not in moved.values():
-                self._retire(self.servers.pop(source), stop_listening=True)
-                del self.specs[source]
-        self.serve(specs, fresh)
-        log.warn("%s reloaded: %d added, %d removed, %d rekeyed, %d replaced, %d unchanged"
-                 % (self.path, len(added) - len(moved), len(removed) - len(moved),
-                    len(rekeyed), changed, len(specs) - len(added) - len(rekeyed)
-                    - len(replaced)))
-
-    def shutdown(self):
-        """SIGTERM: every server stops accepting and drains."""
-        self.stopping = True
-        for server in self.threads:
-            server.begin_shutdown(server.config.drain_timeout)
-
-    def reap(self):
-        """Forget servers whose threads ended; True once all have after shutdown()."""
-        for server, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[server]
-        return self.stopping and not self.threads
-
-    def statistics(self):
-        """One SIGUSR1 line per tunnel, named by its source."""
-        for source, server in self.servers.items():
-            log.event("%s: %s" % (source, server.summary()))
-
-    def status(self):
-        """systemd's STATUS: live and total connections of each tunnel."""
-        return "%d tunnels: %s" % (len(self.servers), "; ".join(
-            "%s %d live, %d total" % (source, server.stats.live, server.stats.total)
-            for source, server in self.servers.items()))
-
-    def run(self, notifier):
-        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
-        selector = selectors.DefaultSelector()
-        selector.register(self.waker, selectors.EVENT_READ)
-        try:
-            while not self.reap():
-                notifier.tick()
-                notifier.status(self.status())
-                if selector.select(self.tick):
-                    self.waker.drain()
-                while self.signals:
-                    what = self.signals.pop(0)
-                    if what == "term" and not self.stopping:
-                        notifier.send("STOPPING=1")
-                        self.shutdown()
-                    elif what == "reload" and not self.stopping:
-                        notifier.reloading()
-                        self.reload()
-                        notifier.send("READY=1")
-                    elif what == "stats":
-                        self.statistics()
-        finally:
-            selector.close()
-
-    def close(self):
-        self.waker.close()
-
-
-def _run_tunnels(opts):
-    """spiped --config FILE: every tunnel of FILE in this process until SIGTERM."""
-    path = opts["--config"]
-    finish = _start_process(opts, opts.get("-p") or path + ".pid")
-    tunnels = Tunnels(path, opts.get("--drain-timeout"), inherited_listeners())
-    specs = tunnels.load("-D" in opts)
+def _run_spiped(process):
+    """Serve the command line's tunnel, or every tunnel of --config FILE, until SIGTERM."""
+    finish = _start_process(process)
+    if process.config is None:
+        listener = inherited_listener()
+        plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
+    else:
+        plan, passed = ConfigFile(process.config), inherited_listeners()
+    tunnels = Tunnels(plan, process.drain_timeout, passed)
+    specs = plan.load(retry=process.wait_dns)
     tunnels.check_passed(specs)
     servers = tunnels.bind(specs)
     finish()
-    notifier = Notifier()
+    notifier = Notifier()  # now: the daemon's PID is known
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
-    _install_signals(tunnels)
+    install_signals(tunnels)
     tunnels.serve(specs, servers)
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())
     try:
@@ -2837,35 +2981,8 @@ def _exit_now(status):
             pass
     os._exit(status)
 
+
 # -- spipe -------------------------------------------------------------------
-
-
-def parse_spipe_args(args):
-    """Options dict from spipe's command line; raises UsageError/SpipedError/_Exit."""
-    seen = {}
-    for option, value in getopt_c(args, "fgjv", "tkbo", ("--help",)):
-        if option is None:
-            if value:
-                raise UsageError(None)
-            break
-        if option == "--help":
-            sys.stdout.write(SPIPE_USAGE + "\n" + SPIPE_LONG_HELP)
-            raise _Exit(0)
-        if option in seen:
-            raise UsageError(None)
-        if option == "-v":
-            _print_version()
-            raise _Exit(0)
-        if option == "-t":
-            check_address_syntax(value)
-        if option == "-o":
-            value = _parse_number(option, value, "float")
-        seen[option] = value
-    if "-t" not in seen or "-k" not in seen or ("-f" in seen and "-g" in seen):
-        raise UsageError(None)
-    timeout = seen.get("-o") or DEFAULT_TIMEOUT
-    seen["-o"] = None if timeout == float("inf") else timeout
-    return seen
 
 
 def spipe_main(args):
@@ -2874,13 +2991,13 @@ def spipe_main(args):
     return _cli(SPIPE_USAGE, lambda: parse_spipe_args(args), _run_spipe)
 
 
-def _run_spipe(opts):
-    timeout = opts["-o"]
-    targets = resolve(opts["-t"])
-    bind = bind_address(opts["-b"])[0][1] if "-b" in opts else None
-    key = read_key(opts["-k"])
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _run_spipe(options):
+    timeout = options.timeout
+    targets = resolve(options.target)
+    bind = bind_address(options.bind)[0][1] if options.bind is not None else None
+    key = read_key(options.key)
+    set_signals({signal.SIGTERM: lambda signum, frame: os._exit(0),
+                 signal.SIGINT: signal.SIG_DFL})
     try:
         sock = Dialer(targets, bind).finish(
             None if timeout is None else time.monotonic() + timeout)
@@ -2888,12 +3005,12 @@ def _run_spipe(opts):
         log.warn("Could not connect")
         return 1
     try:
-        sealer, opener = handshake(sock, key, client=True, fast="-f" in opts,
-                                   require_pfs="-g" in opts, timeout=timeout)
+        sealer, opener = handshake(sock, key, client=True, fast=options.fast,
+                                   require_pfs=options.require_pfs, timeout=timeout)
     except HandshakeError:
         log.warn("Handshake failed")
         return 1
-    tune_socket(sock, "-j" not in opts)
+    tune_socket(sock, options.keepalive)
     return _spipe_relay(sock, sealer, opener)
 
 
@@ -2906,6 +3023,7 @@ def _write_fd(fd):
     return write
 
 
+
 def _spipe_relay(sock, sealer, opener):
     """Copy stdin -> SOCK and SOCK -> stdout; exit when the server side ends."""
     outcome = []
@@ -2915,7 +3033,7 @@ def _spipe_relay(sock, sealer, opener):
         # A failed upload ends nothing by itself: the peer went away, and
         # the download then sees EOF or a reset and decides the outcome.
         try:
-            relay_seal(lambda n: os.read(0, n), sealer, sock, [0])
+            relay(lambda n: os.read(0, n), sealer, sock.sendall)
             _shutdown(sock, socket.SHUT_WR)
         except OSError:
             try:
@@ -2925,7 +3043,7 @@ def _spipe_relay(sock, sealer, opener):
 
     def download():
         try:
-            relay_open(sock, opener, _write_fd(1), [0])
+            relay(sock.recv, opener, _write_fd(1), _peeker(sock))
         except BadPacket:
             outcome.append("Connection error")
         except OSError as e:
@@ -2939,6 +3057,7 @@ def _spipe_relay(sock, sealer, opener):
         log.warn(outcome[0])
         return 1
     return 0
+
 
 
 def main(argv=None):

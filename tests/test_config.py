@@ -54,8 +54,8 @@ def start_config(procs, conf, err, *extra):
         p = procs.start(ours("--config", conf, "-F", *extra), stderr=f)
     finally:
         f.close()
-    for _, opts in spiped.parse_config_file(conf):
-        wait_listening(opts["-s"], p)
+    for _, options in spiped.parse_config_file(conf):
+        wait_listening(options.source, p)
     return p
 
 
@@ -91,8 +91,9 @@ def test_parse_config_file_lines_comments_quotes(tmp_path, keyfile):
                     "-d -s \"/tmp/a b\" -t [127.0.0.1]:3 -k %s -n5 -o 2 -j\n" % (keyfile, keyfile))
     lines = spiped.parse_config_file(str(conf))
     assert [n for n, _ in lines] == [4, 5]
-    assert lines[0][1]["-s"] == "[127.0.0.1]:1" and "-e" in lines[0][1]
-    assert lines[1][1]["-s"] == "/tmp/a b" and lines[1][1]["-n"] == 5 and lines[1][1]["-o"] == 2.0
+    assert lines[0][1].source == "[127.0.0.1]:1" and not lines[0][1].decrypt
+    assert lines[1][1].source == "/tmp/a b" and lines[1][1].max_connections == 5
+    assert lines[1][1].timeout == 2.0 and lines[1][1].decrypt and not lines[1][1].keepalive
 
 
 @pytest.mark.parametrize("option", ["-F", "-D", "-p x.pid", "-u nobody", "--syslog",
@@ -138,24 +139,26 @@ def test_load_config_checks_keys_addresses_duplicates(tmp_path, keyfile):
                       "Error parsing IP address")):
         conf.write_text(good % (1, keyfile) + "\n" + bad + "\n")
         with pytest.raises(spiped.SpipedError) as e:
-            spiped.load_config(str(conf))
+            spiped.ConfigFile(str(conf)).load()
         assert e.value.lines[0].startswith("%s:2: " % conf) and why in e.value.lines[0]
     conf.write_text(good % (1, keyfile) + "\n" + good % (2, keyfile) + "\n")
-    specs = spiped.load_config(str(conf))
+    specs = spiped.ConfigFile(str(conf)).load()
     assert sorted(specs) == ["[127.0.0.1]:1", "[127.0.0.1]:2"]
     assert specs["[127.0.0.1]:2"].line == 2
 
 
 def test_diff_tunnels():
-    a = {"-e": None, "-s": "A", "-t": "T", "-k": "ka"}
-    old = {"A": (a, b"k1"), "B": (dict(a, **{"-s": "B"}), b"k1"),
-           "C": (dict(a, **{"-s": "C"}), b"k1"), "D": (dict(a, **{"-s": "D"}), b"k1"),
-           "E": (dict(a, **{"-s": "E"}), b"k1")}
-    new = {"A": (a, b"k1"),                                     # unchanged
-           "B": (dict(a, **{"-s": "B"}), b"k2"),                # key file content
-           "C": (dict(a, **{"-s": "C", "-k": "kc"}), b"k1"),    # -k path only
-           "D": (dict(a, **{"-s": "D", "-n": 5}), b"k1"),       # anything else
-           "F": (dict(a, **{"-s": "F"}), b"k1")}                # new line
+    def line(source, **changes):
+        fields = dict(decrypt=False, source=source, target="T", key="ka")
+        return spiped.TunnelOptions(**dict(fields, **changes))
+
+    old = {"A": (line("A"), b"k1"), "B": (line("B"), b"k1"), "C": (line("C"), b"k1"),
+           "D": (line("D"), b"k1"), "E": (line("E"), b"k1")}
+    new = {"A": (line("A"), b"k1"),                             # unchanged
+           "B": (line("B"), b"k2"),                             # key file content
+           "C": (line("C", key="kc"), b"k1"),                   # -k path only
+           "D": (line("D", max_connections=5), b"k1"),          # anything else
+           "F": (line("F"), b"k1")}                             # new line
     added, removed, rekeyed, replaced = spiped.diff_tunnels(old, new)
     assert added == ["F"] and removed == ["E"]
     assert rekeyed == ["B", "C"] and replaced == ["D"]
@@ -544,7 +547,7 @@ CONTRIB = os.path.join(os.path.dirname(SPIPED_PY), "contrib")
 
 def test_contrib_example_config_parses():
     lines = spiped.parse_config_file(os.path.join(CONTRIB, "systemd", "spiped.conf"))
-    assert len(lines) == 3 and {"-e", "-d"} <= set().union(*(o for _, o in lines))
+    assert len(lines) == 3 and {False, True} == {o.decrypt for _, o in lines}
 
 
 def test_contrib_service_runs_config_with_reload(tmp_path):

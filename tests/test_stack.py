@@ -47,14 +47,14 @@ def test_handshake_relays_and_traceback_fit_the_thread_stack():
 
     def server():
         sealer, opener = spiped.handshake(b, key, client=False, timeout=10)
-        spiped.relay_open(b, opener, qa.sendall, [0])
+        spiped.relay(b.recv, opener, qa.sendall, lambda: b.recv(1, socket.MSG_PEEK))
         qa.shutdown(socket.SHUT_WR)
         return sealer
 
     def client():
         sealer, opener = spiped.handshake(a, key, client=True, timeout=10,
                                           keys=spiped.DHKeyPool())
-        spiped.relay_seal(pb.recv, sealer, a, [0])
+        spiped.relay(pb.recv, sealer, a.sendall)
         a.shutdown(socket.SHUT_WR)
         return opener
 
