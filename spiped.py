@@ -1946,6 +1946,23 @@ def _passed_listener(fd):
     return sock
 
 
+def warm_up():
+    """Use once, while every file is still readable, what connections load on first use.
+
+    After -u the interpreter may no longer read its own library (a pyenv
+    or venv under /root, mode 0700), and Cryptodome imports its cipher
+    modes, and getaddrinfo() its name codec, only when first used.
+    """
+    key = nonce = bytes(32)
+    exponent, y = dh_keypair(False)
+    traffic_keys(key, nonce, nonce, dh_shared(exponent, y))
+    check_dh_message(y + hmac_sha256(dhmac_keys(key, nonce, nonce)[0], y),
+                     dhmac_keys(key, nonce, nonce)[0], True)
+    PacketOpener(key, key).feed(PacketSealer(key, key).seal(b"warm-up"))
+    _poller().close()
+    "localhost".encode("idna")
+
+
 def _limit_malloc_arenas(count=2):
     """Keep glibc from giving each busy thread a malloc arena of its own.
 
@@ -2933,10 +2950,11 @@ def _start_process(process):
         identity = lookup_identity(process.user) if process.user is not None else None
         if background and not process.wait_dns:
             go_background()
+        _limit_malloc_arenas()
         if identity is not None:
+            warm_up()
             drop_privileges(*identity)
         threading.stack_size(THREAD_STACK)
-        _limit_malloc_arenas()
 
     return finish
 
