@@ -2038,10 +2038,11 @@ class KeyFiles:
         self.names = names
         self.stdin_key = None
 
-    def load(self, reread=False):
+    def load(self):
         """The key ring ((name, K), ...); read_key()'s errors (C's lines) propagate.
 
-        REREAD (a reload): an empty file is an error too (a file being rewritten).
+        A reload judges the files as the start does: an empty or short file
+        is read with read_key()'s warning, as C reads it.
         """
         ring = []
         for path, name in zip(self.paths, self.names):
@@ -2051,13 +2052,8 @@ class KeyFiles:
                 key = read_key(path)
                 if path == "-":
                     self.stdin_key = key
-                elif reread and key == _EMPTY_KEY:
-                    raise SpipedError("%s: file is empty" % path)
             ring.append((name, key))
         return tuple(ring)
-
-
-_EMPTY_KEY = hashlib.sha256(b"").digest()
 
 
 def _count_keys(n):
@@ -2095,13 +2091,12 @@ class TunnelSpec:
         return self.options, self.keyring
 
 
-def build_tunnel(options, key_files, retry=False, listener=None, reread=False, **names):
+def build_tunnel(options, key_files, retry=False, listener=None, **names):
     """Resolve the addresses and read the keys (KEY_FILES) of tunnel OPTIONS.
 
     RETRY (-D) retries failed look-ups each second.  With LISTENER (a
     socket systemd passed) the source is that socket, not looked up.
-    REREAD: as at a reload (see KeyFiles.load).  NAMES: the TunnelSpec's
-    label, where and line.  Raises SpipedError with
+    NAMES: the TunnelSpec's label, where and line.  Raises SpipedError with
     C's messages, after the spec's where.
     """
     try:
@@ -2118,7 +2113,7 @@ def build_tunnel(options, key_files, retry=False, listener=None, reread=False, *
         bind = None
         if options.bind is not None:
             bind = _resolve_or_retry(options.bind, retry, bind_address)[0][1]
-        keyring = key_files.load(reread)
+        keyring = key_files.load()
     except SpipedError as e:
         raise e.located(names.get("where", "")) from None
     return TunnelSpec(options, family, sockaddr, tuple(targets), bind, keyring, **names)
@@ -2201,12 +2196,12 @@ class CommandLine:
         self.key_files = KeyFiles(options.key_paths())
         self.spec = None
 
-    def load(self, retry=False, reread=False):
+    def load(self, retry=False):
         """{source: TunnelSpec}: resolved the first time; later only the keys are read."""
         if self.spec is None:
             self.spec = build_tunnel(self.options, self.key_files, retry, self.listener)
         else:
-            self.spec = dataclasses.replace(self.spec, keyring=self.key_files.load(reread))
+            self.spec = dataclasses.replace(self.spec, keyring=self.key_files.load())
         return {self.options.source: self.spec}
 
     def status(self, servers):
@@ -2236,14 +2231,21 @@ class ConfigFile:
     def __init__(self, path):
         self.path = self.name = path
 
-    def load(self, retry=False, reread=False):
+    def read(self):
+        """parse_config_file(); a file with no tunnel at all is an error too."""
+        tunnels = parse_config_file(self.path)
+        if not tunnels:
+            raise SpipedError("%s: no tunnels: the file holds only blank lines and comments"
+                              % self.path)
+        return tunnels
+
+    def load(self, retry=False):
         """{source: TunnelSpec} for every line; a source used twice is an error."""
         specs, lines = {}, {}  # lines: source or address_key -> its line
-        for number, options in parse_config_file(self.path):
+        for number, options in self.read():
             where = "%s:%d: " % (self.path, number)
             spec = build_tunnel(options, KeyFiles(options.key_paths()), retry,
-                                label="%s: " % options.source, where=where, line=number,
-                                reread=reread)
+                                label="%s: " % options.source, where=where, line=number)
             address = address_key(spec.family, spec.sockaddr)
             other = lines.get(options.source, lines.get(address))
             if other is not None:
@@ -2286,9 +2288,10 @@ class Tunnels:
     forgotten once closed.  A server's thread ending wakes the loop too.
     """
 
-    def __init__(self, plan, drain_timeout=None, passed=()):
+    def __init__(self, plan, drain_timeout=None, passed=(), user=None):
         self.plan = plan
         self.drain_timeout = drain_timeout
+        self.user = user     # -u: files are read again as this user
         self.specs = {}      # source -> TunnelSpec being served
         self.servers = {}    # source -> Server accepting for it
         self.threads = {}    # Server -> its thread, leaving servers too
@@ -2388,6 +2391,15 @@ class Tunnels:
                 moved[source] = old
         return moved
 
+    def _explained(self, error):
+        """ERROR, saying why a file is unreadable now if -u dropped privileges."""
+        if self.user is None:
+            return error
+        hint = (" after -u %s (make the file readable by that user or its group,"
+                " or restart spiped to read it as root)" % self.user)
+        return SpipedError(*(line + hint if line.endswith("Permission denied") else line
+                             for line in error.lines))
+
     def reload(self):
         """SIGHUP: load the plan again and apply the difference.
 
@@ -2397,7 +2409,7 @@ class Tunnels:
         that line's listening socket, like a changed line.
         """
         try:
-            specs = self.plan.load(reread=True)
+            specs = self.plan.load()
             self.check_passed(specs)
             added, removed, rekeyed, replaced = diff_tunnels(
                 {s: spec.identity() for s, spec in self.specs.items()},
@@ -2405,7 +2417,7 @@ class Tunnels:
             moved = self._moved(specs, added, removed)
             fresh = self.bind({s: specs[s] for s in added if s not in moved})
         except SpipedError as e:
-            self.plan.reload_failed(e)
+            self.plan.reload_failed(self._explained(e))
             return
         changed = 0
         for source, old_source in [(s, s) for s in replaced] + list(moved.items()):
@@ -2961,13 +2973,15 @@ def _start_process(process):
 
 def _run_spiped(process):
     """Serve the command line's tunnel, or every tunnel of --config FILE, until SIGTERM."""
+    if process.config is not None:
+        ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
     finish = _start_process(process)
     if process.config is None:
         listener = inherited_listener()
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    tunnels = Tunnels(plan, process.drain_timeout, passed)
+    tunnels = Tunnels(plan, process.drain_timeout, passed, process.user)
     specs = plan.load(retry=process.wait_dns)
     tunnels.check_passed(specs)
     servers = tunnels.bind(specs)

@@ -594,3 +594,52 @@ def test_openrc_tunnels_script_is_clean():
     p = subprocess.run(["shellcheck", "--shell=sh", "--exclude=SC2034,SC2154", script],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_empty_key_on_a_line_is_read_at_reload_as_at_start(tmp_path, procs):
+    """C's warning at the start; a reload with nothing changed changes nothing and fails nothing."""
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"")
+    empty.chmod(0o600)
+    addr = tcp_addr(free_port())
+    conf = write_config(tmp_path / "c.conf", ["-e -s %s -t [127.0.0.1]:2 -k %s" % (addr, empty)])
+    err = str(tmp_path / "err")
+    p = start_config(procs, conf, err)
+    wait_log(err, "holds only 0 bytes")
+    p.send_signal(signal.SIGHUP)
+    text = wait_log(err, "%s reloaded: 0 added, 0 removed, 0 rekeyed, 0 replaced, 1 unchanged"
+                    % conf)
+    assert "not reloaded" not in text and "file is empty" not in text, text
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n   \n"], ids=["empty", "comments"])
+def test_config_without_tunnels_is_an_error_at_start(tmp_path, procs, text):
+    conf = tmp_path / "c.conf"
+    conf.write_text(text)
+    pidfile = tmp_path / "pid"
+    # Without -F too: the error comes before daemonizing (and with -D, before that).
+    for extra in ([], ["-D"], ["-F"]):
+        r = subprocess.run(ours("--config", str(conf), "-p", str(pidfile), *extra),
+                           capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1, r
+        assert r.stderr.decode() == ("spiped: %s: no tunnels: the file holds only blank lines"
+                                     " and comments\n" % conf)
+        assert not pidfile.exists()
+
+
+def test_config_emptied_at_reload_keeps_serving(tmp_path, procs, keyfile, echo):
+    target = echo()
+    addr = tcp_addr(free_port())
+    conf = write_config(tmp_path / "c.conf",
+                        ["-d -s %s -t %s -k %s" % (addr, target.addr, keyfile)])
+    err = str(tmp_path / "err")
+    p = start_config(procs, conf, err)
+    write_config(conf, [])
+    p.send_signal(signal.SIGHUP)
+    text = wait_log(err, "%s not reloaded; still serving as before" % conf)
+    assert "no tunnels" in text, text
+    assert address_listening(addr) and p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0

@@ -118,3 +118,26 @@ def test_config_as_nobody(procs, private, echo):
     check_tunnel(front, p, public)
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
+
+
+@pytest.mark.parametrize("form", ["command-line", "config"])
+def test_reload_of_a_root_only_key_after_u_says_why(procs, private, echo, form):
+    """SIGHUP re-reads keys as nobody: a root-owned 0600 key fails, and the line says why."""
+    public, env = private
+    target = echo()
+    ours_src = tcp_addr(free_port())
+    tunnel = ["-d", "-s", ours_src, "-t", target.addr, "-k", str(public / "key")]
+    if form == "config":
+        conf = public / "tunnels.conf"
+        conf.write_text(" ".join(tunnel) + "\n")
+        tunnel = ["--config", str(conf), "-p", str(public / "pid")]
+    p = start_ours(procs, public, env, tunnel, ours_src)
+    assert wait_for(lambda: dropped(p.pid), 5)
+    p.send_signal(signal.SIGHUP)
+    want = "Permission denied after -u nobody (make the file readable by that user"
+    assert wait_for(lambda: want in (public / "err").read_text(), 10), (public / "err").read_text()
+    assert p.poll() is None
+    front = tcp_addr(free_port())
+    procs.daemon(c_spiped("-e", "-F", "-s", front, "-t", ours_src, "-k", str(public / "key")),
+                 front)
+    check_tunnel(front, p, public)  # still serving with the key read at the start
