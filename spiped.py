@@ -173,6 +173,7 @@ class Log:
 
     def __init__(self):
         self.prog = "spiped"
+        self.label = ""              # "LABEL: " before every line (--log-label)
         self.syslog = None           # the syslog module, once opened
         self.warn_to_syslog = False  # after daemonizing with --syslog
         self.events_to_syslog = False
@@ -184,6 +185,10 @@ class Log:
             self.syslog = syslog
         return self.syslog
 
+    def set_label(self, label):
+        """Start every later line with LABEL and a colon (--log-label); '' for none."""
+        self.label = "%s: " % label if label else ""
+
     def use_syslog(self, warnings=True):
         """Send events, and WARNINGS too, to syslog from now on."""
         self._syslog()
@@ -193,10 +198,10 @@ class Log:
     def warn(self, msg):
         """A warning or error line, as C spiped prints them."""
         if self.warn_to_syslog:
-            self.syslog.syslog(self.syslog.LOG_WARNING, msg)
+            self.syslog.syslog(self.syslog.LOG_WARNING, self.label + msg)
             return
         try:
-            sys.stderr.write("%s: %s\n" % (self.prog, msg))
+            sys.stderr.write("%s: %s%s\n" % (self.prog, self.label, msg))
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
@@ -204,7 +209,7 @@ class Log:
     def event(self, msg):
         """A per-connection or statistics line (only with --log-connections or on demand)."""
         if self.events_to_syslog:
-            self.syslog.syslog(self.syslog.LOG_INFO, msg)
+            self.syslog.syslog(self.syslog.LOG_INFO, self.label + msg)
         else:
             self.warn(msg)
 
@@ -2507,6 +2512,8 @@ Extensions (long options; every C command line keeps its meaning):
                          failure, closed with byte counts and duration
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
                          then close them and exit 0
+  --log-label TEXT       start every log line with "TEXT: " (after the
+                         program name), to tell several daemons apart
   --socket-mode MODE     octal permissions for a unix source socket
   --accept-key FILE      (-d only; may repeat) also accept clients that use
                          the key in FILE; answer each with the key it used
@@ -2521,7 +2528,8 @@ Extensions (long options; every C command line keeps its meaning):
   --config FILE          serve every tunnel in FILE, one per line written as
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
-                         only -D -F -p -u --syslog --drain-timeout.  The
+                         only process options (-D -F -p -u --syslog
+                         --drain-timeout --log-label).  The
                          default pidfile is FILE.pid.  SIGHUP re-reads FILE
                          and the key files: added lines start, removed lines
                          stop listening and drain, lines whose only change is
@@ -2758,6 +2766,7 @@ class ProcessOptions:
     user: Optional[str] = None           # -u
     syslog: bool = False                 # --syslog
     drain_timeout: Optional[float] = None  # --drain-timeout
+    log_label: str = ""                  # --log-label
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -2829,7 +2838,7 @@ SPIPED_OPTIONS = {
     "--help": ("help", None), "--connect-after-auth": ("connect_after_auth", None),
     "--drain-timeout": ("drain_timeout", _seconds), "--socket-mode": ("socket_mode", _octal_mode),
     "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
-    "--config": ("config", _text),
+    "--config": ("config", _text), "--log-label": ("log_label", _text),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
@@ -2837,7 +2846,7 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help")
+                  "drain_timeout", "config", "help", "log_label")
 REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
 
 
@@ -2973,6 +2982,7 @@ def _start_process(process):
 
 def _run_spiped(process):
     """Serve the command line's tunnel, or every tunnel of --config FILE, until SIGTERM."""
+    log.set_label(process.log_label)
     if process.config is not None:
         ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
     finish = _start_process(process)

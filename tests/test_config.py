@@ -643,3 +643,34 @@ def test_config_emptied_at_reload_keeps_serving(tmp_path, procs, keyfile, echo):
     assert address_listening(addr) and p.poll() is None
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
+
+
+def test_log_label_prefixes_every_line(tmp_path, procs, keyfile, echo):
+    """--log-label: one daemon's lines tell themselves apart; tunnel lines keep their source."""
+    target = echo()
+    addr = tcp_addr(free_port())
+    err = tmp_path / "err"
+    with open(err, "ab") as f:
+        p = procs.daemon(ours("-d", "-F", "-s", addr, "-t", target.addr, "-k", keyfile,
+                              "--log-connections", "--log-label", "smtp"), addr, stderr=f)
+    exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
+    wait_log(str(err), "handshake failed")
+    lines = log_text(str(err)).splitlines()
+    assert lines and all(line.startswith("spiped: smtp: ") for line in lines), lines
+    assert "spiped: smtp: connection 1: accepted from" in lines[0], lines
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    conf = write_config(tmp_path / "c.conf", ["-d -s %s -t %s -k %s --log-connections"
+                                              % (addr, target.addr, keyfile)])
+    err2 = str(tmp_path / "err2")
+    p = start_config(procs, conf, err2, "--log-label", "all")
+    exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
+    text = wait_log(err2, "handshake failed")
+    assert "spiped: all: %s: connection 1: accepted from" % addr in text, text
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    bad = write_config(tmp_path / "bad.conf", ["-d -s %s -t %s -k %s --log-label x"
+                                               % (addr, target.addr, keyfile)])
+    with pytest.raises(spiped.SpipedError) as e:
+        spiped.parse_config_file(bad)
+    assert "--log-label belongs on the command line" in e.value.lines[0]

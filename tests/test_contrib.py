@@ -447,6 +447,7 @@ def test_service_settings_the_issue_asks_for():
     assert s["ProtectSystem"] == ["strict"]
     argv = shlex.split(s["ExecStart"][0])
     assert argv[0] == INSTALLED_SPIPED and "-F" in argv
+    assert argv[argv.index("--log-label") + 1] == "%i"  # lines name the instance
     # The key is the credential LoadCredential= loads.
     credential = s["LoadCredential"][0].split(":")[0]
     assert "${CREDENTIALS_DIRECTORY}/%s" % credential in argv
@@ -691,14 +692,14 @@ def test_openrc_service_definition(tmp_path):
     assert args[0] == "-c" and args[2:] == [
         "sh", "spiped.smtp", "daemon.notice", INSTALLED_SPIPED,
         "-e", "-s", "[127.0.0.1]:2525", "-t", "mail.example.com:8025",
-        "-k", "/etc/spiped/smtp.key", "-F"]
+        "-k", "/etc/spiped/smtp.key", "--log-label", "smtp", "-F"]
     # Without logger, spiped itself is the command.
     p = openrc(tmp_path, "spiped.smtp", "show", "spiped_syslog=")
     lines = p.stdout.splitlines()
     assert "command=%s" % INSTALLED_SPIPED in lines
     assert [l[4:] for l in lines if l.startswith("arg ")] == [
         "-e", "-s", "[127.0.0.1]:2525", "-t", "mail.example.com:8025",
-        "-k", "/etc/spiped/smtp.key", "-F"]
+        "-k", "/etc/spiped/smtp.key", "--log-label", "smtp", "-F"]
 
 
 def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
@@ -726,6 +727,7 @@ def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
     wait_for_text(record, "readable by group or others")
     text = record.read_text()
     assert "args: -t spiped.smtp -p daemon.notice" in text
+    assert "spiped: smtp: WARNING: key file" in text  # --log-label: the instance name
     assert not os.listdir(fifo_dir)             # the FIFO is gone once connected
 
 
