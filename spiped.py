@@ -1437,22 +1437,60 @@ class ListeningServer(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, family, sockaddr, handler, listener=None, socket_mode=None):
-        self.address_family = family if listener is None else listener.family
+    def __init__(self, family, sockaddr, handler, listeners=None, socket_mode=None, more=()):
+        self.address_family = listeners[0].family if listeners else family
         self.socket_mode = socket_mode
         self.socket_file = None  # SocketFile of a unix socket we bound or adopted
+        self.more_sockets = []   # listening on MORE addresses too (--all-addresses)
         super().__init__(sockaddr, handler, bind_and_activate=False)
-        if listener is not None:  # systemd (or a predecessor) bound and listens for us
+        if listeners:  # systemd (or a predecessor) bound and listens for us
             self.socket.close()
-            self.socket = listener
-            self.server_address = listener.getsockname()
+            self.socket, self.more_sockets = listeners[0], list(listeners[1:])
+            self.server_address = self.socket.getsockname()
             return
         try:
-            self.server_bind()
-            self.server_activate()
+            self._bind_each([(family, sockaddr)] + list(more), bool(more))
         except (OSError, SpipedError):
             self.server_close()
             raise
+
+    def _bind_each(self, addresses, named):
+        """Bind and listen on every address, the first as self.socket.
+
+        With NAMED (more than one address), a failure names its address,
+        and IPv6 sockets take IPv6 only, so [::] and 0.0.0.0 can share a port.
+        """
+        for family, sockaddr in addresses:
+            try:
+                if family == self.address_family and sockaddr == self.server_address:
+                    if named and family == socket.AF_INET6:
+                        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    self.server_bind()
+                    self.server_activate()
+                else:
+                    self.more_sockets.append(self._listen_too(family, sockaddr))
+            except OSError as e:
+                if not named:
+                    raise
+                raise SpipedError("Error binding socket: %s: %s" % (
+                    format_sockaddr(family, sockaddr), e.strerror)) from None
+
+    def _listen_too(self, family, sockaddr):
+        """A second (third, ...) listening TCP socket of this server, on SOCKADDR."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(self.request_queue_size)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def listening_sockets(self):
+        return [self.socket] + self.more_sockets
 
     def server_bind(self):
         """Bind; a unix socket's stale file is cleared first and its mode set by the umask.
@@ -1487,16 +1525,19 @@ class ListeningServer(socketserver.TCPServer):
         return socket_file
 
     def stop_listening(self):
-        """Refuse new connects at once: shut the listener down, remove our socket file."""
+        """Refuse new connects at once: shut the listeners down, remove our socket file."""
         if self.socket_file is not None:
             self.socket_file.remove()
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for sock in self.listening_sockets():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def server_close(self):
         super().server_close()
+        for sock in self.more_sockets:
+            sock.close()
         if self.socket_file is not None:
             self.socket_file.remove()
 
@@ -1521,7 +1562,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
     daemon_threads = True   # exit after a drain without joining anyone
     block_on_close = False  # and keep no list of threads
 
-    def __init__(self, spec, listener=None, on_change=None):
+    def __init__(self, spec, listeners=None, on_change=None):
         self.options = spec.options
         self.label = spec.label
         self.bind = spec.bind
@@ -1545,12 +1586,13 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         self.stopped = threading.Event()  # set as the shutdown begins
         self.accept_error_logged = False  # the serve() thread's own
         self.waker = _WakePipe()
-        super().__init__(spec.family, spec.sockaddr, Connection, listener,
-                         spec.options.socket_mode)
-        self.socket.setblocking(False)
-        # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
-        # socket to each accepted one: set them once here, not per connection.
-        tune_socket(self.socket, spec.options.keepalive)
+        super().__init__(spec.family, spec.sockaddr, Connection, listeners,
+                         spec.options.socket_mode, spec.more_sources)
+        for sock in self.listening_sockets():
+            sock.setblocking(False)
+            # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
+            # socket to each accepted one: set them once here, not per connection.
+            tune_socket(sock, spec.options.keepalive)
         self.accepted_tuned = sys.platform.startswith("linux")
 
     def set_keyring(self, keyring):
@@ -1583,16 +1625,17 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     self._await_teardowns(ABORT_GRACE)
                     return
                 if want != listening:
-                    if want:
-                        selector.register(self.socket, selectors.EVENT_READ)
-                    else:
-                        selector.unregister(self.socket)
+                    for sock in self.listening_sockets():
+                        if want:
+                            selector.register(sock, selectors.EVENT_READ)
+                        else:
+                            selector.unregister(sock)
                     listening = want
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
                     elif listening:
-                        self._accept_one()
+                        self._accept_one(key.fileobj)
         finally:
             selector.close()
 
@@ -1607,9 +1650,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             timeout = min(timeout, self.drain_deadline - now)
         return want, timeout
 
-    def _accept_one(self):
+    def _accept_one(self, listener):
         try:
-            sock, peer = self.socket.accept()
+            sock, peer = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as e:
@@ -2090,6 +2133,7 @@ class TunnelSpec:
     label: str = ""           # before its log lines: "SOURCE: " with --config
     where: str = ""           # before its errors: "FILE:LINE: " with --config
     line: int = 0             # its line in a --config file
+    more_sources: tuple = ()  # the source's other addresses (--all-addresses)
 
     def identity(self):
         """(options, key ring): what diff_tunnels() compares."""
@@ -2106,12 +2150,13 @@ def build_tunnel(options, key_files, retry=False, listener=None, **names):
     """
     try:
         if listener is None:
-            sources = _resolve_or_retry(options.source, retry)
-            if len(sources) > 1:
+            sources = _unique(_resolve_or_retry(options.source, retry))
+            if len(sources) > 1 and not options.all_addresses:
                 log.warn("Using the first of multiple addresses found for %s" % options.source)
-            family, sockaddr = sources[0]
+                sources = sources[:1]
         else:
-            family, sockaddr = listener.family, listener.getsockname()
+            sources = [(listener.family, listener.getsockname())]
+        (family, sockaddr), names["more_sources"] = sources[0], tuple(sources[1:])
         targets = _resolve_or_retry(options.target, retry)
         if not targets:
             raise SpipedError("No addresses found for %s" % options.target)
@@ -2122,6 +2167,13 @@ def build_tunnel(options, key_files, retry=False, listener=None, **names):
     except SpipedError as e:
         raise e.located(names.get("where", "")) from None
     return TunnelSpec(options, family, sockaddr, tuple(targets), bind, keyring, **names)
+
+
+def _unique(addresses):
+    """ADDRESSES in order, each (family, sockaddr) once."""
+    seen = set()
+    return [a for a in addresses
+            if address_key(*a) not in seen and not seen.add(address_key(*a))]
 
 
 def parse_config_file(path):
@@ -2300,6 +2352,7 @@ class Tunnels:
         self.specs = {}      # source -> TunnelSpec being served
         self.servers = {}    # source -> Server accepting for it
         self.threads = {}    # Server -> its thread, leaving servers too
+        self.finished = []   # servers whose threads are ending (appended by those threads)
         self.passed = {address_key(sock.family, sock.getsockname()): sock for sock in passed}
         self.signals = []    # appended by signal handlers, consumed by run()
         self.stopping = False
@@ -2323,10 +2376,10 @@ class Tunnels:
                                   " tunnel in %s" % (sock.fileno(), format_sockaddr(
                                       sock.family, sock.getsockname()), self.plan.name))
 
-    def _start(self, spec, listener=None):
-        """A Server for SPEC, bound now or serving LISTENER; SpipedError if it cannot bind."""
+    def _start(self, spec, listeners=None):
+        """A Server for SPEC, bound now or serving LISTENERS; SpipedError if it cannot bind."""
         try:
-            return Server(spec, listener, self._counts_changed)
+            return Server(spec, listeners, self._counts_changed)
         except OSError as e:
             raise SpipedError("Error binding socket: %s" % e.strerror) from None
 
@@ -2336,7 +2389,7 @@ class Tunnels:
         for source, spec in specs.items():
             passed = self.passed.get(address_key(spec.family, spec.sockaddr))
             try:
-                servers[source] = self._start(spec, passed and passed.dup())
+                servers[source] = self._start(spec, passed and [passed.dup()])
             except SpipedError as e:
                 for server in servers.values():
                     server.server_close()
@@ -2360,6 +2413,7 @@ class Tunnels:
             log.warn("%sserver stopped: %r" % (server.label, e))
         finally:
             server.server_close()
+            self.finished.append(server)
             self.wake()
 
     def _retire(self, server, stop_listening):
@@ -2377,7 +2431,7 @@ class Tunnels:
         """
         old = self.servers[old_source]
         try:
-            server = self._start(spec, old.socket.dup())
+            server = self._start(spec, [sock.dup() for sock in old.listening_sockets()])
         except (OSError, SpipedError) as e:
             log.warn("%s%s: not replaced: %s" % (spec.where, source, e))
             return None
@@ -2450,9 +2504,8 @@ class Tunnels:
 
     def reap(self):
         """Forget servers whose threads ended; True once all have after shutdown()."""
-        for server, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[server]
+        while self.finished:
+            self.threads.pop(self.finished.pop()).join()
         return self.stopping and not self.threads
 
     def run(self, notifier):
@@ -2515,6 +2568,9 @@ Extensions (long options; every C command line keeps its meaning):
   --log-label TEXT       start every log line with "TEXT: " (after the
                          program name), to tell several daemons apart
   --socket-mode MODE     octal permissions for a unix source socket
+  --all-addresses        listen on every address the -s name resolves to
+                         (localhost: 127.0.0.1 and ::1), not only the first;
+                         one -n limit and one set of statistics for all
   --accept-key FILE      (-d only; may repeat) also accept clients that use
                          the key in FILE; answer each with the key it used
   --proxy-protocol 1|2   before any other byte, send the target a PROXY
@@ -2744,6 +2800,7 @@ class TunnelOptions:
     proxy_protocol: Optional[int] = None  # --proxy-protocol: 1 or 2
     connect_after_auth: bool = False     # --connect-after-auth
     log_connections: bool = False        # --log-connections
+    all_addresses: bool = False          # --all-addresses
 
     def key_paths(self):
         """-k, then every --accept-key."""
@@ -2839,6 +2896,7 @@ SPIPED_OPTIONS = {
     "--drain-timeout": ("drain_timeout", _seconds), "--socket-mode": ("socket_mode", _octal_mode),
     "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
     "--config": ("config", _text), "--log-label": ("log_label", _text),
+    "--all-addresses": ("all_addresses", None),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
