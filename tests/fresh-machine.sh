@@ -7,7 +7,9 @@
 # for each clone:
 #   1. README's test command ("Run the tests"), verbatim: it must pass with
 #      no failure and no error;
-#   2. README's install-and-run lines ("Install and run"), verbatim, twice;
+#   2. README's install-and-run lines ("Install and run"), verbatim, twice,
+#      as a script under bash -e (a failing line stops it, as in a
+#      new user's script);
 #   3. an HTTP request to 127.0.0.1:8025 that must reach the small HTTP
 #      server on 127.0.0.1:8080 this script starts;
 # then stops everything it started, by PID.  Prints the wall time of
@@ -195,7 +197,7 @@ test_command() {
 	[ -n "$summary" ]
 }
 install_and_run() {
-	bash /install-and-run.sh </dev/null
+	bash -e /install-and-run.sh </dev/null
 	local rc=$?
 	ls "$dir" | grep -E '\.pid$|^keyfile$' | sed 's/^/    /'
 	return "$rc"

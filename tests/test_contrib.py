@@ -867,3 +867,38 @@ def test_openrc_readme_debian_steps_make_conf_d():
     lines = [l.strip() for l in section.splitlines()]
     mkdir = lines.index("install -d -m 0755 /etc/conf.d")
     assert mkdir < lines.index("install -m 0644 contrib/openrc/spiped.confd /etc/conf.d/spiped.smtp")
+
+
+# ---------------------------------------------------------------- the integration tests' probe
+
+REMOUNT_ERROR = "Error: remount /, flags: 0x44000: invalid argument"
+
+
+@pytest.mark.parametrize("environment,outcome", [
+    ({}, pytest.skip.Exception),
+    ({"CI": "true"}, pytest.fail.Exception),
+    ({"SPIPED_REQUIRE_INTEGRATION": "1"}, pytest.fail.Exception),
+], ids=["skip", "CI=true", "SPIPED_REQUIRE_INTEGRATION=1"])
+def test_integration_probe_failure_skips_unless_required(tmp_path, monkeypatch, environment, outcome):
+    """An engine that cannot start a container (here, a stand-in printing the
+    error podman gives in a chroot) makes its integration tests skip with the
+    engine's first error line, or fail where they are required."""
+    from test_integration import probe
+    engine = write_exe(tmp_path / "podman", "#!/bin/sh\necho '%s' >&2\necho 'more detail' >&2\nexit 125\n"
+                       % REMOUNT_ERROR)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("SPIPED_REQUIRE_INTEGRATION", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(outcome) as raised:
+        probe("podman", [engine, "import", "tree.tar"])
+    assert str(raised.value).startswith("podman cannot start a container here: " + REMOUNT_ERROR)
+    assert "more detail" not in str(raised.value)
+    with pytest.raises(outcome, match="systemd-nspawn cannot start a container here: exit 1"):
+        probe("systemd-nspawn", ["false"])
+
+
+def test_integration_probe_success_goes_on(monkeypatch):
+    from test_integration import probe
+    monkeypatch.setenv("CI", "true")
+    assert probe("podman", ["true"]) is None

@@ -11,8 +11,11 @@ and the image are built once per run and shared; everything lives in
 trees in DIR and reuses them, for development).
 
 Needs root, podman, debootstrap and systemd-nspawn (tests/setup-integration.sh
-installs them).  Without them the tests skip, saying why; with CI=true or
-SPIPED_REQUIRE_INTEGRATION=1 a missing prerequisite fails instead.
+installs them), and a host where they can start containers: each engine is
+first tried once on a tiny tree (probe()), so in a chroot without nested
+mounts, say, its tests skip with the engine's error.  Without them the tests
+skip, saying why; with CI=true or SPIPED_REQUIRE_INTEGRATION=1 a missing
+prerequisite fails instead.
 
 Network: only loopback.  Containers either share the host's network or are
 reached through a port published on 127.0.0.1 whose target lies inside the
@@ -26,6 +29,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tarfile
 import threading
 import time
 import uuid
@@ -36,7 +40,6 @@ from conftest import ROOT, EchoServer, address_listening, exchange, free_port, t
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
-REQUIRED = os.environ.get("CI") == "true" or os.environ.get("SPIPED_REQUIRE_INTEGRATION") == "1"
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"   # what the Dockerfile's FROM asks for
 STANDIN_LABEL = "spiped.test.standin"
 TAG = "localhost/spiped-it:%d" % os.getpid()
@@ -47,7 +50,7 @@ PROJECT_FILES = ("spiped.py", "keygen.py", "contrib")
 
 def unavailable(why):
     """Skip with WHY, or fail where the integration tests are required."""
-    if REQUIRED:
+    if os.environ.get("CI") == "true" or os.environ.get("SPIPED_REQUIRE_INTEGRATION") == "1":
         pytest.fail("%s (required here: CI=true or SPIPED_REQUIRE_INTEGRATION=1)" % why,
                     pytrace=False)
     pytest.skip(why)
@@ -73,6 +76,18 @@ def need(*tools):
     for tool in tools:
         if shutil.which(tool) is None:
             unavailable("%s is not installed (bash tests/setup-integration.sh)" % tool)
+
+
+def probe(engine, cmd, timeout=120):
+    """Run CMD, a trivial container start with ENGINE; if it fails, ENGINE cannot
+    run containers here: unavailable(), with the first line of its error."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        unavailable("%s cannot start a container here: `%s` took over %d s" % (engine, " ".join(cmd), timeout))
+    if p.returncode != 0:
+        lines = (p.stderr.strip() or p.stdout.strip() or "exit %d" % p.returncode).splitlines()
+        unavailable("%s cannot start a container here: %s" % (engine, lines[0].strip()))
 
 
 def run(cmd, timeout=120, check=True, **kw):
@@ -201,6 +216,49 @@ def workdir():
 
 
 @pytest.fixture(scope="session")
+def probe_tree(workdir):
+    """A tiny tree for probe(): empty but for the host's /usr, bound in read-only
+    (a merged-/usr host's /bin, /lib and /lib64 are links into it).  Returns the
+    tree and a tarball of it."""
+    root = os.path.join(workdir, "probe")
+    shutil.rmtree(root, ignore_errors=True)
+    tree = os.path.join(root, "tree")
+    for d in ("usr", "etc", "dev", "proc", "sys", "run", "tmp", "var/tmp"):
+        os.makedirs(os.path.join(tree, d))
+    for link in ("bin", "sbin", "lib", "lib64"):
+        os.symlink("usr/" + link, os.path.join(tree, link))
+    open(os.path.join(tree, "etc/os-release"), "w").close()
+    tarball = os.path.join(root, "tree.tar")
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(tree, arcname=".")
+    return tree, tarball
+
+
+@pytest.fixture(scope="session")
+def podman_works(probe_tree):
+    """podman can import an image and start a container from it."""
+    need("podman")
+    info = run(["podman", "info"], check=False, timeout=60)
+    if info.returncode != 0:
+        unavailable("podman cannot run here: %s" % (info.stderr.strip().splitlines() or ["?"])[-1])
+    tag = "localhost/spiped-it-probe:%d" % os.getpid()
+    try:
+        probe("podman", ["podman", "import", probe_tree[1], tag], timeout=300)
+        probe("podman", ["podman", "run", "--rm", "--network", "none", "-v", "/usr:/usr:ro",
+                         tag, "/usr/bin/true"], timeout=300)
+    finally:
+        run(["podman", "rmi", "-f", tag], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def nspawn_works(probe_tree):
+    """systemd-nspawn can start a container (with --register=no --keep-unit, as Booted)."""
+    need("systemd-nspawn", "nsenter")
+    probe("systemd-nspawn", ["systemd-nspawn", "-q", "-D", probe_tree[0], "--register=no", "--keep-unit",
+                             "--console=pipe", "--bind-ro=/usr", "/usr/bin/true"])
+
+
+@pytest.fixture(scope="session")
 def slim_rootfs(workdir):
     """debootstrap --variant=minbase bookworm, with the host's apt sources."""
     need("debootstrap")
@@ -317,12 +375,8 @@ class Booted:
 # ---------------------------------------------------------------- image
 
 @pytest.fixture(scope="session")
-def image(slim_rootfs, workdir):
+def image(podman_works, slim_rootfs, workdir):
     """The image built from contrib/docker/Dockerfile on a slim stand-in."""
-    need("podman")
-    info = run(["podman", "info"], check=False, timeout=60)
-    if info.returncode != 0:
-        unavailable("podman cannot run here: %s" % (info.stderr.strip().splitlines() or ["?"])[-1])
     imported = False
     exists = run(["podman", "image", "exists", BASE_IMAGE], check=False).returncode == 0
     if exists and not os.environ.get("SPIPED_IT_CACHE"):
@@ -450,8 +504,7 @@ SYSTEMD_README = os.path.join(ROOT, "contrib/systemd/README.md")
 
 
 @pytest.fixture(scope="session")
-def systemd_box(slim_rootfs, workdir):
-    need("systemd-nspawn", "nsenter")
+def systemd_box(nspawn_works, slim_rootfs, workdir):
     root = derived_rootfs(slim_rootfs, "rootfs-systemd",
                           ["systemd", "systemd-sysv", "dbus", "python3", "python3-pycryptodome", "procps"])
     for old in glob.glob(root + "/etc/systemd/system/spiped@*") + [root + "/etc/spiped"]:
@@ -634,8 +687,7 @@ def _read(path):
 
 
 @pytest.fixture(scope="session")
-def openrc_box(slim_rootfs, workdir):
-    need("systemd-nspawn", "nsenter")
+def openrc_box(nspawn_works, slim_rootfs, workdir):
     root = derived_rootfs(slim_rootfs, "rootfs-openrc",
                           ["openrc", "sysvinit-core", "python3", "python3-pycryptodome", "procps",
                            "adduser", "bsdutils"])
