@@ -210,3 +210,18 @@ def test_a_dead_peer_ends_the_connection(procs, keyfile, echo):
     daemon.wait(timeout=10)
     log = daemon.stderr.read().decode()
     assert re.search(r"connection 1: dropped \(Connection timed out\)", log), log
+
+
+def test_bad_value_on_a_config_line_names_it(tmp_path, keyfile):
+    conf = tmp_path / "spiped.conf"
+    conf.write_text("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k %s --keepalive 5,x\n" % keyfile)
+    p = subprocess.run(ours("--check", "-F", "--config", str(conf)), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 1
+    assert "%s:1: Error parsing argument: --keepalive 5,x: Invalid argument" % conf in p.stderr
+
+
+def test_help_describes_both_options():
+    p = subprocess.run(ours("--help"), capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0
+    assert "--keepalive IDLE[,INTERVAL[,COUNT]]" in p.stdout and "  --check " in p.stdout
