@@ -922,7 +922,7 @@ class Dialer:
             try:
                 if _STREAM_NONBLOCK == socket.SOCK_STREAM:
                     sock.setblocking(False)
-                tune_socket(sock, self.keepalive, self.times)  # NODELAY from the handshake's first byte
+                tune_socket(sock, self.keepalive, self.times)  # from the handshake's first byte
                 if self.bind is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(self.bind)
