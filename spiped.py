@@ -111,6 +111,7 @@ DH_ONE = (1).to_bytes(DH_SIZE, "big")  # what a side without PFS (-f) sends
 DEFAULT_TIMEOUT = 5.0    # -o: connect and handshake deadline, seconds
 DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
 DEFAULT_MAXCONN = 100    # -n
+KEEPALIVE_COUNT = 3      # --keepalive: probes unanswered before a drop, unless given
 LISTEN_BACKLOG = 10
 READ_SIZE = BATCH * PAYLOAD
 THREAD_STACK = 256 * 1024  # per thread: test_stack.py runs a connection in 32 KiB;
@@ -868,12 +869,23 @@ class DHKeyPool:
 # ---------------------------------------------------------------------------
 
 
-def tune_socket(sock, keepalive):
-    """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored."""
+_KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
+                          for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
+
+
+def tune_socket(sock, keepalive, times=None):
+    """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
+
+    TIMES (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
+    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
+    """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    for level, option, value in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-                                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))):
+    settings = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
+    settings += [(socket.IPPROTO_TCP, option, value)
+                 for option, value in zip(_KEEPALIVE_TIMERS, times or ()) if option is not None]
+    for level, option, value in settings:
         try:
             sock.setsockopt(level, option, value)
         except OSError:
@@ -892,10 +904,11 @@ class Dialer:
     Raises ConnectError.
     """
 
-    def __init__(self, addresses, bind=None, keepalive=True):
+    def __init__(self, addresses, bind=None, keepalive=True, times=None):
         self.todo = list(addresses)
         self.bind = bind
         self.keepalive = keepalive
+        self.times = times  # --keepalive's, for tune_socket()
         self.sock = None
         self.pending = False
         self.error = "no addresses"
@@ -914,7 +927,7 @@ class Dialer:
             try:
                 if _STREAM_NONBLOCK == socket.SOCK_STREAM:
                     sock.setblocking(False)
-                tune_socket(sock, self.keepalive)  # NODELAY from the handshake's first byte
+                tune_socket(sock, self.keepalive, self.times)  # from the handshake's first byte
                 if self.bind is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(self.bind)
@@ -1154,8 +1167,8 @@ class Connection(socketserver.BaseRequestHandler):
         timeout = options.timeout
         deadline = None if timeout is None else self.started + timeout
         if not server.accepted_tuned:
-            tune_socket(self.client, options.keepalive)
-        dialer = Dialer(server.targets, server.bind, options.keepalive)
+            tune_socket(self.client, options.keepalive, options.keepalive_times)
+        dialer = Dialer(server.targets, server.bind, options.keepalive, options.keepalive_times)
         common = dict(fast=options.fast, require_pfs=options.require_pfs)
         try:
             if options.decrypt:
@@ -1400,10 +1413,24 @@ def clear_stale_socket(path):
 
     Raises SpipedError for a live socket or a file that is not a socket.
     """
+    if stale_socket(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log.warn("Removed stale socket %s" % path)
+
+
+def stale_socket(path):
+    """True if PATH is a dead socket, False if there is nothing; changes nothing.
+
+    Raises SpipedError, as a bind would fail, for a live socket or a file
+    that is not a socket.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     busy = "Error binding socket: Address already in use"
     if not stat.S_ISSOCK(st.st_mode):
         raise SpipedError(busy, "%s exists and is not a socket; not removing it" % path)
@@ -1412,17 +1439,37 @@ def clear_stale_socket(path):
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        log.warn("Removed stale socket %s" % path)
-        return
+        return True
     except OSError:
         pass  # busy or unreadable: leave it alone
     finally:
         probe.close()
     raise SpipedError(busy, "%s is in use by a running process; not removing it" % path)
+
+
+def creatable(path, replace=False):
+    """None if a file could be made at PATH now, else why not (a strerror); changes nothing.
+
+    Its folder must exist and be writable.  REPLACE (a pidfile): an
+    existing file at PATH is opened for writing instead.
+    """
+    if replace and os.path.exists(path):
+        bad = errno.EISDIR if os.path.isdir(path) else (
+            None if os.access(path, os.W_OK) else errno.EACCES)
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        bad = errno.ENOENT if not os.path.isdir(folder) else (
+            None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES)
+    return None if bad is None else os.strerror(bad)
+
+
+def check_socket_path(path):
+    """--check of a unix source PATH: SpipedError, as binding would fail; changes nothing."""
+    if stale_socket(path):
+        log.warn("%s is a stale socket; a start removes it" % path)
+    reason = creatable(path)
+    if reason is not None:
+        raise SpipedError("Error binding socket: %s" % reason)
 
 
 class ListeningServer(socketserver.TCPServer):
@@ -1590,9 +1637,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                          spec.options.socket_mode, spec.more_sources)
         for sock in self.listening_sockets():
             sock.setblocking(False)
-            # Linux copies TCP_NODELAY and SO_KEEPALIVE from the listening
-            # socket to each accepted one: set them once here, not per connection.
-            tune_socket(sock, spec.options.keepalive)
+            # Linux copies TCP_NODELAY, SO_KEEPALIVE and the keepalive timers from
+            # the listening socket to each accepted one: set them once here.
+            tune_socket(sock, spec.options.keepalive, spec.options.keepalive_times)
         self.accepted_tuned = sys.platform.startswith("linux")
 
     def set_keyring(self, keyring):
@@ -1824,11 +1871,16 @@ def daemonize(pidfile):
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
     except OSError as e:
-        log.warn("fopen(%s): %s" % (pidfile, e.strerror))
-        log.warn("Failed to daemonize")
+        for line in pidfile_error(pidfile, e.strerror).lines:
+            log.warn(line)
         os._exit(1)
     os.write(ready_w, b"1")
     os.close(ready_w)
+
+
+def pidfile_error(pidfile, reason):
+    """The SpipedError (C's lines) for a PIDFILE that cannot be written, for REASON."""
+    return SpipedError("fopen(%s): %s" % (pidfile, reason), "Failed to daemonize")
 
 
 def lookup_identity(spec):
@@ -2585,12 +2637,25 @@ Extensions (long options; every C command line keeps its meaning):
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
                          only process options (-D -F -p -u --syslog
-                         --drain-timeout --log-label).  The
+                         --drain-timeout --log-label --check).  The
                          default pidfile is FILE.pid.  SIGHUP re-reads FILE
                          and the key files: added lines start, removed lines
                          stop listening and drain, lines whose only change is
                          a key (-k, --accept-key) take the new keys for new
                          connections, other changed lines restart
+  --keepalive IDLE[,INTERVAL[,COUNT]]
+                         TCP keepalive (seconds) on both sockets of each
+                         connection: the first probe after IDLE idle
+                         seconds (Linux's default: 2 hours), then one every
+                         INTERVAL (default IDLE); COUNT (default 3) probes
+                         unanswered drop the connection.  Not with -j
+  --check                check the command line or --config FILE and exit:
+                         parse, resolve every address once (-D does not
+                         retry), read every key, look up -u, and check that
+                         the pidfile (without -F) and unix sources could be
+                         made; bind nothing.  Prints "SOURCE -> TARGET: ok,
+                         N keys" per tunnel and exits 0, or a start's
+                         errors and exit 1
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
 logs one statistics line (one per tunnel with --config).  systemd: socket
@@ -2801,6 +2866,7 @@ class TunnelOptions:
     connect_after_auth: bool = False     # --connect-after-auth
     log_connections: bool = False        # --log-connections
     all_addresses: bool = False          # --all-addresses
+    keepalive_times: Optional[tuple] = None  # --keepalive: (idle, interval, count)
 
     def key_paths(self):
         """-k, then every --accept-key."""
@@ -2824,6 +2890,7 @@ class ProcessOptions:
     syslog: bool = False                 # --syslog
     drain_timeout: Optional[float] = None  # --drain-timeout
     log_label: str = ""                  # --log-label
+    check: bool = False                  # --check
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -2874,6 +2941,21 @@ def _octal_mode(option, text):
     return value
 
 
+def _keepalive_times(option, text):
+    """IDLE[,INTERVAL[,COUNT]] -> (idle, interval, count); INTERVAL defaults to IDLE, COUNT to 3.
+
+    Whole seconds from 1 (Linux's limits: 32767 s, 127 probes).
+    """
+    fields = text.split(",")
+    if len(fields) > 3 or not all(f.isascii() and f.isdigit() for f in fields):
+        raise _invalid(option, text)
+    values = [int(f) for f in fields]
+    values += [values[0], KEEPALIVE_COUNT][len(values) - 1:]
+    if not (0 < values[0] <= 32767 and 0 < values[1] <= 32767 and 0 < values[2] <= 127):
+        raise _invalid(option, text)
+    return tuple(values)
+
+
 def _proxy_version(option, text):
     if text not in ("1", "2"):
         raise _invalid(option, text)
@@ -2897,6 +2979,7 @@ SPIPED_OPTIONS = {
     "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
+    "--check": ("check", None), "--keepalive": ("keepalive_times", _keepalive_times),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
@@ -2904,7 +2987,7 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help", "log_label")
+                  "drain_timeout", "config", "help", "log_label", "check")
 REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
 
 
@@ -2977,6 +3060,8 @@ def _tunnel_options(fields):
         raise UsageError(None)
     if fields.get("connect_after_auth") and not decrypt:
         raise UsageError("--connect-after-auth applies to -d only")
+    if fields.get("no_keepalive") and "keepalive_times" in fields:
+        raise UsageError("-j turns keepalive off: it cannot go with --keepalive")
     rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:
@@ -3041,6 +3126,8 @@ def _start_process(process):
 def _run_spiped(process):
     """Serve the command line's tunnel, or every tunnel of --config FILE, until SIGTERM."""
     log.set_label(process.log_label)
+    if process.check:
+        return _check_spiped(process)
     if process.config is not None:
         ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
     finish = _start_process(process)
@@ -3064,6 +3151,34 @@ def _run_spiped(process):
     finally:
         tunnels.close()
     _exit_now(0)
+
+
+def _check_spiped(process):
+    """--check: what a start does short of binding, daemonizing and serving; returns 0.
+
+    Resolves every address once (-D does not retry) and reads every key,
+    with the start's warnings; each unix source, -u, and the pidfile
+    (without -F) are checked in a start's order.  Prints "SOURCE -> TARGET:
+    ok, N keys" per tunnel.  Raises SpipedError with a start's messages.
+    """
+    plan = CommandLine(process.tunnel) if process.config is None else ConfigFile(process.config)
+    specs = plan.load()
+    for spec in specs.values():
+        if spec.family == socket.AF_UNIX:
+            try:
+                check_socket_path(spec.sockaddr)
+            except SpipedError as e:
+                raise e.located(spec.where) from None
+    if process.user is not None:
+        lookup_identity(process.user)
+    reason = None if process.foreground else creatable(process.pidfile_path(), replace=True)
+    if reason is not None:
+        raise pidfile_error(process.pidfile_path(), reason)
+    for source, spec in specs.items():
+        sys.stdout.write("%s -> %s: ok, %s\n"
+                         % (source, spec.options.target, _count_keys(len(spec.keyring))))
+    sys.stdout.flush()
+    return 0
 
 
 def _exit_now(status):

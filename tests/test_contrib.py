@@ -806,6 +806,29 @@ def test_openrc_checkconfig_key_must_be_readable_by_the_service_user(tmp_path, r
     assert p.returncode == 0, p.stdout
 
 
+def test_openrc_checkconfig_runs_spiped_check(tmp_path, rc_key):
+    """With our spiped as the command, checkconfig ends with its --check."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    spiped = write_exe(bindir / "spiped", '#!/bin/sh\nexec "%s" "%s" "$@"\n'
+                       % (sys.executable, SPIPED_PY))
+    good = ["spiped_source='%s'" % tcp_addr(free_port()), "spiped_command='%s'" % spiped]
+    p = checkconfig(tmp_path, rc_key, "spiped_target='%s'" % tcp_addr(free_port()), *good)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = checkconfig(tmp_path, rc_key, "spiped_target='nosuch.invalid:80'", *good)
+    assert p.returncode != 0 and "--check rejects this tunnel" in p.stdout
+    assert "nosuch.invalid" in p.stderr
+    p = checkconfig(tmp_path, rc_key, "spiped_target='%s'" % tcp_addr(free_port()),
+                    "spiped_opts='--keepalive 0'", *good)
+    assert p.returncode != 0 and "--keepalive 0: Invalid argument" in p.stderr
+
+
+def test_openrc_tunnels_check_the_config_before_start():
+    text = open(os.path.join(OPENRC, "spiped-tunnels")).read()
+    start_pre = text[text.index("start_pre() {"):]
+    assert "--check --config \"$spiped_config\" -F" in start_pre[:start_pre.index("\n}")]
+
+
 # ---------------------------------------------------------------- documentation
 
 @pytest.mark.parametrize("folder", [DOCKER, SYSTEMD, OPENRC], ids=["docker", "systemd", "openrc"])
