@@ -1590,7 +1590,7 @@ class ListeningServer(socketserver.TCPServer):
 
 
 class Server(socketserver.ThreadingMixIn, ListeningServer):
-    """Accepts connections on one listening socket (TCP or unix) and runs each.
+    """Accepts connections on its listening sockets (TCP or unix) and runs each.
 
         serve() --accept--> process_request()   (ThreadingMixIn: a new thread)
                                   |
@@ -1614,11 +1614,10 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         self.label = spec.label
         self.bind = spec.bind
         # Each replaced whole, never changed in place; a connection reads
-        # them once, as it starts.  targets: by the -r thread; keyring: set_keyring().
+        # them once, as it starts: set_targets() (the -r thread), set_keyring().
         self.targets = spec.targets
-        self.keyring = spec.keyring
         self.stats = Stats()
-        self.stats.add_keys(name for name, _ in spec.keyring)
+        self.set_keyring(spec.keyring)
         # -e computes its key pairs ahead; -d only after the client proved the key.
         self.dh_keys = None if spec.options.decrypt or spec.options.fast else DHKeyPool()
         self.on_change = on_change or (lambda: None)  # after each accept and close
@@ -1822,24 +1821,28 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         super().server_close()
         self.waker.close()
 
-    # -- -r: the target looked up again -----------------------------------
+    def set_targets(self, targets):
+        """New connections dial TARGETS (the -r thread's fresh look-up)."""
+        self.targets = targets
 
-    def start_re_resolver(self):
-        """-r: refresh the target list in a thread until the shutdown (not with -R)."""
-        period = self.options.rtime
-        if self.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
-            threading.Thread(target=self._re_resolve, args=(period,), daemon=True).start()
 
-    def _re_resolve(self, period):
-        """Every PERIOD seconds until stopped; a failed look-up keeps the old list."""
-        while not self.stopped.wait(period):
-            try:
-                fresh = resolve(self.options.target)
-            except AddressError as e:
-                log.warn(e.lines[0])
-                continue
-            if fresh:
-                self.targets = fresh
+def start_re_resolver(server):
+    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R)."""
+    period = server.options.rtime
+    if server.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
+        threading.Thread(target=_re_resolve, args=(server, period), daemon=True).start()
+
+
+def _re_resolve(server, period):
+    """Every PERIOD seconds until SERVER stops; a failed look-up keeps the old list."""
+    while not server.stopped.wait(period):
+        try:
+            fresh = resolve(server.options.target)
+        except AddressError as e:
+            log.warn(e.lines[0])
+            continue
+        if fresh:
+            server.set_targets(fresh)
 
 # ---------------------------------------------------------------------------
 # 8. Process: daemonizing, pidfile, privileges, systemd, signals
@@ -2456,7 +2459,7 @@ class Tunnels:
             thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
             self.threads[server] = thread
             thread.start()
-            server.start_re_resolver()
+            start_re_resolver(server)
 
     def _serve(self, server):
         try:
