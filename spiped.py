@@ -32,7 +32,6 @@ Runs on Python 3.9+ with the standard library and Cryptodome
 (``pip install pycryptodomex`` or Debian's ``python3-pycryptodome``).
 """
 
-import dataclasses
 import errno
 import grp
 import hashlib
@@ -52,7 +51,7 @@ import threading
 import _thread
 import time
 import traceback
-from typing import Optional
+from typing import NamedTuple, Optional  # records; dataclasses would load inspect
 
 try:
     from Cryptodome.Cipher import AES
@@ -752,13 +751,15 @@ class _DeadlineIO:
             self.selector.close()
 
 
-@dataclasses.dataclass(frozen=True)
 class HandshakeResult:
     """What a key exchange gives one side; unpacks as (sealer, opener)."""
 
-    sealer: "PacketSealer"
-    opener: "PacketOpener"
-    key_name: Optional[str] = None   # the ring's name of the key used
+    __slots__ = ("sealer", "opener", "key_name")
+
+    def __init__(self, sealer, opener, key_name=None):
+        self.sealer = sealer      # PacketSealer for what this side sends
+        self.opener = opener      # PacketOpener for what it receives
+        self.key_name = key_name  # the ring's name of the key used, or None
 
     def __iter__(self):
         return iter((self.sealer, self.opener))
@@ -1020,6 +1021,7 @@ def relay(read, codec, write, wait=None):
             raise
         if out:
             write(out)
+        data = out = None  # hold no buffer while waiting for more
         size = busy if got > idle or got == size or codec.pending else idle
 
 
@@ -2175,8 +2177,7 @@ def _resolve_or_retry(addr, retry, resolver=resolve):
             time.sleep(1)
 
 
-@dataclasses.dataclass(frozen=True)
-class TunnelSpec:
+class TunnelSpec(NamedTuple):
     """One tunnel, checked and resolved, not yet bound: what build_tunnel() made."""
 
     options: "TunnelOptions"
@@ -2313,7 +2314,7 @@ class CommandLine:
         if self.spec is None:
             self.spec = build_tunnel(self.options, self.key_files, retry, self.listener)
         else:
-            self.spec = dataclasses.replace(self.spec, keyring=self.key_files.load())
+            self.spec = self.spec._replace(keyring=self.key_files.load())
         return {self.options.source: self.spec}
 
     def status(self, servers):
@@ -2847,8 +2848,7 @@ def _cli(usage, parse, run):
 
 
 
-@dataclasses.dataclass(frozen=True)
-class TunnelOptions:
+class TunnelOptions(NamedTuple):
     """One tunnel as its spiped options say: the command line's or a --config line's."""
 
     decrypt: bool                        # -d; -e otherwise
@@ -2877,11 +2877,10 @@ class TunnelOptions:
 
     def without_keys(self):
         """These options with the key files left out (what a rekey may change)."""
-        return dataclasses.replace(self, key="", accept_keys=())
+        return self._replace(key="", accept_keys=())
 
 
-@dataclasses.dataclass(frozen=True)
-class ProcessOptions:
+class ProcessOptions(NamedTuple):
     """spiped's command line: the process's own options, and its tunnel or --config FILE."""
 
     tunnel: Optional[TunnelOptions]      # None with --config
@@ -2900,8 +2899,7 @@ class ProcessOptions:
         return self.pidfile or (self.config or self.tunnel.source) + ".pid"
 
 
-@dataclasses.dataclass(frozen=True)
-class SpipeOptions:
+class SpipeOptions(NamedTuple):
     """spipe's command line."""
 
     target: str                          # -t
