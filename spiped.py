@@ -2028,15 +2028,16 @@ class MetricsServer(ListeningServer):
 
     serve_forever() runs in one thread of its own; each request gets a
     thread of its own, at most METRICS_THREADS at once (a request beyond
-    that is closed unanswered), and its socket a METRICS_TIMEOUT, so no
-    scraper can hold more than that or slow the tunnels.
+    that is closed unanswered), and METRICS_TIMEOUT: for each read or
+    write of its socket, and for the whole request (a client that trickles
+    bytes is cut too), so no scraper holds a slot longer or slows a tunnel.
     """
-
-    daemon_threads = True
 
     def __init__(self, family, sockaddr, read):
         self.read = read
         self.slots = threading.BoundedSemaphore(METRICS_THREADS)
+        self.deadlines = {}  # request socket -> when it is cut; under .deadlines_lock
+        self.deadlines_lock = threading.Lock()
         self.thread = None
         super().__init__(family, sockaddr, MetricsHandler)
 
@@ -2052,14 +2053,29 @@ class MetricsServer(ListeningServer):
             self.shutdown_request(request)
 
     def _serve_one(self, request, client_address):
-        """A request's thread: serve it, close it, free its slot."""
+        """A request's thread: serve it by its deadline, close it, free its slot."""
+        with self.deadlines_lock:
+            self.deadlines[request] = time.monotonic() + METRICS_TIMEOUT
         try:
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
+            with self.deadlines_lock:
+                del self.deadlines[request]
             self.shutdown_request(request)
             self.slots.release()
+
+    def service_actions(self):
+        """Each pass of serve_forever() (0.5 s at most): cut requests past their deadline."""
+        now = time.monotonic()
+        with self.deadlines_lock:  # their threads close them only after leaving the dict
+            for request, deadline in self.deadlines.items():
+                if deadline <= now:
+                    try:
+                        request.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def handle_error(self, request, client_address):
         """An unexpected exception while serving a request: one warning line."""

@@ -8,6 +8,7 @@ those tests skip, except under CI=true, where they fail.
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -343,6 +344,40 @@ def test_silent_scrapers_are_cut_off_and_capped(procs, keyfile, echo, tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
     assert not os.path.exists(metrics)  # the socket file went with the process
+
+
+def _trickle_until_cut(sock, data, every, limit):
+    """Send DATA a byte at a time, EVERY seconds; seconds until the server cut SOCK, or None."""
+    started = time.monotonic()
+    for byte in data[:int(limit / every)]:
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            return time.monotonic() - started
+        if select.select([sock], [], [], every)[0]:
+            try:
+                if not sock.recv(4096):
+                    return time.monotonic() - started
+            except OSError:
+                return time.monotonic() - started
+    return None
+
+
+@need_c
+def test_a_trickling_scraper_is_cut_at_the_deadline(procs, keyfile, echo, tmp_path):
+    """Each byte comes well within the socket timeout; the whole request still ends."""
+    cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 2.0")
+    metrics = tcp_addr(free_port())
+    entry, _, p = chain(procs, keyfile, echo, metrics, cmd=cmd)
+    sock = connect(metrics)
+    try:
+        cut = _trickle_until_cut(sock, b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 100,
+                                 every=0.2, limit=10)
+    finally:
+        sock.close()
+    assert cut is not None and 1.5 < cut < 4.0, cut
+    assert exchange(entry, b"still serving", timeout=10) == b"still serving"
+    assert http_get(metrics, "/healthz")[0] == 200
 
 
 # -- the option --------------------------------------------------------------------
