@@ -1902,7 +1902,7 @@ class Notifier:
 # It reads the counters through Tunnels.metrics() (copies taken under the
 # servers' locks) and shares nothing writable with the relays.
 
-METRICS_TIMEOUT = 5.0    # --metrics: seconds a request's socket may stay silent
+METRICS_TIMEOUT = 5.0    # --metrics: seconds a request may take (and its socket stay silent)
 METRICS_THREADS = 4      # --metrics: requests served at once; more are closed
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_FORMAT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -1997,7 +1997,8 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
         return "spiped/" + __version__
 
     def setup(self):
-        self.timeout = METRICS_TIMEOUT  # read now: a wrapper may have changed it
+        """The socket's timeout is METRICS_TIMEOUT as it is now (a wrapper may change it)."""
+        self.timeout = METRICS_TIMEOUT
         super().setup()
 
     def do_GET(self):
@@ -2078,8 +2079,9 @@ class MetricsServer(ListeningServer):
                         pass
 
     def handle_error(self, request, client_address):
-        """An unexpected exception while serving a request: one warning line."""
-        log.warn("metrics: %r" % (sys.exc_info()[1],))
+        """An exception while serving a request: a warning line unless the client went away."""
+        if not isinstance(sys.exc_info()[1], OSError):  # a scraper must not fill the log
+            log.warn("metrics: %r" % (sys.exc_info()[1],))
 
     def start(self):
         """Serve in a thread of its own from now on."""
