@@ -21,7 +21,7 @@ bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
 Sections, in the order the data flows:
     1. Protocol constants          6. Relay and the connection
     2. Errors and logging          7. Server (accept loop, limit, drain)
-    3. Addresses                   8. Process (daemon, privileges, systemd)
+    3. Addresses                   8. Process (daemon, systemd, --metrics)
     4. Cryptography (no I/O)       9. Supervisor (tunnels, signals, reload)
     5. Handshake on a socket      10. Command line and main()
 
@@ -1324,19 +1324,28 @@ class Stats:
         with self.lock:
             return self.live, self.total
 
-    def summary(self, live_bytes=()):
-        """The statistics line; LIVE_BYTES: (in, out) of each live connection."""
+    def snapshot(self, live_bytes=()):
+        """A copy of every counter as a dict; LIVE_BYTES: (in, out) of each live connection."""
         live_bytes = list(live_bytes)
         with self.lock:
-            up = self.bytes_in + sum(b[0] for b in live_bytes)
-            down = self.bytes_out + sum(b[1] for b in live_bytes)
-            failures = ",".join("%s=%d" % kv for kv in self.handshake_failures.items())
-            keys = ",".join("%s=%d" % kv for kv in self.keys.items())
-            return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
-                    "handshake_failures=%s connect_failures=%d limit_reached=%d"
-                    % (self.live, self.total, up, down, failures,
-                       self.connect_failures, self.limit_reached)
-                    + (" keys=" + keys if keys else ""))
+            return {"live": self.live, "total": self.total,
+                    "bytes_in": self.bytes_in + sum(b[0] for b in live_bytes),
+                    "bytes_out": self.bytes_out + sum(b[1] for b in live_bytes),
+                    "connect_failures": self.connect_failures,
+                    "limit_reached": self.limit_reached,
+                    "handshake_failures": dict(self.handshake_failures),
+                    "keys": dict(self.keys)}
+
+    @staticmethod
+    def line(s):
+        """The statistics line of S, a snapshot()."""
+        failures = ",".join("%s=%d" % kv for kv in s["handshake_failures"].items())
+        keys = ",".join("%s=%d" % kv for kv in s["keys"].items())
+        return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
+                "handshake_failures=%s connect_failures=%d limit_reached=%d"
+                % (s["live"], s["total"], s["bytes_in"], s["bytes_out"], failures,
+                   s["connect_failures"], s["limit_reached"])
+                + (" keys=" + keys if keys else ""))
 
 
 class _WakePipe:
@@ -1727,11 +1736,11 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         except RuntimeError:  # cannot start a thread: drop this one
             self.shutdown_request(sock)
 
-    def summary(self):
-        """The SIGUSR1 statistics line, live connections' bytes included."""
-        with self.changed:
-            live = [c for c in self.live.values() if c is not None]
-        return self.stats.summary(c.bytes_moved() for c in live)
+    def metrics(self):
+        """Stats.snapshot() with live connections' bytes (SIGUSR1's line, --metrics)."""
+        with self.changed:  # where a close moves its bytes from live to closed: none twice
+            live = [c.bytes_moved() for c in self.live.values() if c is not None]
+            return self.stats.snapshot(live)
 
     # -- connections --------------------------------------------------------
 
@@ -1776,11 +1785,11 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
     def connection_closed(self, request, connection):
         """Called once per accepted socket as it is closed; frees its slot."""
         moved = connection.bytes_moved() if connection is not None else (0, 0)
-        self.stats.closed(*moved)
         with self.changed:
             # Wake the accept loop only when it waits for this: a free slot,
             # a free descriptor, or the end of a drain.
             waiting = self.full() or self.accept_paused_until or self.stopping
+            self.stats.closed(*moved)  # with the pop: metrics() sees one or the other
             self.live.pop(request, None)
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
             self.changed.notify_all()
@@ -1847,7 +1856,7 @@ def _re_resolve(server, period):
             server.set_targets(fresh)
 
 # ---------------------------------------------------------------------------
-# 8. Process: daemonizing, pidfile, privileges, systemd, signals
+# 8. Process: daemonizing, pidfile, privileges, systemd, metrics, signals
 # ---------------------------------------------------------------------------
 
 
@@ -1991,6 +2000,218 @@ class Notifier:
         if self.watchdog and time.monotonic() >= self.next_ping:
             self.send("WATCHDOG=1")
             self.next_ping = time.monotonic() + self.watchdog
+
+
+# --metrics: a Prometheus endpoint, served by http.server in threads of its own.
+# It reads the counters through Tunnels.metrics() (copies taken under the
+# servers' locks) and shares nothing writable with the relays.
+
+METRICS_TIMEOUT = 5.0    # --metrics: seconds a request may take (and its socket stay silent)
+METRICS_THREADS = 4      # --metrics: requests served at once; more are closed
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_FORMAT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+# (name, type, help) of each metric family, in the order they are written.
+METRIC_FAMILIES = (
+    ("spiped_connections_total", "counter", "Connections accepted."),
+    ("spiped_connections_live", "gauge", "Connections open now."),
+    ("spiped_bytes_total", "counter",
+     "Plaintext bytes relayed, live connections included: in = source to target,"
+     " out = target to source."),
+    ("spiped_handshake_failures_total", "counter", "Handshakes that failed, by reason."),
+    ("spiped_connect_failures_total", "counter", "Connections whose target could not be reached."),
+    ("spiped_connection_limit_reached_total", "counter",
+     "Accepted connections that took the last slot of -n."),
+    ("spiped_key_handshakes_total", "counter", "Handshakes that succeeded, by key file."),
+    ("spiped_tunnels", "gauge", "Tunnels served."),
+    ("spiped_draining", "gauge", "1 once SIGTERM began the drain, else 0."),
+    ("spiped_reloads_total", "counter", "Reloads (SIGHUP) begun."),
+    ("spiped_reload_failures_total", "counter", "Reloads that changed nothing: the plan failed."),
+    ("spiped_process_start_time_seconds", "gauge",
+     "Start time of the process since the unix epoch."),
+)
+
+
+def _label_value(text):
+    """TEXT escaped for a label value: backslash, double quote, newline."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _tunnel_samples(source, t):
+    """(name, labels, value) of one tunnel's counters T (a Server.metrics() dict)."""
+    tunnel = (("tunnel", source),)
+    yield "spiped_connections_total", tunnel, t["total"]
+    yield "spiped_connections_live", tunnel, t["live"]
+    yield "spiped_bytes_total", tunnel + (("direction", "in"),), t["bytes_in"]
+    yield "spiped_bytes_total", tunnel + (("direction", "out"),), t["bytes_out"]
+    for reason, count in t["handshake_failures"].items():
+        yield "spiped_handshake_failures_total", tunnel + (("reason", reason),), count
+    yield "spiped_connect_failures_total", tunnel, t["connect_failures"]
+    yield "spiped_connection_limit_reached_total", tunnel, t["limit_reached"]
+    for key, count in t["keys"].items():
+        yield "spiped_key_handshakes_total", tunnel + (("key", key),), count
+
+
+def metric_samples(snapshot):
+    """{family name: [(labels, value)]} from SNAPSHOT (a Tunnels.metrics() dict)."""
+    samples = {name: [] for name, _, _ in METRIC_FAMILIES}
+    for source, tunnel in snapshot["tunnels"].items():
+        for name, labels, value in _tunnel_samples(source, tunnel):
+            samples[name].append((labels, value))
+    samples["spiped_tunnels"].append(((), len(snapshot["tunnels"])))
+    samples["spiped_draining"].append(((), int(bool(snapshot["draining"]))))
+    samples["spiped_reloads_total"].append(((), snapshot["reloads"]))
+    samples["spiped_reload_failures_total"].append(((), snapshot["reload_failures"]))
+    samples["spiped_process_start_time_seconds"].append(((), snapshot["started"]))
+    return samples
+
+
+def render_metrics(snapshot, openmetrics=False):
+    """SNAPSHOT in Prometheus's text format 0.0.4, or OPENMETRICS text 1.0.0 (with # EOF)."""
+    samples = metric_samples(snapshot)
+    lines = []
+    for name, kind, text in METRIC_FAMILIES:
+        family = name[:-len("_total")] if openmetrics and kind == "counter" else name
+        lines.append("# HELP %s %s" % (family, text.replace("\\", "\\\\").replace("\n", "\\n")))
+        lines.append("# TYPE %s %s" % (family, kind))
+        for labels, value in samples[name]:
+            pairs = ",".join('%s="%s"' % (k, _label_value(v)) for k, v in labels)
+            number = "%d" % value if isinstance(value, int) else repr(float(value))
+            lines.append("%s%s %s" % (name, "{%s}" % pairs if pairs else "", number))
+    if openmetrics:
+        lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def health(snapshot):
+    """(HTTP status, body) for /healthz: 200 while every tunnel listens, else 503."""
+    if snapshot["draining"]:
+        return 503, "draining\n"
+    down = [source for source, t in snapshot["tunnels"].items() if not t["listening"]]
+    if down or not snapshot["tunnels"]:
+        return 503, "not listening: %s\n" % " ".join(down)
+    return 200, "ok\n"
+
+
+class MetricsHandler:
+    """One HTTP/1.0 request: GET /metrics or /healthz; anything else 404.
+
+    bind_metrics() mixes it into http.server's BaseHTTPRequestHandler: that
+    module loads email and ssl (4 MiB), so only --metrics imports it.
+    """
+
+    def version_string(self):
+        """The Server header's text."""
+        return "spiped/" + __version__
+
+    def setup(self):
+        """The socket's timeout is METRICS_TIMEOUT as it is now (a wrapper may change it)."""
+        self.timeout = METRICS_TIMEOUT
+        super().setup()
+
+    def do_GET(self):
+        """Answer from one Tunnels.metrics() snapshot; the connection then closes."""
+        path = self.path.partition("?")[0]
+        kind = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            openmetrics = "application/openmetrics-text" in self.headers.get("Accept", "")
+            status, body = 200, render_metrics(self.server.read(), openmetrics)
+            kind = OPENMETRICS_FORMAT if openmetrics else TEXT_FORMAT
+        elif path == "/healthz":
+            status, body = health(self.server.read())
+        else:
+            status, body = 404, "not found\n"
+        data = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        """Nothing: no line per scrape (and a unix peer has no address to print)."""
+
+
+class MetricsServer(ListeningServer):
+    """--metrics: serves MetricsHandler on a TCP or unix address, READ() giving the numbers.
+
+    serve_forever() runs in one thread of its own; each request gets a
+    thread of its own, at most METRICS_THREADS at once (a request beyond
+    that is closed unanswered), and METRICS_TIMEOUT: for each read or
+    write of its socket, and for the whole request (a client that trickles
+    bytes is cut too), so no scraper holds a slot longer or slows a tunnel.
+    """
+
+    def __init__(self, family, sockaddr, read, handler):
+        self.read = read
+        self.slots = threading.BoundedSemaphore(METRICS_THREADS)
+        self.deadlines = {}  # request socket -> when it is cut; under .deadlines_lock
+        self.deadlines_lock = threading.Lock()
+        self.thread = None
+        super().__init__(family, sockaddr, handler)
+
+    def process_request(self, request, client_address):
+        """Serve REQUEST in a thread if a slot is free; else close it."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            _thread.start_new_thread(self._serve_one, (request, client_address))
+        except RuntimeError:
+            self.slots.release()
+            self.shutdown_request(request)
+
+    def _serve_one(self, request, client_address):
+        """A request's thread: serve it by its deadline, close it, free its slot."""
+        with self.deadlines_lock:
+            self.deadlines[request] = time.monotonic() + METRICS_TIMEOUT
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self.deadlines_lock:
+                del self.deadlines[request]
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def service_actions(self):
+        """Each pass of serve_forever() (0.5 s at most): cut requests past their deadline."""
+        now = time.monotonic()
+        with self.deadlines_lock:  # their threads close them only after leaving the dict
+            for request, deadline in self.deadlines.items():
+                if deadline <= now:
+                    try:
+                        request.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def handle_error(self, request, client_address):
+        """An exception while serving a request: a warning line unless the client went away."""
+        if not isinstance(sys.exc_info()[1], OSError):  # a scraper must not fill the log
+            log.warn("metrics: %r" % (sys.exc_info()[1],))
+
+    def start(self):
+        """Serve in a thread of its own from now on."""
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.5,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        """Stop serving, close the socket and remove a unix socket's file."""
+        if self.thread is not None:
+            self.shutdown()
+        self.server_close()
+
+
+def bind_metrics(addr, read):
+    """A MetricsServer bound to --metrics ADDR (not yet serving); SpipedError if it cannot be."""
+    import http.server  # here, not at the top: see MetricsHandler
+    handler = type("MetricsHandler", (MetricsHandler, http.server.BaseHTTPRequestHandler), {})
+    family, sockaddr = resolve(addr)[0]
+    try:
+        return MetricsServer(family, sockaddr, read, handler)
+    except OSError as e:
+        raise SpipedError("Error binding --metrics socket %s: %s" % (addr, e.strerror)) from None
 
 
 
@@ -2322,7 +2543,7 @@ class CommandLine:
 
     def statistics(self, servers):
         for server in servers.values():
-            log.event(server.summary())
+            log.event(Stats.line(server.metrics()))
 
     def reload_failed(self, error):
         log.warn("Key reload failed, still using the %s loaded before: %s"
@@ -2375,7 +2596,7 @@ class ConfigFile:
 
     def statistics(self, servers):
         for source, server in servers.items():
-            log.event("%s: %s" % (source, server.summary()))
+            log.event("%s: %s" % (source, Stats.line(server.metrics())))
 
     def reload_failed(self, error):
         for line in error.lines:
@@ -2415,6 +2636,8 @@ class Tunnels:
         self.tick = 1.0
         self.watching = False  # systemd wants STATUS: wake after each accept and close
         self.waker = _WakePipe()
+        self.started = time.time()
+        self.reloads = self.reload_failures = 0  # read by metrics(), from any thread
 
     def wake(self):
         self.waker.wake()
@@ -2523,6 +2746,7 @@ class Tunnels:
         changed but names the same address as a removed line takes over
         that line's listening socket, like a changed line.
         """
+        self._count_reload(failed=False)
         try:
             specs = self.plan.load()
             self.check_passed(specs)
@@ -2532,6 +2756,7 @@ class Tunnels:
             moved = self._moved(specs, added, removed)
             fresh = self.bind({s: specs[s] for s in added if s not in moved})
         except SpipedError as e:
+            self._count_reload(failed=True)
             self.plan.reload_failed(self._explained(e))
             return
         changed = 0
@@ -2551,6 +2776,22 @@ class Tunnels:
         self.serve(specs, fresh)
         self.plan.reloaded((len(added) - len(moved), len(removed) - len(moved), len(rekeyed),
                             changed, len(specs) - len(added) - len(rekeyed) - len(replaced)))
+
+    def _count_reload(self, failed):
+        """One more reload begun, or (FAILED) one more that changed nothing."""
+        if failed:
+            self.reload_failures += 1
+        else:
+            self.reloads += 1
+
+    def metrics(self):
+        """For --metrics, from any thread: each tunnel's Server.metrics(), the process's counts."""
+        servers = dict(self.servers)  # one copy: the main thread may replace entries
+        tunnels = {source: dict(server.metrics(), listening=server.fileno() >= 0
+                                and not self.stopping) for source, server in servers.items()}
+        return {"tunnels": tunnels,
+                "reloads": self.reloads, "reload_failures": self.reload_failures,
+                "draining": self.stopping, "started": self.started}
 
     def shutdown(self):
         """SIGTERM: every server stops accepting and drains."""
@@ -2641,7 +2882,7 @@ Extensions (long options; every C command line keeps its meaning):
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
                          only process options (-D -F -p -u --syslog
-                         --drain-timeout --log-label --check).  The
+                         --drain-timeout --log-label --check --metrics).  The
                          default pidfile is FILE.pid.  SIGHUP re-reads FILE
                          and the key files: added lines start, removed lines
                          stop listening and drain, lines whose only change is
@@ -2660,6 +2901,11 @@ Extensions (long options; every C command line keeps its meaning):
                          made; bind nothing.  Prints "SOURCE -> TARGET: ok,
                          N keys" per tunnel and exits 0, or a start's
                          errors and exit 1
+  --metrics ADDRESS      serve HTTP on ADDRESS ([host]:port, host:port or
+                         /unix/path): GET /metrics gives each tunnel's
+                         counters (label tunnel="<-s>") in Prometheus's text
+                         format, GET /healthz 200 "ok" while every tunnel
+                         listens, 503 while draining or when one does not
   --help                 this text
 Signals: SIGTERM drains then exits 0 (a second one exits at once); SIGUSR1
 logs one statistics line (one per tunnel with --config).  systemd: socket
@@ -2893,6 +3139,7 @@ class ProcessOptions(NamedTuple):
     drain_timeout: Optional[float] = None  # --drain-timeout
     log_label: str = ""                  # --log-label
     check: bool = False                  # --check
+    metrics: Optional[str] = None        # --metrics: the endpoint's address
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -2981,6 +3228,7 @@ SPIPED_OPTIONS = {
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
     "--check": ("check", None), "--keepalive": ("keepalive_times", _keepalive_times),
+    "--metrics": ("metrics", _address),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
@@ -2988,7 +3236,7 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help", "log_label", "check")
+                  "drain_timeout", "config", "help", "log_label", "check", "metrics")
 REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
 
 
@@ -3141,15 +3389,20 @@ def _run_spiped(process):
     specs = plan.load(retry=process.wait_dns)
     tunnels.check_passed(specs)
     servers = tunnels.bind(specs)
+    metrics = _bind_metrics(process, tunnels, servers)  # before -u: a port < 1024 works
     finish()
     notifier = Notifier()  # now: the daemon's PID is known
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
     install_signals(tunnels)
     tunnels.serve(specs, servers)
+    if metrics is not None:
+        metrics.start()  # after daemonizing: a thread does not survive fork()
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())
     try:
         tunnels.run(notifier)
     finally:
+        if metrics is not None:
+            metrics.close()
         tunnels.close()
     _exit_now(0)
 
@@ -3180,6 +3433,18 @@ def _check_spiped(process):
                          % (source, spec.options.target, _count_keys(len(spec.keyring))))
     sys.stdout.flush()
     return 0
+
+
+def _bind_metrics(process, tunnels, servers):
+    """--metrics' MetricsServer for TUNNELS, bound, or None; on failure SERVERS are closed."""
+    if process.metrics is None:
+        return None
+    try:
+        return bind_metrics(process.metrics, tunnels.metrics)
+    except SpipedError:
+        for server in servers.values():
+            server.server_close()
+        raise
 
 
 def _exit_now(status):

@@ -19,6 +19,8 @@ apt_get update
 # procps: ps and pgrep, to look at daemons a failed run left behind.
 # nginx-light: a PROXY-protocol server; tests/test_proxy.py runs instances of
 # its own, so the package must not start (or leave) a system one.
+# prometheus: promtool and a Prometheus of its own for tests/test_metrics.py;
+# likewise no system one.
 policy=/usr/sbin/policy-rc.d
 own_policy=
 if [ ! -e "$policy" ]; then
@@ -26,13 +28,16 @@ if [ ! -e "$policy" ]; then
 	trap '$SUDO rm -f "$policy"' EXIT
 	printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
 fi
-apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light
+apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus
 if [ -n "$own_policy" ]; then
 	$SUDO rm -f "$policy"
 	trap - EXIT
 fi
 if [ -s /run/nginx.pid ]; then
 	$SUDO kill "$(cat /run/nginx.pid)" 2>/dev/null || true
+fi
+if [ -s /run/prometheus/prometheus.pid ]; then
+	$SUDO kill "$(cat /run/prometheus/prometheus.pid)" 2>/dev/null || true
 fi
 if [ -f tests/setup-integration.sh ]; then bash tests/setup-integration.sh; fi
 
