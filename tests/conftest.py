@@ -297,10 +297,16 @@ class TargetServer:
 
     ADDR is a unix path or "[host]:port" (default: a free port on
     127.0.0.1); .addr is the address to give spiped.  Counts accepted
-    connections and records their peers.
+    connections and records their peers.  The one accept loop of the tests:
+    a subclass sets backlog, accept_timeout (the loop ends when no
+    connection comes for that long) and max_connections (the loop ends
+    after that many), and overrides handle() and, for what must be decided
+    in accept order, accepted().
     """
 
     backlog = 128
+    accept_timeout = None
+    max_connections = None
 
     def __init__(self, addr=None):
         if addr is None:
@@ -318,6 +324,7 @@ class TargetServer:
             self.sock.bind((host, int(port)))
             self.addr = "[%s]:%d" % (host, self.sock.getsockname()[1])
         self.sock.listen(self.backlog)
+        self.sock.settimeout(self.accept_timeout)
         self.lock = threading.Lock()
         self.connections = 0
         self.peers = []
@@ -326,7 +333,7 @@ class TargetServer:
         self.thread.start()
 
     def _serve(self):
-        while True:
+        while self.max_connections is None or self.connections < self.max_connections:
             try:
                 c, peer = self.sock.accept()
             except OSError:
@@ -334,15 +341,23 @@ class TargetServer:
             with self.lock:
                 self.connections += 1
                 self.peers.append(peer)
-            threading.Thread(target=self._run, args=(c,), daemon=True).start()
+                more = self.accepted(c)
+            threading.Thread(target=self._run, args=(c, more), daemon=True).start()
 
-    def _run(self, c):
+    def _run(self, c, more):
         try:
-            self.handle(c)
+            self.handle(c, *more)
         except OSError:
             pass
         finally:
             c.close()
+
+    def accepted(self, conn):
+        """Called in the accept loop, in accept order, with self.lock held.
+
+        Returns the further arguments handle(conn, ...) gets (none here).
+        """
+        return ()
 
     def handle(self, conn):
         raise NotImplementedError
