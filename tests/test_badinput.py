@@ -7,7 +7,6 @@ sealer) sends exactly the bytes each case needs over a raw socket.
 After every bad connection the daemon must still serve a good client,
 and the target must never see a byte from the bad one.
 """
-import hashlib
 import hmac
 import os
 import socket
@@ -17,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import IMPLS, TargetServer, connect, free_port, need_c, recv_exact, tcp_addr, wait_for
+from conftest import (IMPLS, TargetServer, connect, free_port, key_of, need_c, recv_exact, tcp_addr,
+                      wait_for)
 import spiped
 
 try:
@@ -32,11 +32,6 @@ DROP_TIMEOUT = 5.0
 
 
 # -- a protocol client over a raw socket -------------------------------------
-
-
-def key_of(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).digest()
 
 
 class RawClient:

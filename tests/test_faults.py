@@ -60,7 +60,7 @@ import time
 import pytest
 
 from conftest import (EchoServer, Notify, TargetServer, c_spiped, connect, exchange, free_port,
-                      need_c, ours, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count,
+                      key_of, need_c, ours, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count,
                       wait_for)
 import spiped
 
@@ -471,11 +471,6 @@ def cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def key_of(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).digest()
 
 
 def serve_good_d(addr, key, recorder, size=5000):
@@ -1465,7 +1460,7 @@ def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
         assert all(held), "%d of %d transfers held at the gate" % (sum(held), count)
         daemon = pair.d if victim == "d" else pair.e
         daemon.send_signal(signal.SIGTERM)
-        notify.wait_line(lambda l: l == "STOPPING=1", timeout=30)
+        notify.wait_for_text("STOPPING=1", timeout=30)
         assert daemon.poll() is None, "exited with %d live connections" % count
         gate.set()
         outcomes = [t.finish(timeout=60) for t in transfers]

@@ -23,8 +23,8 @@ import time
 import pytest
 
 import spiped
-from conftest import (ROOT, IMPLS, TargetServer, connect, free_port, recv_exact,
-                      need_c, tcp_addr, wait_for)
+from conftest import (ROOT, IMPLS, TargetServer, connect, free_port, key_of, read_text,
+                      recv_exact, need_c, tcp_addr, wait_for)
 
 WRAPPER = """\
 import os, sys, time
@@ -40,18 +40,6 @@ def wrapped(tmp_path, patch):
     script = tmp_path / "wrapped_spiped.py"
     script.write_text(WRAPPER % (ROOT, patch))
     return lambda *args: [sys.executable, str(script), *args]
-
-
-def read_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def key_of(path):
-    return spiped.read_key(path)
 
 
 def wait_closed(sock, timeout):
