@@ -142,6 +142,22 @@ def recv_exact(sock, size):
     return bytes(buf)
 
 
+def drain(sock, limit=1 << 22):
+    """Read until EOF; (bytes, 'eof' | 'reset' | 'timeout' | 'too much')."""
+    got = bytearray()
+    try:
+        while len(got) < limit:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return bytes(got), "eof"
+            got += chunk
+        return bytes(got), "too much"
+    except socket.timeout:
+        return bytes(got), "timeout"
+    except OSError:
+        return bytes(got), "reset"
+
+
 def wait_listening(addr, proc=None, timeout=10.0):
     """Wait until something listens on ADDR; RuntimeError if PROC exits first."""
     def ready():

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import (IMPLS, TargetServer, connect, free_port, key_of, need_c, recv_exact, tcp_addr,
-                      wait_for)
+from conftest import (IMPLS, TargetServer, connect, drain, free_port, key_of, need_c, recv_exact,
+                      tcp_addr, wait_for)
 import spiped
 
 try:
@@ -462,22 +462,17 @@ class AfterEofTarget(TargetServer):
         super().__init__()
 
     def handle(self, c):
-        got, eof = bytearray(), False
+        c.settimeout(10)
+        got, how = drain(c, limit=1 << 30)
         try:
-            c.settimeout(10)
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    eof = True
-                    break
-                got += d
-            c.sendall(self.REPLY)
-            c.shutdown(socket.SHUT_WR)
+            if how == "eof":
+                c.sendall(self.REPLY)
+                c.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         finally:
             c.close()
-            self.result = (bytes(got), eof)
+            self.result = (got, how == "eof")
             self.done.set()
 
 

@@ -59,9 +59,9 @@ import time
 
 import pytest
 
-from conftest import (EchoServer, Notify, TargetServer, c_spiped, connect, exchange, free_port,
-                      key_of, need_c, ours, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count,
-                      wait_for)
+from conftest import (EchoServer, Notify, TargetServer, c_spiped, connect, drain, exchange,
+                      free_port, key_of, need_c, ours, recv_exact, rss_kib, sha, tcp_addr,
+                      thread_and_fd_count, wait_for)
 import spiped
 
 try:
@@ -137,22 +137,6 @@ def reference_open(keys, wire):
         out.append(padded[:length])
         number += 1
     return b"".join(out), False
-
-
-def drain(sock, limit=1 << 22):
-    """Read until EOF; (bytes, 'eof' | 'reset' | 'timeout')."""
-    got = bytearray()
-    try:
-        while len(got) < limit:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return bytes(got), "eof"
-            got += chunk
-        return bytes(got), "too much"
-    except socket.timeout:
-        return bytes(got), "timeout"
-    except OSError:
-        return bytes(got), "reset"
 
 
 def send_quietly(sock, data, half_close=True):

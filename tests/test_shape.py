@@ -112,7 +112,8 @@ def test_signal_handlers_are_installed_in_one_function():
                 visit(child, function)
 
     visit(tree, "<module>")
-    places = ["%s: lines %s" % (f, ", ".join(map(str, lines))) for f, lines in sorted(where.items())]
+    places = ["%s: lines %s" % (f, ", ".join(map(str, lines)))
+              for f, lines in sorted(where.items())]
     assert len(where) == 1 and "<module>" not in where, (
         "signal.signal( is called from %d places, want one function:\n  %s"
         % (len(where), "\n  ".join(places)))
