@@ -116,6 +116,21 @@ def wait_for(predicate, timeout=10.0, step=0.02):
         time.sleep(step)
 
 
+def read_text(path):
+    """The file at PATH as text (bad UTF-8 replaced); "" while it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def key_of(path):
+    """The key spiped makes of the key file at PATH: SHA256 of its bytes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
+
+
 def recv_exact(sock, size):
     """Exactly SIZE bytes from SOCK; EOFError if the peer closes first."""
     buf = bytearray()
@@ -125,6 +140,22 @@ def recv_exact(sock, size):
             raise EOFError("peer closed after %d of %d bytes" % (len(buf), size))
         buf += chunk
     return bytes(buf)
+
+
+def drain(sock, limit=1 << 22):
+    """Read until EOF; (bytes, 'eof' | 'reset' | 'timeout' | 'too much')."""
+    got = bytearray()
+    try:
+        while len(got) < limit:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return bytes(got), "eof"
+            got += chunk
+        return bytes(got), "too much"
+    except socket.timeout:
+        return bytes(got), "timeout"
+    except OSError:
+        return bytes(got), "reset"
 
 
 def wait_listening(addr, proc=None, timeout=10.0):
@@ -198,20 +229,25 @@ class Procs:
                     f.close()
 
 
-class Notify:
-    """A datagram socket standing in for systemd's notify socket (.env: its address)."""
+class DatagramListener:
+    """A unix datagram socket that keeps what it receives.
 
-    STATUS_RE = re.compile(r"STATUS=(\d+) live, (\d+) total")
+    The stand-in for systemd's notify socket or for /dev/log: bound at
+    PATH, or at the abstract name ABSTRACT; .env is its address as
+    NOTIFY_SOCKET gives it.  .messages holds each datagram, .lines all
+    their lines.
+    """
 
     def __init__(self, path=None, abstract=None):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if abstract is not None:
-            self.sock.bind("\0" + abstract)
-            self.env = "@" + abstract
-        else:
-            self.sock.bind(path)
-            self.env = path
+        self.env = path if abstract is None else "@" + abstract
+        try:
+            self.sock.bind(path if abstract is None else "\0" + abstract)
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.05)
+        self.messages = []
         self.lines = []
         self.reader = None
 
@@ -235,21 +271,37 @@ class Notify:
     def _read(self, until):
         while time.monotonic() < until:
             try:
-                data = self.sock.recv(4096)
+                data = self.sock.recv(65536)
             except socket.timeout:
                 return
-            self.lines.extend(data.decode().splitlines())
+            text = data.decode(errors="replace")
+            self.messages.append(text)
+            self.lines.extend(text.splitlines())
 
-    def wait_line(self, pred, timeout=10.0):
-        """The first line (all seen so far) matching PRED; fails after TIMEOUT."""
+    def matches(self, line, text):
+        """Whether LINE is what wait_for_text(TEXT) waits for: here, LINE contains TEXT."""
+        return text in line
+
+    def wait_for_text(self, text, timeout=10.0, since=0, proc=None):
+        """The first line from .lines[SINCE] on that matches TEXT, read until it comes.
+
+        Fails after TIMEOUT seconds, or as soon as PROC has exited without
+        sending it.
+        """
         def matching():
-            line = next((l for l in list(self.lines) if pred(l)), None)
-            if line is None and self.reader is None:
+            exited = proc is not None and proc.poll() is not None
+            found = next((l for l in self.lines[since:] if self.matches(l, text)), None)
+            if found is None and self.reader is None:
                 self._read(time.monotonic() + 0.05)
-            return line
+                found = next((l for l in self.lines[since:] if self.matches(l, text)), None)
+            if found is None and exited:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError("exited with %s before sending %r (got %r): %s"
+                                     % (proc.returncode, text, self.lines, err))
+            return found
         line = wait_for(matching, timeout, step=0 if self.reader is None else 0.02)
         if line is None:
-            raise AssertionError("no matching notify message; got %r" % self.lines)
+            raise AssertionError("no datagram with %r; got %r" % (text, self.lines))
         return line
 
     def collect(self, seconds):
@@ -260,13 +312,47 @@ class Notify:
             self._read(deadline)
         return self.lines[start:]
 
-    def statuses(self):
-        return [tuple(map(int, m.groups())) for m in map(self.STATUS_RE.match, self.lines) if m]
-
     def close(self):
         self.sock.close()
         if self.reader is not None:
             self.reader.join(5)
+
+
+class Notify(DatagramListener):
+    """The stand-in for systemd's notify socket: its lines are VAR=value, matched whole."""
+
+    STATUS_RE = re.compile(r"STATUS=(\d+) live, (\d+) total")
+
+    def matches(self, line, text):
+        return line == text
+
+    def statuses(self):
+        return [tuple(map(int, m.groups())) for m in map(self.STATUS_RE.match, self.lines) if m]
+
+
+@pytest.fixture
+def devlog():
+    """A DatagramListener bound at /dev/log for the test, or None if impossible
+    (something else is there already, or it may not be bound)."""
+    path = "/dev/log"
+    if os.path.lexists(path):
+        yield None
+        return
+    try:
+        listener = DatagramListener(path)
+    except OSError:
+        yield None
+        return
+    ident = os.lstat(path).st_ino
+    try:
+        yield listener
+    finally:
+        listener.close()
+        try:
+            if os.lstat(path).st_ino == ident:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 @pytest.fixture
@@ -297,10 +383,16 @@ class TargetServer:
 
     ADDR is a unix path or "[host]:port" (default: a free port on
     127.0.0.1); .addr is the address to give spiped.  Counts accepted
-    connections and records their peers.
+    connections and records their peers.  The one accept loop of the tests:
+    a subclass sets backlog, accept_timeout (the loop ends when no
+    connection comes for that long) and max_connections (the loop ends
+    after that many), and overrides handle() and, for what must be decided
+    in accept order, accepted().
     """
 
     backlog = 128
+    accept_timeout = None
+    max_connections = None
 
     def __init__(self, addr=None):
         if addr is None:
@@ -318,6 +410,7 @@ class TargetServer:
             self.sock.bind((host, int(port)))
             self.addr = "[%s]:%d" % (host, self.sock.getsockname()[1])
         self.sock.listen(self.backlog)
+        self.sock.settimeout(self.accept_timeout)
         self.lock = threading.Lock()
         self.connections = 0
         self.peers = []
@@ -326,7 +419,7 @@ class TargetServer:
         self.thread.start()
 
     def _serve(self):
-        while True:
+        while self.max_connections is None or self.connections < self.max_connections:
             try:
                 c, peer = self.sock.accept()
             except OSError:
@@ -334,15 +427,23 @@ class TargetServer:
             with self.lock:
                 self.connections += 1
                 self.peers.append(peer)
-            threading.Thread(target=self._run, args=(c,), daemon=True).start()
+                more = self.accepted(c)
+            threading.Thread(target=self._run, args=(c, more), daemon=True).start()
 
-    def _run(self, c):
+    def _run(self, c, more):
         try:
-            self.handle(c)
+            self.handle(c, *more)
         except OSError:
             pass
         finally:
             c.close()
+
+    def accepted(self, conn):
+        """Called in the accept loop, in accept order, with self.lock held.
+
+        Returns the further arguments handle(conn, ...) gets (none here).
+        """
+        return ()
 
     def handle(self, conn):
         raise NotImplementedError

@@ -7,7 +7,6 @@ sealer) sends exactly the bytes each case needs over a raw socket.
 After every bad connection the daemon must still serve a good client,
 and the target must never see a byte from the bad one.
 """
-import hashlib
 import hmac
 import os
 import socket
@@ -17,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import IMPLS, connect, free_port, need_c, recv_exact, tcp_addr, wait_for
+from conftest import (IMPLS, TargetServer, connect, drain, free_port, key_of, need_c, recv_exact,
+                      tcp_addr, wait_for)
 import spiped
 
 try:
@@ -32,11 +32,6 @@ DROP_TIMEOUT = 5.0
 
 
 # -- a protocol client over a raw socket -------------------------------------
-
-
-def key_of(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).digest()
 
 
 class RawClient:
@@ -453,42 +448,32 @@ def test_client_reset_mid_stream(procs, keyfile, echo, impl):
     assert_served(addr, c.key, target, before=2000)
 
 
-class AfterEofTarget:
+class AfterEofTarget(TargetServer):
     """Reads one connection to EOF, then sends REPLY and closes."""
 
     REPLY = b"sent after the target saw EOF"
+    backlog = 8
+    accept_timeout = 15
+    max_connections = 1
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(15)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
         self.result = None
         self.done = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        got, eof = bytearray(), False
+    def handle(self, c):
+        c.settimeout(10)
+        got, how = drain(c, limit=1 << 30)
         try:
-            c, _ = self.sock.accept()
-            with c:
-                c.settimeout(10)
-                while True:
-                    d = c.recv(65536)
-                    if not d:
-                        eof = True
-                        break
-                    got += d
+            if how == "eof":
                 c.sendall(self.REPLY)
                 c.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self.result = (bytes(got), eof)
-        self.done.set()
-
-    def close(self):
-        self.sock.close()
+        finally:
+            c.close()
+            self.result = (got, how == "eof")
+            self.done.set()
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
@@ -533,7 +518,7 @@ def read_to_eof(sock):
     return bytes(buf)
 
 
-class FakeServer:
+class FakeServer(TargetServer):
     """Plays the server role toward a spiped -e, one scripted MODE per connection.
 
     Modes: "wrong-key" (sends its DH value MACed with another key, without
@@ -544,26 +529,20 @@ class FakeServer:
     handshake).
     """
 
+    backlog = 8
+    accept_timeout = 15
+
     def __init__(self, key, wrong_key, modes):
         self.key, self.wrong_key, self.modes = key, wrong_key, modes
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(15)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
+        self.max_connections = len(modes)
         self.results = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        for number, mode in enumerate(self.modes):
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(c, number, mode), daemon=True).start()
+    def accepted(self, conn):
+        number = self.connections - 1
+        return number, self.modes[number]
 
-    def _one(self, c, number, mode):
+    def handle(self, c, number, mode):
         c.settimeout(10)
         got, outcome = b"", "error"
         try:
@@ -610,9 +589,6 @@ class FakeServer:
         if not results:
             raise AssertionError("fake server finished only %d connections" % len(self.results))
         return results
-
-    def close(self):
-        self.sock.close()
 
 
 def plain_exchange(addr, data):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import (SPIPED_PY, address_listening, c_spiped, connect, exchange,
-                      free_port, need_c, ours, rss_kib, tcp_addr, wait_for,
+                      free_port, need_c, ours, read_text, rss_kib, tcp_addr, wait_for,
                       wait_listening)
 import spiped
 
@@ -35,15 +35,10 @@ def write_config(path, lines):
     return str(path)
 
 
-def log_text(path):
-    with open(path, "rb") as f:
-        return f.read().decode(errors="replace")
-
-
 def wait_log(path, needle, timeout=15.0):
     """The log at PATH once it contains NEEDLE."""
-    text = wait_for(lambda: needle in log_text(path) and log_text(path), timeout)
-    assert text, "%r not in %s, which holds:\n%s" % (needle, path, log_text(path))
+    text = wait_for(lambda: needle in read_text(path) and read_text(path), timeout)
+    assert text, "%r not in %s, which holds:\n%s" % (needle, path, read_text(path))
     return text
 
 
@@ -224,16 +219,16 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
 
     def newest_stats():
         newest = {}
-        for text_line in log_text(err).splitlines():
+        for text_line in read_text(err).splitlines():
             for source in sources:
                 if "%s: stats:" % source in text_line:
                     newest[source] = text_line
         return newest
 
     def all_ended():
-        asked = sum(1 for l in log_text(err).splitlines() if ": stats:" in l)
+        asked = sum(1 for l in read_text(err).splitlines() if ": stats:" in l)
         p.send_signal(signal.SIGUSR1)
-        wait_for(lambda: sum(1 for l in log_text(err).splitlines() if ": stats:" in l)
+        wait_for(lambda: sum(1 for l in read_text(err).splitlines() if ": stats:" in l)
                  >= asked + len(sources), 5)
         newest = newest_stats()
         return all("live=0 total=1 " in newest.get(source, "") for source in sources)
@@ -345,7 +340,7 @@ def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, 
     os.symlink(str(victim), sock)
     write_config(conf, [line % (sock, tcp_addr(free_port()), keyfile, "666")])
     p.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: log_text(err).count("1 replaced") == 2, 15), log_text(err)
+    assert wait_for(lambda: read_text(err).count("1 replaced") == 2, 15), read_text(err)
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
@@ -445,8 +440,8 @@ def test_broken_file_at_reload_changes_nothing(procs, echo, keyfile, tmp_path):
     assert exchange(a, b"still here", timeout=20) == b"still here"
     write_config(conf, [line_a, "-F " + line_a.replace(a, b)])
     p.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: log_text(err).count("not reloaded") == 2, 15), log_text(err)
-    assert "%s:4: -F belongs on the command line" % conf in log_text(err)
+    assert wait_for(lambda: read_text(err).count("not reloaded") == 2, 15), read_text(err)
+    assert "%s:4: -F belongs on the command line" % conf in read_text(err)
     assert p.poll() is None
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0

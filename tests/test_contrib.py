@@ -16,12 +16,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
-from conftest import ROOT, SPIPED_PY, exchange, free_port, ours, tcp_addr, wait_listening
+from conftest import (ROOT, SPIPED_PY, Notify, exchange, free_port, ours, read_text, tcp_addr,
+                      wait_for, wait_listening)
 
 CONTRIB = os.path.join(ROOT, "contrib")
 DOCKER = os.path.join(CONTRIB, "docker")
@@ -515,37 +515,9 @@ def test_systemd_analyze_security_rating(tmp_path):
     assert float(found.group(1)) <= 2.0, p.stdout
 
 
-class NotifyListener:
-    """The receiving end of systemd's notify socket."""
-
-    def __init__(self, path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.messages = []
-
-    def wait_for(self, line, proc=None, timeout=15.0):
-        """Block until a datagram with LINE arrives; fail after TIMEOUT or when PROC exits."""
-        deadline = time.monotonic() + timeout
-        while not any(line in m.split("\n") for m in self.messages):
-            if proc is not None and proc.poll() is not None:
-                pytest.fail("spiped exited with %s before %s: %s"
-                            % (proc.returncode, line, proc.stderr.read() if proc.stderr else ""))
-            left = deadline - time.monotonic()
-            assert left > 0, "no %s from spiped; got %r" % (line, self.messages)
-            self.sock.settimeout(min(left, 0.5))
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-
-    def close(self):
-        self.sock.close()
-
-
 @pytest.fixture
 def notify(tmp_path):
-    n = NotifyListener(str(tmp_path / "notify"))
+    n = Notify(str(tmp_path / "notify"))
     yield n
     n.close()
 
@@ -575,19 +547,19 @@ def test_service_command_line_runs_our_spiped(tmp_path, keyfile, procs, echo, no
     target = echo()
     source = tcp_addr(free_port())
     cmd, env = service_command(tmp_path, keyfile, SOURCE=source, TARGET=target.addr)
-    env["NOTIFY_SOCKET"] = notify.path
+    env["NOTIFY_SOCKET"] = notify.env
     env["WATCHDOG_USEC"] = "2000000"       # what WatchdogSec= sets, shortened
     # The example's options really are on the command line.
     assert cmd[2:4] == ["-d", "-s"] and cmd[-4:] == ["-n", "200", "-o", "10"]
     daemon = procs.daemon(cmd, source, env=env)
-    notify.wait_for("READY=1", daemon)
+    notify.wait_for_text("READY=1", timeout=15.0, proc=daemon)
     client = tcp_addr(free_port())
     procs.daemon(ours("-e", "-s", client, "-t", source, "-k", keyfile, "-F"), client)
     assert exchange(client, b"through the unit's command line") == b"through the unit's command line"
-    notify.wait_for("WATCHDOG=1", daemon)
+    notify.wait_for_text("WATCHDOG=1", timeout=15.0, proc=daemon)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0
-    notify.wait_for("STOPPING=1")
+    notify.wait_for_text("STOPPING=1", timeout=15.0)
 
 
 # Puts the descriptor argv[1] at fd 3, sets LISTEN_PID/LISTEN_FDS for this
@@ -607,7 +579,7 @@ def test_socket_unit_activation_runs_our_spiped(tmp_path, keyfile, procs, echo, 
     target = echo()
     not_bound = str(tmp_path / "not-bound.sock")
     cmd, env = service_command(tmp_path, keyfile, SOURCE=not_bound, TARGET=target.addr)
-    env["NOTIFY_SOCKET"] = notify.path
+    env["NOTIFY_SOCKET"] = notify.env
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = str(tmp_path / "activated.sock")
     listener.bind(path)
@@ -617,7 +589,7 @@ def test_socket_unit_activation_runs_our_spiped(tmp_path, keyfile, procs, echo, 
         # As systemd does: the socket as fd 3, LISTEN_PID naming the process itself.
         wrapper = [sys.executable, "-c", ACTIVATE, str(listener.fileno()), *cmd]
         daemon = procs.start(wrapper, env=env, pass_fds=(listener.fileno(),))
-        notify.wait_for("READY=1", daemon)
+        notify.wait_for_text("READY=1", timeout=15.0, proc=daemon)
         client = tcp_addr(free_port())
         procs.daemon(ours("-e", "-s", client, "-t", path, "-k", keyfile, "-F"), client)
         assert exchange(client, b"socket activated") == b"socket activated"
@@ -724,19 +696,13 @@ def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
                           env=env_with(str(bindir), TMPDIR=str(fifo_dir)))
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0
-    wait_for_text(record, "readable by group or others")
+    warning = "readable by group or others"
+    assert wait_for(lambda: warning in read_text(record), 15), \
+        "%s never got %r" % (record, warning)
     text = record.read_text()
     assert "args: -t spiped.smtp -p daemon.notice" in text
     assert "spiped: smtp: WARNING: key file" in text  # --log-label: the instance name
     assert not os.listdir(fifo_dir)             # the FIFO is gone once connected
-
-
-def wait_for_text(path, text, timeout=15.0):
-    """Wait until the file at PATH contains TEXT."""
-    deadline = time.monotonic() + timeout
-    while not (os.path.exists(path) and text in open(path).read()):
-        assert time.monotonic() < deadline, "%s never got %r" % (path, text)
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from conftest import (
     free_port,
     need_c,
     ours,
+    read_text,
     tcp_addr,
     wait_for,
     wait_listening,
@@ -70,14 +71,6 @@ def _cmdline(pid):
 def read_pidfile(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def read_text(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 class Daemons:
@@ -403,47 +396,6 @@ def test_sigint_kills_by_signal(impl, relay):
 # -- syslog ------------------------------------------------------------------
 
 
-@pytest.fixture
-def devlog():
-    """A datagram socket bound at /dev/log for the test, or None if impossible."""
-    path = "/dev/log"
-    if os.path.lexists(path):
-        yield None
-        return
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(path)
-    except OSError:
-        sock.close()
-        yield None
-        return
-    ident = os.lstat(path).st_ino
-    sock.settimeout(0.1)
-    try:
-        yield sock
-    finally:
-        sock.close()
-        try:
-            if os.lstat(path).st_ino == ident:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def syslog_messages(sock, want, timeout):
-    """Datagrams read from SOCK until one contains WANT or TIMEOUT passes."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recv(4096).decode(errors="replace"))
-        except socket.timeout:
-            continue
-        if want in got[-1]:
-            break
-    return got
-
-
 LIMIT_WARNING = "Maximum number of connections (1) reached"
 
 
@@ -459,8 +411,7 @@ def test_syslog_after_daemonizing(impl, daemons, cwd, keyfile, echo, devlog):
     with connect(source, timeout=5) as s:
         assert len(s.recv(NONCE)) > 0  # accepted: the limit is reached now
         if devlog is not None:
-            got = syslog_messages(devlog, LIMIT_WARNING, 3)
-            assert any(LIMIT_WARNING in m for m in got), got
+            devlog.wait_for_text(LIMIT_WARNING, 3)
         else:
             # The warning goes to a syslog we cannot read; what is tested is
             # that nothing reaches stderr meanwhile, so give it half a second.
@@ -481,7 +432,7 @@ def test_syslog_with_F_keeps_stderr(impl, procs, tmp_path, keyfile, echo, devlog
         assert len(s.recv(NONCE)) > 0
         assert wait_for(lambda: LIMIT_WARNING in read_text(err), 3, step=0.05)
         if devlog is not None:
-            got = syslog_messages(devlog, LIMIT_WARNING, 0.3)
+            got = devlog.collect(0.3)
             assert not any(LIMIT_WARNING in m for m in got), got
     assert read_text(err) == "spiped: %s\n" % LIMIT_WARNING
 

@@ -59,9 +59,9 @@ import time
 
 import pytest
 
-from conftest import (EchoServer, Notify, c_spiped, connect, exchange, free_port, need_c,
-                      ours, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count,
-                      wait_for)
+from conftest import (EchoServer, Notify, TargetServer, c_spiped, connect, drain, exchange,
+                      free_port, key_of, need_c, ours, recv_exact, rss_kib, sha, tcp_addr,
+                      thread_and_fd_count, wait_for)
 import spiped
 
 try:
@@ -137,22 +137,6 @@ def reference_open(keys, wire):
         out.append(padded[:length])
         number += 1
     return b"".join(out), False
-
-
-def drain(sock, limit=1 << 22):
-    """Read until EOF; (bytes, 'eof' | 'reset' | 'timeout')."""
-    got = bytearray()
-    try:
-        while len(got) < limit:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return bytes(got), "eof"
-            got += chunk
-        return bytes(got), "too much"
-    except socket.timeout:
-        return bytes(got), "timeout"
-    except OSError:
-        return bytes(got), "reset"
 
 
 def send_quietly(sock, data, half_close=True):
@@ -293,30 +277,21 @@ def hostile_hello(rng, kind, key, own_nonce, peer_nonce, client):
 # ---------------------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(TargetServer):
     """A TCP target that keeps every byte each connection sends it; never sends."""
 
+    backlog = 1024
+
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
-        self.lock = threading.Lock()
         self.records = []
         self.open = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.open += 1
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+    def accepted(self, conn):
+        self.open += 1
+        return ()
 
-    def _one(self, conn):
+    def handle(self, conn):
         conn.settimeout(60)
         got, _ = drain(conn, limit=1 << 30)
         conn.close()
@@ -337,11 +312,8 @@ class Recorder:
         with self.lock:
             return self.open == 0
 
-    def close(self):
-        self.sock.close()
 
-
-class FaultTarget:
+class FaultTarget(TargetServer):
     """An echo target whose first connections misbehave as listed in PLAN.
 
     Plans: 'echo'; 'close_early' (echo 64 KiB, then close()); 'reset' (echo
@@ -349,31 +321,17 @@ class FaultTarget:
     (plan, outcome, bytes received) per finished connection.
     """
 
-    def __init__(self, plan=(), addr=None):
+    def __init__(self, plan=()):
         self.plan = list(plan)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0) if addr is None else addr)
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.addr = tcp_addr(self.port)
-        self.lock = threading.Lock()
         self.ended = []
         self.open = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                plan = self.plan.pop(0) if self.plan else "echo"
-                self.open += 1
-            threading.Thread(target=self._one, args=(conn, plan), daemon=True).start()
+    def accepted(self, conn):
+        self.open += 1
+        return (self.plan.pop(0) if self.plan else "echo",)
 
-    def _one(self, conn, plan):
+    def handle(self, conn, plan):
         conn.settimeout(30)
         seen = 0
         outcome = "eof"
@@ -403,9 +361,6 @@ class FaultTarget:
             with self.lock:
                 self.ended.append((plan, outcome, seen))
                 self.open -= 1
-
-    def close(self):
-        self.sock.close()
 
 
 def start_daemon(procs, tmp_path, mode, source, target, key, *extra, impl="ours", **kw):
@@ -500,11 +455,6 @@ def cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def key_of(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).digest()
 
 
 def serve_good_d(addr, key, recorder, size=5000):
@@ -747,10 +697,6 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
     if impl == "c":
         cases //= 10
     key = key_of(keyfile)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    server_addr = tcp_addr(listener.getsockname()[1])
     lock = threading.Lock()
     errors, expected, delivered = [], [], []
     accepted = [0]
@@ -771,20 +717,6 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
             conn.shutdown(socket.SHUT_WR)
             drain(conn)
 
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            if good_mode[0]:
-                threading.Thread(target=good_server, args=(conn,), daemon=True).start()
-                continue
-            with lock:
-                index = accepted[0]
-                accepted[0] += 1
-            threading.Thread(target=lambda c=conn, i=index: _e_run(c, i), daemon=True).start()
-
     def _e_run(conn, index):
         try:
             error = _e_case(conn, key, index, foreign, expected)
@@ -794,9 +726,28 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
             with lock:
                 errors.append(error)
 
-    threading.Thread(target=serve, daemon=True).start()
+    class Servers(TargetServer):
+        """A good server while good_mode[0] holds, else the next hostile case."""
+
+        backlog = 1024
+
+        def accepted(self, conn):
+            if good_mode[0]:
+                return (None,)
+            with lock:
+                index = accepted[0]
+                accepted[0] += 1
+            return (index,)
+
+        def handle(self, conn, index):
+            if index is None:
+                good_server(conn)
+            else:
+                _e_run(conn, index)
+
+    servers = Servers()
     port = free_port()
-    e = start_daemon(procs, tmp_path, "e", tcp_addr(port), server_addr, keyfile,
+    e = start_daemon(procs, tmp_path, "e", tcp_addr(port), servers.addr, keyfile,
                      "-f", "-n", "0", "-o", HANDSHAKE_O, impl=impl)
 
     def good_client():
@@ -846,7 +797,7 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
         good_client()
         print("fuzzed -e with %d cases in %.1fs (seed %d)" % (cases, elapsed, FUZZ_SEED))
     finally:
-        listener.close()
+        servers.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1493,7 +1444,7 @@ def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
         assert all(held), "%d of %d transfers held at the gate" % (sum(held), count)
         daemon = pair.d if victim == "d" else pair.e
         daemon.send_signal(signal.SIGTERM)
-        notify.wait_line(lambda l: l == "STOPPING=1", timeout=30)
+        notify.wait_for_text("STOPPING=1", timeout=30)
         assert daemon.poll() is None, "exited with %d live connections" % count
         gate.set()
         outcomes = [t.finish(timeout=60) for t in transfers]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import (IMPLS, SPIPED_PY, TargetServer, connect, free_port, have_ipv6,
+from conftest import (IMPLS, SPIPED_PY, TargetServer, connect, drain, free_port, have_ipv6,
                       need_c, sha, tcp_addr, wait_for, wait_listening)
 
 pytestmark = need_c
@@ -113,23 +113,19 @@ class LateReplyTarget(TargetServer):
 
     def handle(self, c):
         c.settimeout(15)
-        got = bytearray()
-        eof = False
+        got, how = drain(c, limit=1 << 30)
+        eof = how == "eof"
         reply = b""
         try:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    eof = True
-                    break
-                got += d
+            if not eof:
+                return
             time.sleep(self.delay)
             reply = hashlib.sha256(got).digest() + os.urandom(self.reply_size)
             c.sendall(reply)
             c.shutdown(socket.SHUT_WR)
         finally:
             with self.lock:
-                self.results.append((bytes(got), eof, reply))
+                self.results.append((got, eof, reply))
 
     def wait_results(self, count, timeout=10.0):
         def finished():

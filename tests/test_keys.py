@@ -14,7 +14,7 @@ import time
 import pytest
 
 import spiped
-from conftest import (C_SPIPE, connect, c_spiped, exchange, need_c, ours,
+from conftest import (C_SPIPE, Notify, connect, c_spiped, exchange, need_c, ours, read_text,
                       tcp_addr, free_port, recv_exact, wait_for, wait_listening)
 
 # -- the handshake with a key ring ------------------------------------------
@@ -121,11 +121,6 @@ def test_match_key_checks_garbage_after_the_mac():
 
 
 # -- the daemon: ours -d with several keys, C clients ------------------------
-
-
-def read_text(path):
-    with open(path, "rb") as f:
-        return f.read().decode(errors="replace")
 
 
 def make_key(tmp_path, name):
@@ -327,24 +322,17 @@ def test_missing_accept_key_at_start_is_fatal_with_c_lines(tmp_path, keyfile):
 
 def test_reload_tells_systemd_reloading_then_ready(procs, tmp_path, echo):
     key = make_key(tmp_path, "new.key")
-    path = str(tmp_path / "notify")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(path)
-    listener.settimeout(15)
+    listener = Notify(str(tmp_path / "notify"))
     try:
-        env = dict(os.environ, NOTIFY_SOCKET=path)
+        env = dict(os.environ, NOTIFY_SOCKET=listener.env)
         d = KeyDaemon(procs, tmp_path, echo, key, env=env)
-
-        def next_message():
-            return listener.recv(4096).decode()
-        while "READY=1" not in next_message().split("\n"):
-            pass
+        listener.wait_for_text("READY=1", 15)
+        start = len(listener.lines)
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         d.reload(lambda l: "reloaded 1 key" in l)
         after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        messages = []
-        while "READY=1" not in messages:
-            messages += next_message().split("\n")
+        listener.wait_for_text("READY=1", 15, since=start)
+        messages = listener.lines[start:]
         reloading = messages.index("RELOADING=1")
         assert reloading < messages.index("READY=1")
         usec = [m for m in messages if m.startswith("MONOTONIC_USEC=")]

@@ -23,8 +23,8 @@ import time
 import pytest
 
 import spiped
-from conftest import (ROOT, IMPLS, TargetServer, connect, free_port, recv_exact,
-                      need_c, tcp_addr, wait_for)
+from conftest import (ROOT, IMPLS, Notify, TargetServer, connect, free_port, key_of, read_text,
+                      recv_exact, need_c, tcp_addr, wait_for)
 
 WRAPPER = """\
 import os, sys, time
@@ -40,18 +40,6 @@ def wrapped(tmp_path, patch):
     script = tmp_path / "wrapped_spiped.py"
     script.write_text(WRAPPER % (ROOT, patch))
     return lambda *args: [sys.executable, str(script), *args]
-
-
-def read_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def key_of(path):
-    return spiped.read_key(path)
 
 
 def wait_closed(sock, timeout):
@@ -252,19 +240,25 @@ def test_sigterm_exit_waits_for_the_connections_lines(procs, tmp_path, keyfile, 
     lock held by a relay thread still writing it as the process exited.
     """
     target = holding()
-    proc, source, log = start(procs, wrapped(tmp_path, SLOW_EVENT), tmp_path,
-                              "-d", "-t", target.addr, "-k", keyfile, "--log-connections", *drain)
-    clients = []
-    for _ in range(4):
-        s = connect(source)
-        clients.append(s)
-        _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
-        assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    for s in clients:
-        s.close()
-    assert proc.wait(timeout=20) == 0, read_text(log)
+    notify = Notify(str(tmp_path / "notify"))
+    notify.follow()  # read from the start: a full queue would drop STOPPING=1
+    try:
+        proc, source, log = start(procs, wrapped(tmp_path, SLOW_EVENT), tmp_path,
+                                  "-d", "-t", target.addr, "-k", keyfile, "--log-connections",
+                                  *drain, env=dict(os.environ, NOTIFY_SOCKET=notify.env))
+        clients = []
+        for _ in range(4):
+            s = connect(source)
+            clients.append(s)
+            _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+            assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for_text("STOPPING=1")  # the drain has begun
+        for s in clients:
+            s.close()
+        assert proc.wait(timeout=20) == 0, read_text(log)
+    finally:
+        notify.close()
     text = read_text(log)
     assert text.count("closed:") + text.count("dropped (") == 4, text
     assert "Fatal Python error" not in text and "Traceback" not in text, text

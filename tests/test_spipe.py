@@ -8,10 +8,8 @@ import re
 import select
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -20,6 +18,7 @@ from conftest import (
     C_SPIPE,
     ROOT,
     SPIPED_PY,
+    TargetServer,
     address_listening,
     c_spiped,
     exchange,
@@ -55,8 +54,8 @@ def decrypter(procs, keyfile):
     return make
 
 
-class ScriptedTarget:
-    """A one-thread TCP target that does the same short script for each connection.
+class ScriptedTarget(TargetServer):
+    """A TCP target that does the same short script for each connection.
 
     "reply-later": read to EOF, wait 0.5 s, send REPLY, close.
     "close": close right after accepting.
@@ -66,31 +65,16 @@ class ScriptedTarget:
     REPLY = b"reply sent after your EOF\n"
     BANNER = b"SSH-2.0-banner\r\n"
 
+    backlog = 16
+    accept_timeout = 30
+
     def __init__(self, script):
         self.script = script
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(30)
-        self.addr = tcp_addr(self.sock.getsockname()[1])
         self.received = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                c.settimeout(10)
-                try:
-                    self._one(c)
-                except OSError:
-                    pass
-
-    def _one(self, c):
+    def handle(self, c):
+        c.settimeout(10)
         if self.script == "banner":
             c.sendall(self.BANNER)
         elif self.script == "reply-later":
@@ -103,9 +87,6 @@ class ScriptedTarget:
             self.received.append(got)
             time.sleep(0.5)
             c.sendall(self.REPLY)
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture
