@@ -650,7 +650,7 @@ def test_log_label_prefixes_every_line(tmp_path, procs, keyfile, echo):
                               "--log-connections", "--log-label", "smtp"), addr, stderr=f)
     exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
     wait_log(str(err), "handshake failed")
-    lines = log_text(str(err)).splitlines()
+    lines = read_text(str(err)).splitlines()
     assert lines and all(line.startswith("spiped: smtp: ") for line in lines), lines
     assert "spiped: smtp: connection 1: accepted from" in lines[0], lines
     p.send_signal(signal.SIGTERM)
