@@ -131,6 +131,36 @@ def key_of(path):
         return hashlib.sha256(f.read()).digest()
 
 
+WRAPPER = """\
+import os, sys, time
+sys.path.insert(0, %r)
+import spiped
+%s
+sys.exit(spiped.main(["spiped"] + sys.argv[1:]))
+"""
+
+
+def wrapped(tmp_path, patch):
+    """Command line running spiped's main() after PATCH (Python source) changed the module."""
+    script = tmp_path / "wrapped_spiped.py"
+    script.write_text(WRAPPER % (ROOT, patch))
+    return lambda *args: [sys.executable, str(script), *args]
+
+
+def wait_closed(sock, timeout):
+    """Read SOCK until EOF or reset; seconds it took, or None if it stayed open."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except socket.timeout:
+        return None
+    return time.monotonic() - started
+
+
 def recv_exact(sock, size):
     """Exactly SIZE bytes from SOCK; EOFError if the peer closes first."""
     buf = bytearray()

@@ -12,27 +12,20 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 import spiped
-from conftest import (ROOT, connect, exchange, free_port, need_c, ours, c_spiped, recv_exact,
+from conftest import (connect, exchange, free_port, need_c, ours, c_spiped, recv_exact,
+                      wait_closed, wrapped,
                       tcp_addr, wait_for, wait_listening)
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 REQUIRED = os.environ.get("CI") == "true"   # as in tests/test_integration.py
 
-WRAPPER = """\
-import sys
-sys.path.insert(0, %r)
-import spiped
-%s
-sys.exit(spiped.main(["spiped"] + sys.argv[1:]))
-"""
 
 
 def unavailable(why):
@@ -109,13 +102,6 @@ def c_front(procs, keyfile, to):
     entry = tcp_addr(free_port())
     procs.daemon(c_spiped("-e", "-F", "-s", entry, "-t", to, "-k", keyfile), entry)
     return entry
-
-
-def wrapped(tmp_path, patch):
-    """Command line running spiped's main() after PATCH (Python source), as test_server.py does."""
-    script = tmp_path / "wrapped_spiped.py"
-    script.write_text(WRAPPER % (ROOT, patch))
-    return lambda *args: [sys.executable, str(script), *args]
 
 
 def threads_of(pid):
@@ -301,20 +287,6 @@ def test_healthz_is_503_while_draining(procs, keyfile, echo):
 # -- a hostile scraper -----------------------------------------------------------
 
 
-def _cut_after(sock, limit):
-    """Seconds until the server closed SOCK (EOF or reset), or None after LIMIT."""
-    started = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(4096):
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except socket.timeout:
-        return None
-    return time.monotonic() - started
-
-
 @need_c
 def test_silent_scrapers_are_cut_off_and_capped(procs, keyfile, echo, tmp_path):
     cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 2.0")
@@ -328,13 +300,13 @@ def test_silent_scrapers_are_cut_off_and_capped(procs, keyfile, echo, tmp_path):
     started = time.monotonic()
     extra = [connect(metrics) for _ in range(6)]
     for sock in extra:  # beyond the cap: closed at once, no thread of their own
-        assert _cut_after(sock, 1.5) is not None
+        assert wait_closed(sock, 1.5) is not None
     assert threads_of(p.pid) <= baseline + len(idle)
     payload = os.urandom(20000)
     assert exchange(entry, payload, timeout=10) == payload  # the tunnel serves meanwhile
     assert time.monotonic() - started < 2.0
     for sock in idle:
-        cut = _cut_after(sock, 6)
+        cut = wait_closed(sock, 6)
         assert cut is not None
     assert 1.0 < time.monotonic() - started < 6
     for sock in idle + extra:

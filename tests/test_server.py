@@ -13,47 +13,19 @@ so the daemon process itself shows the behaviour.
 """
 import os
 import signal
-import socket
 import shutil
 import socketserver
 import subprocess
 import sys
-import time
 
 import pytest
 
 import spiped
 from conftest import (ROOT, IMPLS, Notify, TargetServer, connect, free_port, key_of, read_text,
-                      recv_exact, need_c, tcp_addr, wait_for)
-
-WRAPPER = """\
-import os, sys, time
-sys.path.insert(0, %r)
-import spiped
-%s
-sys.exit(spiped.main(["spiped"] + sys.argv[1:]))
-"""
+                      recv_exact, need_c, tcp_addr, wait_closed, wait_for, wrapped)
 
 
-def wrapped(tmp_path, patch):
-    """Command line running spiped's main() after PATCH (Python source)."""
-    script = tmp_path / "wrapped_spiped.py"
-    script.write_text(WRAPPER % (ROOT, patch))
-    return lambda *args: [sys.executable, str(script), *args]
 
-
-def wait_closed(sock, timeout):
-    """Read SOCK until EOF or reset; seconds it took, or None if it stayed open."""
-    started = time.monotonic()
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except socket.timeout:
-        return None
-    return time.monotonic() - started
 
 
 class HoldingTarget(TargetServer):
