@@ -417,7 +417,7 @@ class TargetServer:
     a subclass sets backlog, accept_timeout (the loop ends when no
     connection comes for that long) and max_connections (the loop ends
     after that many), and overrides handle() and, for what must be decided
-    in accept order, accepted().
+    in accept order, on_accept().
     """
 
     backlog = 128
@@ -457,7 +457,7 @@ class TargetServer:
             with self.lock:
                 self.connections += 1
                 self.peers.append(peer)
-                more = self.accepted(c)
+                more = self.on_accept(c)
             threading.Thread(target=self._run, args=(c, more), daemon=True).start()
 
     def _run(self, c, more):
@@ -468,7 +468,7 @@ class TargetServer:
         finally:
             c.close()
 
-    def accepted(self, conn):
+    def on_accept(self, conn):
         """Called in the accept loop, in accept order, with self.lock held.
 
         Returns the further arguments handle(conn, ...) gets (none here).

@@ -538,7 +538,7 @@ class FakeServer(TargetServer):
         self.results = []
         super().__init__()
 
-    def accepted(self, conn):
+    def on_accept(self, conn):
         number = self.connections - 1
         return number, self.modes[number]
 

@@ -287,7 +287,7 @@ class Recorder(TargetServer):
         self.open = 0
         super().__init__()
 
-    def accepted(self, conn):
+    def on_accept(self, conn):
         self.open += 1
         return ()
 
@@ -327,7 +327,7 @@ class FaultTarget(TargetServer):
         self.open = 0
         super().__init__()
 
-    def accepted(self, conn):
+    def on_accept(self, conn):
         self.open += 1
         return (self.plan.pop(0) if self.plan else "echo",)
 
@@ -731,7 +731,7 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
 
         backlog = 1024
 
-        def accepted(self, conn):
+        def on_accept(self, conn):
             if good_mode[0]:
                 return (None,)
             with lock:
