@@ -511,6 +511,35 @@ _FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
 _STRIDE_PAD = bytes(STRIDE - PADDED)
 
 
+def _raw_cipher_calls():
+    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from Cryptodome, or None.
+
+    These are the C functions that AES.encrypt() and strxor() call.  Through
+    ctypes, their Python checks cost more on one packet than the AES itself,
+    so the single-packet path calls them directly.  Cryptodome on cffi (whose
+    calls are cheap), or one without them, gets the public calls instead.
+    """
+    try:
+        import ctypes
+        try:
+            from Cryptodome.Cipher._mode_ecb import raw_ecb_lib
+            from Cryptodome.Util import _raw_api
+            from Cryptodome.Util.strxor import _raw_strxor
+        except ImportError:
+            from Crypto.Cipher._mode_ecb import raw_ecb_lib
+            from Crypto.Util import _raw_api
+            from Crypto.Util.strxor import _raw_strxor
+        if _raw_api.backend != "ctypes":
+            return None
+        return (raw_ecb_lib.ECB_encrypt, _raw_strxor.strxor, ctypes.c_size_t(STRIDE),
+                ctypes.c_char * STRIDE)
+    except (ImportError, AttributeError):
+        return None
+
+
+_RAW_CALLS = _raw_cipher_calls() if AES is not None else None
+
+
 _IPAD = bytes(b ^ 0x36 for b in range(256))  # HMAC's key paddings as tables
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
@@ -542,6 +571,23 @@ class _PacketKeys:
         self._mac = _Mac(mac_key)
         self.number = number
         self.plaintext = 0  # plaintext bytes sealed or opened so far
+        state = getattr(self._ecb, "_state", None)
+        if _RAW_CALLS is not None and state is not None:
+            self._crypt_one = self._crypt_one_raw
+            self._state = state.get()
+
+    def _crypt_one(self, counter, data):
+        """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
+        return strxor(data, self._ecb.encrypt(counter.join(_LOW_HALVES)))
+
+    def _crypt_one_raw(self, counter, data):
+        """_crypt_one() through Cryptodome's C functions, into a new ctypes buffer."""
+        encrypt, xor, length, buffer = _RAW_CALLS
+        out = buffer()
+        if encrypt(self._state, counter.join(_LOW_HALVES), out, length):
+            raise ValueError("AES failed")
+        xor(data, out, out, length)  # in place: strxor allows its output to be an input
+        return out
 
     def _keystream(self, first, count):
         """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
@@ -557,10 +603,10 @@ class PacketSealer(_PacketKeys):
 
     def seal(self, data):
         """Packets (1060 bytes each) carrying DATA in chunks of up to 1024 bytes."""
+        size = len(data)
+        if size <= PAYLOAD:
+            return self._seal_one(data, size) if size else b""
         view = memoryview(data)
-        size = len(view)
-        if not size:
-            return b""
         count = (size + PAYLOAD - 1) // PAYLOAD
         n = self.number
         plain = []
@@ -581,6 +627,16 @@ class PacketSealer(_PacketKeys):
         self.number = n + count
         self.plaintext += size
         return b"".join(out)
+
+    def _seal_one(self, data, size):
+        """seal() of 1..1024 bytes: one packet, with the fewest steps (small messages)."""
+        n = self.number
+        counter = _be64(n)
+        plain = bytes(data).ljust(PAYLOAD, b"\0") + _be32(size) + _STRIDE_PAD
+        cipher = memoryview(self._crypt_one(counter, plain)).cast("B")[:PADDED]
+        self.number = n + 1
+        self.plaintext += size
+        return b"".join((cipher, self._mac.digest(cipher, counter)))
 
     def transform(self, data):
         """seal(): what relay() calls."""
@@ -615,6 +671,8 @@ class PacketOpener(_PacketKeys):
         (holding the plaintext of the packets before the bad one) on a MAC
         failure or a length outside 1..1024.
         """
+        if len(wire) == PACKET:
+            return self._open_one(wire)
         view = memoryview(wire)
         count = len(view) // PACKET
         n = self.number
@@ -648,6 +706,22 @@ class PacketOpener(_PacketKeys):
         if why is not None:
             raise BadPacket(data, why)
         return data
+
+    def _open_one(self, wire):
+        """open() of exactly one packet, with the fewest steps (small messages)."""
+        n = self.number
+        counter = _be64(n)
+        view = memoryview(wire)
+        cipher = view[:PADDED]
+        if not hmac.compare_digest(self._mac.digest(cipher, counter), view[PADDED:]):
+            raise BadPacket(b"", "MAC mismatch")
+        plain = memoryview(self._crypt_one(counter, b"".join((cipher, _STRIDE_PAD)))).cast("B")
+        length = int.from_bytes(plain[PAYLOAD:PADDED], "big")
+        if not 0 < length <= PAYLOAD:
+            raise BadPacket(b"", "bad length field %d" % length)
+        self.number = n + 1
+        self.plaintext += length
+        return bytes(plain[:length])
 
 # ---------------------------------------------------------------------------
 # 5. Handshake on a socket
@@ -1047,9 +1121,9 @@ def _shutdown(sock, how):
 class Connection(socketserver.BaseRequestHandler):
     """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    The server's ThreadingMixIn runs it in a new thread: handle() starts a
-    second thread for the inward direction, does the set-up meanwhile and
-    relays the outward one itself.  Each of the two threads holds the
+    The server's ThreadingMixIn runs it in a new thread: handle() does the
+    set-up, then starts a second thread for the inward direction and relays
+    the outward one itself.  Each of the two threads holds the
     connection; the server's shutdown_request() releases the first, the
     second relay releases its own, and the last release runs teardown(),
     the one place where the sockets are closed.  abort() cuts both
@@ -1068,8 +1142,6 @@ class Connection(socketserver.BaseRequestHandler):
         self.holds = 1       # threads still using the sockets
         self.closed = False
         self.plain_header = 0  # PROXY header bytes sent to the target unsealed (-d)
-        # Written by handle() before it releases the inward thread's lock.
-        self.inward_job = None
         self.keyring = server.keyring  # read once: a reload leaves this connection alone
         self.number = server.attach(self)
 
@@ -1088,31 +1160,27 @@ class Connection(socketserver.BaseRequestHandler):
         return sealed, opened
 
     def handle(self):
-        """Start the inward relay's thread; set up; then relay outward here.
+        """Set up; then start the inward relay's thread and relay outward here.
 
-        The second thread starts first, so its start overlaps the dial and
-        the handshake; it waits on a lock until the keys are there (or the
-        set-up failed).  Failures of the set-up and of a relay end here; any
-        other exception goes to the server's handle_error().
+        The second thread starts only once the set-up succeeded, just before
+        this one blocks in its first read: it never competes with the
+        handshake for the interpreter, and a connection that fails its
+        set-up costs no second thread.  Failures of the set-up and of a
+        relay end here; any other exception goes to the server's
+        handle_error().
         """
-        go = _thread.allocate_lock()
-        go.acquire()
+        jobs = self._set_up()
+        if jobs is None:
+            return
         with self.lock:
             self.holds += 1
         try:
-            _thread.start_new_thread(self._inward, (go,))
+            _thread.start_new_thread(self._inward, (jobs[1],))
         except RuntimeError:  # no thread to be had: give up this connection
             self.abort("cannot start a thread")
             self.release()
             return
-        jobs = None
-        try:
-            jobs = self._set_up()
-        finally:
-            self.inward_job = jobs and jobs[1]
-            go.release()
-        if jobs is not None:
-            self._pipe(*jobs[0])
+        self._pipe(*jobs[0])
 
     def _set_up(self):
         """Dial and handshake; the two relays' (source, codec, destination), or None."""
@@ -1142,16 +1210,13 @@ class Connection(socketserver.BaseRequestHandler):
             plain, sealed = self.client, self.target
         return (plain, result.sealer, sealed), (sealed, result.opener, plain)
 
-    def _inward(self, go):
-        """The second relay's thread: waits for handle()'s set-up, then relays.
+    def _inward(self, job):
+        """The second relay's thread, started with _thread (no Thread object).
 
-        Started with _thread (no Thread object, no start handshake).  Like
-        handle(), errors go to handle_error().
+        Like handle(), errors go to handle_error().
         """
         try:
-            go.acquire()
-            if self.inward_job is not None:
-                self._pipe(*self.inward_job)
+            self._pipe(*job)
         except Exception:
             self.server.handle_error(self.request, self.client_address)
         finally:
@@ -1254,7 +1319,7 @@ class Connection(socketserver.BaseRequestHandler):
         for sock in (self.client, self.target):
             if sock is not None:
                 sock.close()
-        if relayed:  # a set-up failure logged its own line
+        if relayed and self.options.log_connections:  # a set-up failure logged its own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % ((how,) + self.bytes_moved() + (time.monotonic() - self.started,)))

@@ -69,8 +69,28 @@ def _keys(v):
     }
 
 
+@pytest.fixture(params=["direct", "public"])
+def cipher_calls(request, monkeypatch):
+    """Each packet test twice: one packet through Cryptodome's C functions, and
+    through its public AES/strxor calls (what a Cryptodome without them gets)."""
+    if request.param == "public":
+        monkeypatch.setattr(spiped, "_RAW_CALLS", None)
+    return request.param
+
+
+def test_one_packet_uses_the_direct_calls():
+    """The installed Cryptodome (on ctypes) has the C functions the small-message path calls."""
+    from Cryptodome.Util import _raw_api
+    if _raw_api.backend != "ctypes":
+        assert spiped._RAW_CALLS is None
+        return
+    assert spiped._RAW_CALLS is not None
+    sealer = spiped.PacketSealer(bytes(32), bytes(32))
+    assert sealer._crypt_one == sealer._crypt_one_raw
+
+
 @pytest.mark.parametrize("path", POSITIVE, ids=os.path.basename)
-def test_packets_seal_and_open(path):
+def test_packets_seal_and_open(path, cipher_calls):
     v = load(path)
     if v["shared_secret"] is None:
         pytest.skip("both sides used PFS with unknown exponents: no traffic keys")
@@ -111,7 +131,7 @@ def test_whole_wire_streams(path):
         assert spiped.PacketOpener(e, h).open(body) == H(v["plaintext_%s" % direction])
 
 
-def test_sealer_batches_equal_single_packets():
+def test_sealer_batches_equal_single_packets(cipher_calls):
     e, h = os.urandom(32), os.urandom(32)
     data = os.urandom(70000)
     one = spiped.PacketSealer(e, h).seal(data)
@@ -120,6 +140,10 @@ def test_sealer_batches_equal_single_packets():
     assert one == parts
     assert len(one) == 69 * spiped.PACKET
     assert spiped.PacketOpener(e, h).open(one) == data
+    each = spiped.PacketOpener(e, h)
+    size = spiped.PACKET
+    assert b"".join(each.open(one[i:i + size]) for i in range(0, len(one), size)) == data
+    assert each.number == 69 and each.plaintext == len(data)
     assert spiped.PacketSealer(e, h).seal(b"") == b""
 
 
@@ -127,7 +151,7 @@ NEGATIVE = load(os.path.join(VECTORS, "negative.json"))["vectors"]
 
 
 @pytest.mark.parametrize("v", NEGATIVE, ids=lambda v: v["name"])
-def test_negative(v):
+def test_negative(v, cipher_calls):
     if v["kind"] == "packet":
         e, h = _keys(v)[v["direction"]]
         opener = spiped.PacketOpener(e, h, number=v["number"])
