@@ -169,8 +169,10 @@ class Bench:
     # -- one sample's processes ---------------------------------------------
 
     def rig(self, stack, server_mode, pair, client_mode, fast=False,
-            server_opts=(), d_opts=(), **client_opts):
+            server_opts=(), d_opts=(), to_d=False, **client_opts):
         """Start target, daemons (unless PAIR is "direct") and a waiting client.
+
+        The client talks to the -e daemon, or with TO_D straight to the -d one.
 
         Everything is spawned at once, then each listener is awaited through
         /proc/net/tcp.  Returns a Rig; rig.go(wall) runs the client.
@@ -191,7 +193,7 @@ class Bench:
             d, dlog = self._daemon(stack, dec, "d", dport, tport, fast, d_opts)
             e, elog = self._daemon(stack, enc, "e", eport, dport, fast)
             waits += [(d, dport, "%s -d" % dec, dlog), (e, eport, "%s -e" % enc, elog)]
-            entry = eport
+            entry = dport if to_d else eport
         cmd = helper + ["_client", client_mode, "--port", str(entry)]
         for k, v in client_opts.items():
             cmd += ["--" + k, str(v)]
@@ -207,9 +209,11 @@ class Bench:
         """Spawn one spiped daemon (-F, -n 0, then EXTRA); its output goes to a log file."""
         self.nlog += 1
         log = os.path.join(self.tmp, "daemon%d.log" % self.nlog)
-        if impl == "floor":        # a plain relay: no key, no handshake, no options
-            cmd = self.impls[impl] + ["-s", "[%s]:%d" % (HOST, src),
-                                      "-t", "[%s]:%d" % (HOST, tgt)]
+        if impl in ("floor", "floorc"):   # a plain relay: no key, no handshake, no options
+            cmd = self.impls["floor"] + ["-s", "[%s]:%d" % (HOST, src),
+                                         "-t", "[%s]:%d" % (HOST, tgt)]
+            if impl == "floorc":           # ... that seals and opens with our codecs
+                cmd += ["--codec", self.args.ours, "-" + mode]
         else:
             cmd = self.impls[impl] + [
                 "-" + mode, "-s", "[%s]:%d" % (HOST, src), "-t", "[%s]:%d" % (HOST, tgt),
@@ -288,9 +292,11 @@ PAIRS = {            # name: (-e implementation, -d implementation)
     "oc": ("ours", "c"),
     "co": ("c", "ours"),
     report.FLOOR: ("floor", "floor"),    # floor.py twice: a relay, no crypto
+    report.FLOOR_CODEC: ("floorc", "floorc"),  # the same, sealing and opening with ours
 }
 PAIR_LABEL = {"cc": "C↔C", "oo": "ours↔ours", "oc": "ours -e → C -d",
-              "co": "C -e → ours -d", "direct": "direct", report.FLOOR: "floor↔floor"}
+              "co": "C -e → ours -d", "direct": "direct", report.FLOOR: "floor↔floor",
+              report.FLOOR_CODEC: "floor+codec"}
 FF = report.FLOOR
 
 
@@ -426,9 +432,12 @@ class Runner:
                 return res
             return fn
 
+        pairs = ["cc", "oo", FF]
+        if self.b.args.ours.endswith(".py"):   # floor.py can load its codecs
+            pairs.append(report.FLOOR_CODEC)
         for rep in range(self.cfg["repeats"]):
             self.sample("echo", "direct", run("direct"))
-            for pair in interleave(["cc", "oo", FF], rep):
+            for pair in interleave(pairs, rep):
                 self.sample("echo", pair, run(pair))
 
     # 7: -d CPU per PFS connection with one key and with three (--accept-key)
@@ -459,9 +468,16 @@ class Runner:
                 self.sample("keys", variant, run(extra if variant == "key3" else []))
 
     # 5: 100 concurrent connections
-    def multi(self):
-        n, size, cap = self.cfg["multi_conns"], self.cfg["multi_bytes"], self.cfg["multi_cap"]
-        progress("multi: %d connections x %d KiB echoed" % (n, size // 1024))
+    def multi(self, metric="multi", n=None, size=None):
+        n = n or self.cfg["multi_conns"]
+        size = size or self.cfg["multi_bytes"]
+        cap = self.cfg["multi_cap"]
+        progress("%s: %d connections x %d KiB echoed" % (metric, n, size // 1024))
+        if metric != "multi":
+            note = raise_nofile(2 * n + 256)
+            if note:
+                progress("  " + note)
+                self.notes.append(note)
 
         def run(pair):
             def fn(stack):
@@ -488,9 +504,34 @@ class Runner:
             return fn
 
         for rep in range(self.cfg["repeats"]):
-            self.sample("multi", "direct", run("direct"))
+            self.sample(metric, "direct", run("direct"))
             for pair in interleave(["cc", "oo", FF], rep):
-                self.sample("multi", pair, run(pair))
+                self.sample(metric, pair, run(pair))
+
+    # 9: many small connections busy at once: peak memory
+    def busy(self):
+        self.multi("busy", self.cfg["busy_conns"], self.cfg["busy_bytes"])
+
+    # 10: -d CPU per connection that connects and closes without a byte
+    def unauth(self):
+        n, cap = self.cfg["unauth_count"], self.cfg["conn_seconds"] * 5
+        progress("unauth: %d connections to -d, each closed without a byte" % n)
+
+        def run(pair):
+            def fn(stack):
+                rig = self.b.rig(stack, "echo", pair, "unauth", to_d=True, count=n,
+                                 cap=cap, timeout=10)
+                c0 = measure.cpu_seconds(rig.d.pid)
+                res = rig.go(cap + 40)
+                if res.get("ok"):
+                    res["cpu_d_ms_per_conn"] = (1000 * (measure.cpu_seconds(rig.d.pid) - c0)
+                                                / res["ok"])
+                return res
+            return fn
+
+        for rep in range(self.cfg["repeats"]):
+            for pair in interleave(["cc", "oo", FF], rep):
+                self.sample("unauth", pair, run(pair))
 
 
     # 8: many idle connections held at once
@@ -533,17 +574,19 @@ def config(quick):
     if quick:
         return {"repeats": 2, "bulk_bytes": 64 * MiB, "bidir_bytes": 16 * MiB,
                 "bulk_cap": 10.0, "conn_seconds": 1.0, "conn_max": 20000,
-                "echo_count": 500, "multi_conns": 100, "multi_bytes": 256 * 1024,
+                "echo_count": 2000, "multi_conns": 100, "multi_bytes": 256 * 1024,
                 "multi_cap": 30.0, "held_conns": 1000, "held_rate": 1000.0,
-                "held_hold": 1.0, "held_cap": 120.0, "held_repeats": 1}
+                "held_hold": 1.0, "held_cap": 120.0, "held_repeats": 1,
+                "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 1000}
     return {"repeats": 3, "bulk_bytes": 256 * MiB, "bidir_bytes": 64 * MiB,
             "bulk_cap": 30.0, "conn_seconds": 2.0, "conn_max": 20000,
-            "echo_count": 2000, "multi_conns": 100, "multi_bytes": 1 * MiB,
+            "echo_count": 5000, "multi_conns": 100, "multi_bytes": 1 * MiB,
             "multi_cap": 60.0, "held_conns": 1000, "held_rate": 1000.0,
-            "held_hold": 2.0, "held_cap": 120.0, "held_repeats": 1}
+            "held_hold": 2.0, "held_cap": 120.0, "held_repeats": 1,
+            "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 3000}
 
 
-METRICS = ["bulk", "bidir", "conns", "echo", "multi", "held", "keys"]
+METRICS = ["bulk", "bidir", "conns", "echo", "multi", "busy", "held", "unauth", "keys"]
 
 
 def main(argv=None):

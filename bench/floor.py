@@ -6,22 +6,40 @@ new thread and the other in the handler's own thread (recv(65536) /
 sendall), half-close at EOF, close both sockets at the end.  bench.py runs a
 pair of these where it runs the -e and -d daemons; it is never part of
 spiped.py.  Usage: floor.py -s HOST:PORT -t HOST:PORT
+
+With --codec PATH/spiped.py -e|-d it also seals and opens every byte with
+that file's PacketSealer and PacketOpener (fixed keys, no handshake): the
+floor plus exactly our per-packet work, to tell the two costs apart.
 """
 
 import argparse
+import importlib.util
 import socket
 import socketserver
 import threading
 
 
-def pipe(src, dst):
-    """Copy SRC to DST until EOF, then half-close DST."""
+class Plain:
+    """No codec: bytes pass as they are."""
+    read_sizes = (65536, 65536)
+
+    @staticmethod
+    def transform(data):
+        return data
+
+
+def pipe(src, dst, codec=Plain):
+    """Copy SRC to DST through CODEC until EOF, then half-close DST."""
+    size = codec.read_sizes[1]
+    transform = codec.transform
     try:
         while True:
-            data = src.recv(65536)
+            data = src.recv(size)
             if not data:
                 break
-            dst.sendall(data)
+            out = transform(data)
+            if out:
+                dst.sendall(out)
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
@@ -36,9 +54,11 @@ class Relay(socketserver.BaseRequestHandler):
         with up:
             for s in (self.request, up):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            back = threading.Thread(target=pipe, args=(up, self.request), daemon=True)
+            forth, back_codec = self.server.codecs()
+            back = threading.Thread(target=pipe, args=(up, self.request, back_codec),
+                                    daemon=True)
             back.start()
-            pipe(self.request, up)
+            pipe(self.request, up, forth)
             back.join()
 
 
@@ -53,11 +73,28 @@ def addr(text):
     return host.rstrip("]"), int(port)
 
 
+def codec_maker(path, mode):
+    """A function giving (outward codec, inward codec) for one connection."""
+    if path is None:
+        return lambda: (Plain, Plain)
+    spec = importlib.util.spec_from_file_location("spiped_codec", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_keys, in_keys = (bytes(32), bytes([1]) * 32), (bytes([2]) * 32, bytes([3]) * 32)
+    if mode == "d":
+        return lambda: (mod.PacketOpener(*out_keys), mod.PacketSealer(*in_keys))
+    return lambda: (mod.PacketSealer(*out_keys), mod.PacketOpener(*in_keys))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-s", type=addr, required=True, metavar="HOST:PORT")
     ap.add_argument("-t", type=addr, required=True, metavar="HOST:PORT")
+    ap.add_argument("--codec", metavar="SPIPED_PY", help="seal and open with this file's codecs")
+    ap.add_argument("-e", dest="mode", action="store_const", const="e", default="e")
+    ap.add_argument("-d", dest="mode", action="store_const", const="d")
     a = ap.parse_args()
     with Server(a.s, Relay) as srv:
         srv.target = a.t
+        srv.codecs = codec_maker(a.codec, a.mode)
         srv.serve_forever()

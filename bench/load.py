@@ -251,7 +251,8 @@ def _echo_loop(ls):
 def client_main(argv):
     """Run one load pattern against --port and print a JSON result line."""
     ap = argparse.ArgumentParser(prog="load.py _client")
-    ap.add_argument("mode", choices=["bulk", "bidir", "conns", "echo", "multi", "held"])
+    ap.add_argument("mode", choices=["bulk", "bidir", "conns", "echo", "multi", "held",
+                                     "unauth"])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--cap", type=float, default=30.0)
@@ -267,7 +268,8 @@ def client_main(argv):
     if not sys.stdin.readline():
         return
     fn = {"bulk": _client_bulk, "bidir": _client_bidir, "conns": _client_conns,
-          "echo": _client_echo, "multi": _client_multi, "held": _client_held}[a.mode]
+          "echo": _client_echo, "multi": _client_multi, "held": _client_held,
+          "unauth": _client_unauth}[a.mode]
     res = fn(a)
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
@@ -394,6 +396,34 @@ def _client_conns(a):
         res["setup_ms_p90"] = 1000 * _pct(setup, 90)
         res["setup_ms_max"] = 1000 * max(setup)
     return res
+
+
+def _client_unauth(a):
+    """--count connections one after another that send nothing: connect, half-close,
+    wait for the daemon to close its side, close; for --cap s at most."""
+    ok = 0
+    errs = {}
+    start = time.perf_counter()
+    deadline = start + a.cap
+    for _ in range(a.count):
+        if time.perf_counter() >= deadline:
+            break
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(a.timeout)
+        try:
+            s.connect((HOST, a.port))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+            ok += 1
+        except OSError as e:
+            k = type(e).__name__
+            errs[k] = errs.get(k, 0) + 1
+        finally:
+            s.close()
+    elapsed = time.perf_counter() - start
+    return {"ok": ok, "errors": sum(errs.values()), "error_kinds": errs,
+            "seconds": elapsed, "conn_s": ok / elapsed if elapsed else 0.0}
 
 
 def _client_echo(a):
