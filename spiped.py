@@ -33,6 +33,7 @@ Runs on Python 3.9+ with the standard library and Cryptodome
 """
 
 import errno
+import functools
 import grp
 import hashlib
 import hmac
@@ -638,9 +639,7 @@ class PacketSealer(_PacketKeys):
         self.plaintext += size
         return b"".join((cipher, self._mac.digest(cipher, counter)))
 
-    def transform(self, data):
-        """seal(): what relay() calls."""
-        return self.seal(data)
+    transform = seal  # what relay() calls
 
 
 class PacketOpener(_PacketKeys):
@@ -656,13 +655,13 @@ class PacketOpener(_PacketKeys):
         """
         if self.pending:
             data = self.pending + data
+        elif len(data) == PACKET:
+            return self._open_one(data)
         whole = len(data) - len(data) % PACKET
         self.pending = bytes(data[whole:])
         return self.open(memoryview(data)[:whole]) if whole else b""
 
-    def transform(self, data):
-        """feed(): what relay() calls."""
-        return self.feed(data)
+    transform = feed  # what relay() calls
 
     def open(self, wire):
         """Plaintext of the whole packets in WIRE (a multiple of 1060 bytes).
@@ -1100,9 +1099,8 @@ def relay(read, codec, write, wait=None):
 
 
 def _peeker(sock):
-    """WAIT for relay(): block until SOCK has data; b"" at EOF."""
-    recv = sock.recv
-    return lambda: recv(1, _PEEK)
+    """WAIT for relay(): block until SOCK has data; b"" at EOF (a C-level partial)."""
+    return functools.partial(sock.recv, 1, _PEEK)
 
 
 def _shutdown(sock, how):

@@ -29,8 +29,11 @@ class Plain:
 
 
 def pipe(src, dst, codec=Plain):
-    """Copy SRC to DST through CODEC until EOF, then half-close DST."""
-    size = codec.read_sizes[1]
+    """Copy SRC to DST through CODEC until EOF, then half-close DST.
+
+    A codec reads what ours reads while traffic is light (small messages).
+    """
+    size = codec.read_sizes[0]
     transform = codec.transform
     try:
         while True:

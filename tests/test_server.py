@@ -247,7 +247,7 @@ spiped.%s = boom
 """
 
 
-@pytest.mark.parametrize("where", ["PacketOpener.open", "PacketSealer.seal"])
+@pytest.mark.parametrize("where", ["PacketOpener.transform", "PacketSealer.transform"])
 def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile, holding,
                                                          where):
     """Both the client and the target see their connection end, and the error is logged."""
