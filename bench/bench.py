@@ -96,6 +96,7 @@ class Bench:
         self.impls = {"c": self._cmd(args.c), "ours": self._cmd(args.ours),
                       "floor": self._cmd(os.path.join(HERE, "floor.py"))}
         self.nlog = 0
+        self.scrapes = {"ok": 0, "failed": 0}   # --scrape's requests
 
     @staticmethod
     def _cmd(path):
@@ -218,9 +219,42 @@ class Bench:
             cmd = self.impls[impl] + [
                 "-" + mode, "-s", "[%s]:%d" % (HOST, src), "-t", "[%s]:%d" % (HOST, tgt),
                 "-k", self.key, "-F", "-n", "0"] + (["-f"] if fast else []) + list(extra)
+        if impl == "ours" and self.args.scrape:
+            port = self.free_port()
+            cmd += ["--metrics", "[%s]:%d" % (HOST, port)]
         with open(log, "wb") as lf:
             p = self.spawn(stack, cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+        if impl == "ours" and self.args.scrape:
+            self.scrape(stack, p, port)
         return p, log
+
+    def scrape(self, stack, p, port):
+        """GET /metrics from P's --metrics PORT once a second until STACK unwinds.
+
+        What Prometheus would do to a daemon under load; failures are counted
+        in self.scrapes ("failed") once the endpoint answered for the first time.
+        """
+        import threading
+        import urllib.request
+        stop = threading.Event()
+        counts = self.scrapes
+
+        def run():
+            url = "http://%s:%d/metrics" % (HOST, port)
+            answered = False
+            while not stop.wait(1.0):
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        r.read()
+                    answered = True
+                    counts["ok"] += 1
+                except OSError:
+                    if answered and p.poll() is None:
+                        counts["failed"] += 1
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        stack.callback(t.join, 10)
+        stack.callback(stop.set)
 
 
 class Rig:
@@ -605,6 +639,9 @@ def main(argv=None):
                     help="comma-separated subset of: " + ", ".join(METRICS))
     ap.add_argument("--repeats", type=int, default=0,
                     help="override the number of repeats")
+    ap.add_argument("--scrape", action="store_true",
+                    help="start ours with --metrics and GET /metrics from each of our"
+                         " daemons once a second during every sample")
     ap.add_argument("--held-conns", type=int, default=0, metavar="N",
                     help="connections of the held phase (default 1000; 5000 for the"
                          " large run)")
@@ -651,9 +688,12 @@ def main(argv=None):
     if "held" in runner.samples:
         print("held conns: %d connections, %d sample(s) each"
               % (cfg["held_conns"], cfg["held_repeats"]))
+    if args.scrape:
+        print("--scrape: %(ok)d scrapes answered, %(failed)d failed" % bench.scrapes)
     for note in runner.notes:
         print("note: " + note)
     doc = {"machine": info, "config": cfg, "quick": args.quick, "notes": runner.notes,
+           "scrapes": bench.scrapes if args.scrape else None,
            "interrupted": interrupted, "wall_seconds": round(wall, 1),
            "rows": rows, "samples": runner.samples}
     path = report.write_json(doc, args.json)
