@@ -415,8 +415,15 @@ def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, key
     text = wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
     assert "in use" not in text
     assert exchange(tcp_addr(port), b"same address", timeout=20) == b"same address"
-    p.send_signal(signal.SIGUSR1)
-    text = wait_log(err, "127.0.0.1:%d: stats: live=0 total=1 " % port)
+    ended = "127.0.0.1:%d: stats: live=0 total=1 " % port
+
+    def stats_show_it_ended():
+        # The client may be done a moment before the daemon tore the
+        # connection down: ask again until the line says so.
+        p.send_signal(signal.SIGUSR1)
+        return wait_for(lambda: ended in read_text(err), 1.0)
+
+    assert wait_for(stats_show_it_ended, 15, step=0.2), read_text(err)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
 
