@@ -655,8 +655,6 @@ class PacketOpener(_PacketKeys):
         """
         if self.pending:
             data = self.pending + data
-        elif len(data) == PACKET:
-            return self._open_one(data)
         whole = len(data) - len(data) % PACKET
         self.pending = bytes(data[whole:])
         return self.open(memoryview(data)[:whole]) if whole else b""
@@ -1317,7 +1315,7 @@ class Connection(socketserver.BaseRequestHandler):
         for sock in (self.client, self.target):
             if sock is not None:
                 sock.close()
-        if relayed and self.options.log_connections:  # a set-up failure logged its own line
+        if relayed:  # a set-up failure logged its own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
                         % ((how,) + self.bytes_moved() + (time.monotonic() - self.started,)))
