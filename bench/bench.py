@@ -219,12 +219,12 @@ class Bench:
             cmd = self.impls[impl] + [
                 "-" + mode, "-s", "[%s]:%d" % (HOST, src), "-t", "[%s]:%d" % (HOST, tgt),
                 "-k", self.key, "-F", "-n", "0"] + (["-f"] if fast else []) + list(extra)
-        if impl == "ours" and self.args.scrape:
-            port = self.free_port()
+        port = self.free_port() if impl == "ours" and self.args.scrape else None
+        if port:
             cmd += ["--metrics", "[%s]:%d" % (HOST, port)]
         with open(log, "wb") as lf:
             p = self.spawn(stack, cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
-        if impl == "ours" and self.args.scrape:
+        if port:
             self.scrape(stack, p, port)
         return p, log
 
@@ -364,6 +364,22 @@ class Runner:
                                      report.short_line(res)))
         return res
 
+    def need_files(self, conns):
+        """Raise RLIMIT_NOFILE for CONNS connections; a shortfall goes to the log and notes."""
+        note = raise_nofile(2 * conns + 256)
+        if note:
+            progress("  " + note)
+            self.notes.append(note)
+
+    @staticmethod
+    def d_cpu_per_conn(rig, wall):
+        """Run RIG's client; add the -d daemon's CPU ms per connection served."""
+        c0 = measure.cpu_seconds(rig.d.pid)
+        res = rig.go(wall)
+        if res.get("ok"):
+            res["cpu_d_ms_per_conn"] = 1000 * (measure.cpu_seconds(rig.d.pid) - c0) / res["ok"]
+        return res
+
     # 1 + 6: bulk one-stream throughput and CPU per GiB
     def bulk(self):
         size, cap = self.cfg["bulk_bytes"], self.cfg["bulk_cap"]
@@ -490,11 +506,7 @@ class Runner:
             def fn(stack):
                 rig = self.b.rig(stack, "echo", "oo", "conns", d_opts=d_opts, threads=1,
                                  cap=dur, count=self.cfg["conn_max"], timeout=10)
-                c0 = measure.cpu_seconds(rig.d.pid)
-                res = rig.go(dur + 40)
-                if res.get("ok"):
-                    res["cpu_d_ms_per_conn"] = 1000 * (measure.cpu_seconds(rig.d.pid) - c0) / res["ok"]
-                return res
+                return self.d_cpu_per_conn(rig, dur + 40)
             return fn
 
         for rep in range(self.cfg["repeats"]):
@@ -507,11 +519,7 @@ class Runner:
         size = size or self.cfg["multi_bytes"]
         cap = self.cfg["multi_cap"]
         progress("%s: %d connections x %d KiB echoed" % (metric, n, size // 1024))
-        if metric != "multi":
-            note = raise_nofile(2 * n + 256)
-            if note:
-                progress("  " + note)
-                self.notes.append(note)
+        self.need_files(n)
 
         def run(pair):
             def fn(stack):
@@ -555,12 +563,7 @@ class Runner:
             def fn(stack):
                 rig = self.b.rig(stack, "echo", pair, "unauth", to_d=True, count=n,
                                  cap=cap, timeout=10)
-                c0 = measure.cpu_seconds(rig.d.pid)
-                res = rig.go(cap + 40)
-                if res.get("ok"):
-                    res["cpu_d_ms_per_conn"] = (1000 * (measure.cpu_seconds(rig.d.pid) - c0)
-                                                / res["ok"])
-                return res
+                return self.d_cpu_per_conn(rig, cap + 40)
             return fn
 
         for rep in range(self.cfg["repeats"]):
@@ -571,13 +574,10 @@ class Runner:
     # 8: many idle connections held at once
     def held(self):
         n, cap = self.cfg["held_conns"], self.cfg["held_cap"]
-        note = raise_nofile(2 * n + 256)
         progress("held: %d connections opened (8 in flight, at most %d/s),"
                  " 100 B echoed on each, held %.1f s" % (n, self.cfg["held_rate"],
                                                          self.cfg["held_hold"]))
-        if note:
-            progress("  " + note)
-            self.notes.append(note)
+        self.need_files(n)
 
         def run(pair):
             def fn(stack):

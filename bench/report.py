@@ -13,7 +13,7 @@ def short_line(res):
     """One-line summary of a sample for the progress log."""
     if "error" in res and len(res) <= 3:
         return "ERROR " + res["error"]
-    keys = ["mib_s", "conn_s", "cpu_d_ms_per_conn", "cpu_d_us_per_conn", "setup_ms_p50", "p50_us", "p99_us",
+    keys = ["mib_s", "conn_s", "cpu_d_ms_per_conn", "setup_ms_p50", "p50_us", "p99_us",
             "cpu_e_us_per_rt", "cpu_d_us_per_rt", "seconds",
             "errors", "cpu_e_s_per_gib", "cpu_d_s_per_gib", "rss_e_mib",
             "rss_d_mib", "hwm_e_mib", "hwm_d_mib", "threads_e", "threads_d", "open_s",
