@@ -732,14 +732,17 @@ def _poller():
     return selectors.DefaultSelector()
 
 
-def _remaining(deadline):
-    """Seconds left until DEADLINE (None = forever); HandshakeError when none."""
+def deadline_in(seconds):
+    """The monotonic time SECONDS from now; None (no deadline) for None."""
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def _select_until(selector, deadline):
+    """SELECTOR.select() until DEADLINE (None: no limit); [] once it has passed."""
     if deadline is None:
-        return None
+        return selector.select()
     left = deadline - time.monotonic()
-    if left <= 0:
-        raise HandshakeError("timeout", "handshake timed out")
-    return left
+    return selector.select(left) if left > 0 else []
 
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -785,7 +788,7 @@ class _DeadlineIO:
             self.selector.modify(self.sock, event)
         while True:
             self._watch()
-            ready = self.selector.select(_remaining(self.deadline))
+            ready = _select_until(self.selector, self.deadline)
             if not ready:
                 raise HandshakeError("timeout", "handshake timed out")
             if any(key.fileobj is self.sock for key, _ in ready):
@@ -836,14 +839,14 @@ class HandshakeResult:
         return iter((self.sealer, self.opener))
 
 
-def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
+def handshake(sock, key, client, fast=False, require_pfs=False, deadline=None,
               nonce=None, secret=None, keys=None, dialer=None, dial_after_auth=False):
     """Run the key exchange on SOCK as client (-e, spipe) or server (-d).
 
     KEY is one K or a key ring (see key_ring()); a client uses the ring's
     first key, a server whichever key the client's DH message proves.
     Returns a HandshakeResult: (sealer, opener) for this side, and the
-    key's name.  TIMEOUT bounds the whole exchange (None = no limit).
+    key's name.  DEADLINE (deadline_in()) ends the exchange (None: no limit).
     KEYS (a DHKeyPool) supplies the client's key pair computed ahead of
     time; the server makes its own only once the client's MACed value
     verified, so a peer without the key costs no exponentiation.  DIALER
@@ -854,7 +857,6 @@ def handshake(sock, key, client, fast=False, require_pfs=False, timeout=None,
     """
     ring = key_ring(key)
     key_name, key = ring[0]
-    deadline = None if timeout is None else time.monotonic() + timeout
     io = _DeadlineIO(sock, deadline, dialer)
     try:
         mine = nonce if nonce is not None else os.urandom(NONCE_SIZE)
@@ -972,7 +974,7 @@ class Dialer:
 
     start() begins without waiting, so -d can run its handshake meanwhile;
     check() follows an attempt that finished; connected() waits until
-    DEADLINE; finish() then returns a blocking socket, tuned by tune_socket().
+    DEADLINE; take() then hands over the blocking socket, tuned by tune_socket().
     Raises ConnectError.
     """
 
@@ -1025,7 +1027,7 @@ class Dialer:
         if self.sock is None:
             raise ConnectError(self.error)
 
-    def finish(self, deadline):
+    def take(self, deadline):
         """connected(DEADLINE), then hand the socket over, blocking."""
         self.connected(deadline)
         sock, self.sock = self.sock, None
@@ -1042,9 +1044,8 @@ class Dialer:
             selector = _poller()
             try:
                 while self.pending:
-                    left = None if deadline is None else deadline - time.monotonic()
                     selector.register(self.sock, selectors.EVENT_WRITE)
-                    ready = (left is None or left > 0) and selector.select(left)
+                    ready = _select_until(selector, deadline)
                     selector.unregister(self.sock)
                     if not ready:
                         self.close()
@@ -1114,16 +1115,29 @@ def _shutdown(sock, how):
             raise
 
 
+def _shutdown_quietly(sock, how=socket.SHUT_RDWR):
+    """shutdown() to wake whoever waits on SOCK; any error means there is nothing to wake."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
 class Connection(socketserver.BaseRequestHandler):
     """The life of one accepted connection: dial, handshake, two relays, teardown.
 
-    The server's ThreadingMixIn runs it in a new thread: handle() does the
-    set-up, then starts a second thread for the inward direction and relays
-    the outward one itself.  Each of the two threads holds the
-    connection; the server's shutdown_request() releases the first, the
-    second relay releases its own, and the last release runs teardown(),
-    the one place where the sockets are closed.  abort() cuts both
-    directions at any stage of the set-up.  Both are safe to call twice.
+    socketserver runs setup(), handle() and finish() in the connection's
+    own thread (ThreadingMixIn).  handle() opens the tunnel (dial and
+    handshake), starts a second thread for the inward direction and
+    relays the outward one itself:
+
+        outward: plain --seal--> sealed      inward: sealed --open--> plain
+
+    where plain is the client with -e and the target with -d.  Each of the
+    two threads holds the connection and releases it as it ends (the
+    first in finish()); the last release runs teardown(), the one place
+    where the sockets and the dialer are closed.  abort() cuts both
+    directions at any stage.  Both are safe to call twice.
     """
 
     def setup(self):
@@ -1131,8 +1145,11 @@ class Connection(socketserver.BaseRequestHandler):
         self.options = server.options
         self.client = self.request
         self.started = time.monotonic()
-        self.lock = threading.Lock()  # guards target, codecs, failed, holds, closed
+        self.deadline = deadline_in(self.options.timeout)  # -o: dial (and handshake) by then
+        self.lock = threading.Lock()  # guards target, plain, sealed, codecs, failed, holds, closed
+        self.dialer = None   # the target's Dialer, from the set-up on
         self.target = None   # the dialled socket, once connected
+        self.plain = self.sealed = None  # the plaintext side and the packet side, once connected
         self.codecs = None   # (sealer, opener) once the set-up succeeded
         self.failed = None   # why the connection was cut, if it was
         self.holds = 1       # threads still using the sockets
@@ -1156,33 +1173,55 @@ class Connection(socketserver.BaseRequestHandler):
         return sealed, opened
 
     def handle(self):
-        """Set up; then start the inward relay's thread and relay outward here.
+        """Open the tunnel; then start the inward relay's thread and relay outward here.
 
         The second thread starts only once the set-up succeeded, just before
         this one blocks in its first read: it never competes with the
         handshake for the interpreter, and a connection that fails its
         set-up costs no second thread.  Failures of the set-up and of a
         relay end here; any other exception goes to the server's
-        handle_error().
+        handle_error(), which logs it and cuts the connection.
         """
-        jobs = self._set_up()
-        if jobs is None:
-            return
-        with self.lock:
-            self.holds += 1
         try:
-            _thread.start_new_thread(self._inward, (jobs[1],))
-        except RuntimeError:  # no thread to be had: give up this connection
-            self.abort("cannot start a thread")
-            self.release()
-            return
-        self._pipe(*jobs[0])
+            codecs = self._open_tunnel()
+            if codecs is None:
+                return
+            sealer, opener = codecs
+            with self.lock:
+                self.holds += 1
+            try:
+                _thread.start_new_thread(self._relay_inward, (opener,))
+            except RuntimeError:  # no thread to be had: give up this connection
+                self.abort("cannot start a thread")
+                self.release()
+                return
+            self._relay(self.plain, sealer, self.sealed)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
 
-    def _set_up(self):
-        """Dial and handshake; the two relays' (source, codec, destination), or None."""
+    def finish(self):
+        """socketserver's last call in the connection's thread: release its hold."""
+        self.release()
+
+    def _relay_inward(self, opener):
+        """The second relay's thread, started with _thread (no Thread object)."""
+        try:
+            self._relay(self.sealed, opener, self.plain)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
+        finally:
+            self.release()
+
+    def _open_tunnel(self):
+        """Dial the target and shake hands: (sealer, opener), or None once logged.
+
+        With --proxy-protocol the header goes to the target first.  A
+        failure is counted and logged here; an abort() meanwhile ends the
+        set-up too.
+        """
         stats = self.server.stats
         try:
-            result = self._establish()
+            result = self._dial_and_shake_hands()
         except ConnectError as e:
             stats.count_connect_failure()
             self._event("connect to %s failed: %s" % (self.options.target, e))
@@ -1200,56 +1239,42 @@ class Connection(socketserver.BaseRequestHandler):
             if self.failed is not None:  # aborted during the set-up
                 return None
             self.codecs = (result.sealer, result.opener)
-        if self.options.decrypt:
-            plain, sealed = self.target, self.client
-        else:
-            plain, sealed = self.client, self.target
-        return (plain, result.sealer, sealed), (sealed, result.opener, plain)
+        return self.codecs
 
-    def _inward(self, job):
-        """The second relay's thread, started with _thread (no Thread object).
-
-        Like handle(), errors go to handle_error().
-        """
-        try:
-            self._pipe(*job)
-        except Exception:
-            self.server.handle_error(self.request, self.client_address)
-        finally:
-            self.release()
-
-    def _establish(self):
+    def _dial_and_shake_hands(self):
         """Connect to the target and run the handshake; a HandshakeResult.
 
         -d shakes hands on the accepted socket while the target connect is
         under way (one deadline covers both, and a target that refuses ends
         the handshake at once); --connect-after-auth dials only once the
-        client's DH message proved it has the key.
+        client's DH message proved it has the key.  -e dials first; then,
+        as in C, its handshake has -o of its own.
         """
         options, server = self.options, self.server
-        timeout = options.timeout
-        deadline = None if timeout is None else self.started + timeout
         if not server.accepted_tuned:
             tune_socket(self.client, options.keepalive, options.keepalive_times)
-        dialer = Dialer(server.targets, server.bind, options.keepalive, options.keepalive_times)
+        self.dialer = Dialer(server.targets, server.bind, options.keepalive,
+                             options.keepalive_times)
         common = dict(fast=options.fast, require_pfs=options.require_pfs)
-        try:
-            if options.decrypt:
-                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-                result = handshake(self.client, self.keyring, client=False, timeout=left,
-                                   dialer=dialer, dial_after_auth=options.connect_after_auth,
-                                   **common)
-                self._set_target(dialer.finish(deadline))
-                return result
-            self._set_target(dialer.finish(deadline))
-            return handshake(self.target, self.keyring, client=True, timeout=timeout,
-                             keys=server.dh_keys, **common)
-        finally:
-            dialer.close()
+        if options.decrypt:
+            result = handshake(self.client, self.keyring, client=False, deadline=self.deadline,
+                               dialer=self.dialer, dial_after_auth=options.connect_after_auth,
+                               **common)
+            self._connected(self.dialer.take(self.deadline))
+            return result
+        self._connected(self.dialer.take(self.deadline))
+        self.deadline = deadline_in(options.timeout)
+        return handshake(self.target, self.keyring, client=True, deadline=self.deadline,
+                         keys=server.dh_keys, **common)
 
-    def _set_target(self, sock):
+    def _connected(self, target):
+        """TARGET (blocking) took the connection: name the plaintext and the packet side."""
         with self.lock:
-            self.target = sock
+            self.target = target
+            if self.options.decrypt:
+                self.plain, self.sealed = target, self.client
+            else:
+                self.plain, self.sealed = self.client, target
 
     def _send_proxy_header(self, sealer):
         """Write the PROXY header towards the target before any other byte.
@@ -1270,7 +1295,7 @@ class Connection(socketserver.BaseRequestHandler):
             self.plain_header = len(header)
         return True
 
-    def _pipe(self, src, codec, dst):
+    def _relay(self, src, codec, dst):
         """Run one direction; half-close at EOF; a failure aborts both directions.
 
         I/O errors and bad packets end here; other exceptions propagate.
@@ -1292,10 +1317,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
             for sock in (self.client, self.target):
                 if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    _shutdown_quietly(sock, socket.SHUT_RDWR)
 
     def release(self):
         """A thread is done with the sockets; the last one tears the connection down."""
@@ -1306,7 +1328,7 @@ class Connection(socketserver.BaseRequestHandler):
             self.teardown()
 
     def teardown(self):
-        """Close both sockets, log the closing line, and free the slot last, once."""
+        """Close the sockets and the dialer, log the closing line, and free the slot last, once."""
         with self.lock:
             if self.closed:
                 return
@@ -1315,6 +1337,8 @@ class Connection(socketserver.BaseRequestHandler):
         for sock in (self.client, self.target):
             if sock is not None:
                 sock.close()
+        if self.dialer is not None:
+            self.dialer.close()
         if relayed:  # a set-up failure logged its own line
             how = "closed" if self.failed is None else "dropped (%s)" % self.failed
             self._event("%s: %d bytes in, %d bytes out, %.3fs"
@@ -1648,10 +1672,7 @@ class ListeningServer(socketserver.TCPServer):
         if self.socket_file is not None:
             self.socket_file.remove()
         for sock in self.listening_sockets():
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown_quietly(sock)
 
     def server_close(self):
         super().server_close()
@@ -1693,15 +1714,14 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         # -e computes its key pairs ahead; -d only after the client proved the key.
         self.dh_keys = None if spec.options.decrypt or spec.options.fast else DHKeyPool()
         self.on_change = on_change or (lambda: None)  # after each accept and close
-        # changed's lock guards live, next_number, stopping, drain_deadline
-        # and accept_paused_until; it is notified as connections end.
-        self.changed = threading.Condition(threading.Lock())
+        # lock guards live, next_number, drain_deadline and
+        # accept_paused_until; it is notified as connections end.
+        self.lock = threading.Condition(threading.Lock())
         self.live = {}     # accepted socket -> its Connection (None until it runs)
         self.next_number = 0
-        self.stopping = False
         self.drain_deadline = None
         self.accept_paused_until = 0.0
-        self.stopped = threading.Event()  # set as the shutdown begins
+        self.stopping = threading.Event()  # set as the shutdown begins, under lock
         self.accept_error_logged = False  # the serve() thread's own
         self.waker = _WakePipe()
         super().__init__(spec.family, spec.sockaddr, Connection, listeners,
@@ -1734,8 +1754,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         listening = False
         try:
             while True:
-                with self.changed:
-                    if self.stopping and not self.live:
+                with self.lock:
+                    if self.stopping.is_set() and not self.live:
                         return
                     want, timeout = self._next_pass(tick)
                 if timeout <= 0:  # the bounded drain ran out
@@ -1758,9 +1778,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             selector.close()
 
     def _next_pass(self, tick):
-        """(accept now?, seconds to wait) for serve(), under .changed; <= 0: drain over."""
+        """(accept now?, seconds to wait) for serve(), under .lock; <= 0: drain over."""
         now = time.monotonic()
-        want = not self.stopping and not self.full() and now >= self.accept_paused_until
+        want = not self.stopping.is_set() and not self.full() and now >= self.accept_paused_until
         timeout = tick
         if self.accept_paused_until:
             timeout = min(timeout, max(self.accept_paused_until - now, 0.01))
@@ -1779,12 +1799,12 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                 if not self.accept_error_logged:
                     log.warn("Error accepting connection: %s" % e.strerror)
                     self.accept_error_logged = True
-                with self.changed:
+                with self.lock:
                     self.accept_paused_until = time.monotonic() + 0.25
             return
         self.accept_error_logged = False  # the next exhaustion gets its line again
         limit = self.options.max_connections
-        with self.changed:
+        with self.lock:
             self.accept_paused_until = 0.0
             self.live[sock] = None
             reached = bool(limit) and len(self.live) == limit
@@ -1799,7 +1819,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
     def metrics(self):
         """Stats.snapshot() with live connections' bytes (SIGUSR1's line, --metrics)."""
-        with self.changed:  # where a close moves its bytes from live to closed: none twice
+        with self.lock:  # where a close moves its bytes from live to closed: none twice
             live = [c.bytes_moved() for c in self.live.values() if c is not None]
             return self.stats.snapshot(live)
 
@@ -1807,7 +1827,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
     def attach(self, connection):
         """A connection's thread has started: number it and let abort_all() reach it."""
-        with self.changed:
+        with self.lock:
             self.next_number += 1
             number = self.next_number
             self.live[connection.request] = connection
@@ -1819,7 +1839,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
     def handle_error(self, request, client_address):
         """An unexpected exception in a connection's thread: log it, cut the connection."""
         exc = sys.exc_info()[1]
-        with self.changed:
+        with self.lock:
             connection = self.live.get(request)
         number = connection.number if connection is not None else 0
         log.warn("connection %d: internal error: %r" % (number, exc))
@@ -1829,31 +1849,29 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             connection.abort("internal error: %r" % (exc,))
 
     def shutdown_request(self, request):
-        """The mixin's thread is done: release its hold on the connection.
+        """The mixin's thread is done: close REQUEST if its Connection never started.
 
-        The socket stays open while the other relay uses it; the
-        connection's teardown closes it.  A request whose connection never
-        started is closed here.
+        A connection that started released this thread's hold in its own
+        finish(), and its teardown closes the socket (TCPServer's version
+        would close it under the second relay).
         """
-        with self.changed:
-            connection = self.live.get(request)
-        if connection is not None:
-            connection.release()
-        else:
+        with self.lock:
+            never_started = request in self.live and self.live[request] is None
+        if never_started:
             self.close_request(request)
             self.connection_closed(request, None)
 
     def connection_closed(self, request, connection):
         """Called once per accepted socket as it is closed; frees its slot."""
         moved = connection.bytes_moved() if connection is not None else (0, 0)
-        with self.changed:
+        with self.lock:
             # Wake the accept loop only when it waits for this: a free slot,
             # a free descriptor, or the end of a drain.
-            waiting = self.full() or self.accept_paused_until or self.stopping
+            waiting = self.full() or self.accept_paused_until or self.stopping.is_set()
             self.stats.closed(*moved)  # with the pop: metrics() sees one or the other
             self.live.pop(request, None)
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
-            self.changed.notify_all()
+            self.lock.notify_all()
         if waiting:
             self.wake()
         self.on_change()
@@ -1869,16 +1887,15 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         """
         if stop_listening:
             self.stop_listening()
-        with self.changed:
-            self.stopping = True
+        with self.lock:
+            self.stopping.set()
             if drain_timeout is not None and self.drain_deadline is None:
-                self.drain_deadline = time.monotonic() + drain_timeout
-        self.stopped.set()
+                self.drain_deadline = deadline_in(drain_timeout)
         self.wake()
 
     def abort_all(self):
         """Cut every live connection (bounded drain ran out)."""
-        with self.changed:
+        with self.lock:
             live = list(self.live.values())
         for connection in live:
             if connection is not None:  # None: not started; the exit closes it
@@ -1886,8 +1903,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
     def _await_teardowns(self, seconds):
         """Give aborted connections up to SECONDS to close and log their lines."""
-        with self.changed:
-            self.changed.wait_for(lambda: not self.live, seconds)
+        with self.lock:
+            self.lock.wait_for(lambda: not self.live, seconds)
 
     def server_close(self):
         super().server_close()
@@ -1907,7 +1924,7 @@ def start_re_resolver(server):
 
 def _re_resolve(server, period):
     """Every PERIOD seconds until SERVER stops; a failed look-up keeps the old list."""
-    while not server.stopped.wait(period):
+    while not server.stopping.wait(period):
         try:
             fresh = resolve(server.options.target)
         except AddressError as e:
@@ -2242,10 +2259,7 @@ class MetricsServer(ListeningServer):
         with self.deadlines_lock:  # their threads close them only after leaving the dict
             for request, deadline in self.deadlines.items():
                 if deadline <= now:
-                    try:
-                        request.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    _shutdown_quietly(request)
 
     def handle_error(self, request, client_address):
         """An exception while serving a request: a warning line unless the client went away."""
@@ -3534,21 +3548,20 @@ def spipe_main(args):
 
 
 def _run_spipe(options):
-    timeout = options.timeout
     targets = resolve(options.target)
     bind = bind_address(options.bind)[0][1] if options.bind is not None else None
     key = read_key(options.key)
     set_signals({signal.SIGTERM: lambda signum, frame: os._exit(0),
                  signal.SIGINT: signal.SIG_DFL})
     try:
-        sock = Dialer(targets, bind).finish(
-            None if timeout is None else time.monotonic() + timeout)
+        sock = Dialer(targets, bind).take(deadline_in(options.timeout))
     except ConnectError:
         log.warn("Could not connect")
         return 1
     try:
         sealer, opener = handshake(sock, key, client=True, fast=options.fast,
-                                   require_pfs=options.require_pfs, timeout=timeout)
+                                   require_pfs=options.require_pfs,
+                                   deadline=deadline_in(options.timeout))
     except HandshakeError:
         log.warn("Handshake failed")
         return 1

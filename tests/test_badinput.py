@@ -97,7 +97,7 @@ def good_client(addr, key, payload=None, fast=False):
     sends PAYLOAD, half-closes, returns the decrypted reply up to EOF."""
     payload = os.urandom(3000) if payload is None else payload
     with connect(addr, timeout=10) as s:
-        sealer, opener = spiped.handshake(s, key, client=True, fast=fast, timeout=10)
+        sealer, opener = spiped.handshake(s, key, client=True, fast=fast, deadline=spiped.deadline_in(10))
         s.settimeout(10)
         s.sendall(sealer.seal(payload))
         s.shutdown(socket.SHUT_WR)
@@ -207,7 +207,7 @@ def test_wrong_key(procs, keyfile, otherkey, echo, impl):
     addr = start_d(procs, impl, keyfile, target.addr)
     with connect(addr, timeout=10) as s:
         with pytest.raises(spiped.HandshakeError):
-            spiped.handshake(s, key_of(otherkey), client=True, timeout=DROP_TIMEOUT)
+            spiped.handshake(s, key_of(otherkey), client=True, deadline=spiped.deadline_in(DROP_TIMEOUT))
     wait_target_idle(target)
     assert target.total_received() == 0
     assert_served(addr, key_of(keyfile), target)
@@ -557,7 +557,7 @@ class FakeServer(TargetServer):
                     c.sendall(y + spiped.hmac_sha256(mac_s, y))
                     got, outcome = read_to_eof(c), "closed"
                 else:
-                    sealer, opener = spiped.handshake(c, self.key, client=False, timeout=10)
+                    sealer, opener = spiped.handshake(c, self.key, client=False, deadline=spiped.deadline_in(10))
                     c.settimeout(10)
                     if mode == "bad-packet":
                         packet = bytearray(sealer.seal(b"forged"))

@@ -41,7 +41,7 @@ def _ring_handshake(ring, client_key, client_fast=False, require_pfs=False,
 
     def server():
         try:
-            out["server"] = spiped.handshake(b, ring, client=False, timeout=5,
+            out["server"] = spiped.handshake(b, ring, client=False, deadline=spiped.deadline_in(5),
                                              require_pfs=require_pfs)
         except spiped.HandshakeError as e:
             out["server"] = e
@@ -50,7 +50,7 @@ def _ring_handshake(ring, client_key, client_fast=False, require_pfs=False,
     t = threading.Thread(target=server, name="ring-server")
     t.start()
     try:
-        client = spiped.handshake(a, client_key, client=True, fast=client_fast, timeout=5)
+        client = spiped.handshake(a, client_key, client=True, fast=client_fast, deadline=spiped.deadline_in(5))
     except spiped.HandshakeError as e:
         client = e
     t.join(10)

@@ -150,9 +150,9 @@ def test_wrong_key_clients_cost_no_exponentiation(procs, tmp_path, keyfile, othe
     for _ in range(20):
         with connect(source) as s:
             with pytest.raises(spiped.HandshakeError):
-                spiped.handshake(s, key_of(otherkey), client=True, fast=True, timeout=10)
+                spiped.handshake(s, key_of(otherkey), client=True, fast=True, deadline=spiped.deadline_in(10))
     with connect(source) as s:
-        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0, read_text(log)
     # The good client: the daemon's own y, then the shared value.
@@ -222,7 +222,7 @@ def test_sigterm_exit_waits_for_the_connections_lines(procs, tmp_path, keyfile, 
         for _ in range(4):
             s = connect(source)
             clients.append(s)
-            _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+            _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
             assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
         proc.send_signal(signal.SIGTERM)
         notify.wait_for_text("STOPPING=1")  # the drain has begun
@@ -256,7 +256,7 @@ def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile
     proc, source, log = start(procs, cmd, tmp_path, "-d", "-t", target.addr, "-k", keyfile,
                               "-o", "30")
     with connect(source) as s:
-        sealer, _ = spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        sealer, _ = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
         s.sendall(sealer.seal(b"data for the target"))
         assert wait_closed(s, 10) is not None, "client still connected"
     assert wait_for(lambda: target.eofs == 1, 10), "target still connected"
@@ -287,7 +287,7 @@ def test_keepalive_on_both_sockets_unless_j(procs, tmp_path, keyfile, holding, f
     sport = source.rsplit(":", 1)[1]
     tport = target.addr.rsplit(":", 1)[1]
     with connect(source) as s:
-        spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+        spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
         assert wait_for(lambda: target.connections == 1, 10)
         accepted = _keepalive_timers("( sport = :%s )" % sport)
         dialled = _keepalive_timers("( dport = :%s )" % tport)
@@ -334,7 +334,7 @@ def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, tmp_path, keyfile,
     pid1 = _child_pid(outer.pid)
     try:
         with connect(source) as s:
-            spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+            spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
             assert wait_for(lambda: target.connections == 1, 10)
             os.kill(pid1, signal.SIGINT)
             assert outer.wait(timeout=10) == 0, read_text(log)

@@ -46,13 +46,13 @@ def test_handshake_relays_and_traceback_fit_the_thread_stack():
     got = bytearray()
 
     def server():
-        sealer, opener = spiped.handshake(b, key, client=False, timeout=10)
+        sealer, opener = spiped.handshake(b, key, client=False, deadline=spiped.deadline_in(10))
         spiped.relay(b.recv, opener, qa.sendall, lambda: b.recv(1, socket.MSG_PEEK))
         qa.shutdown(socket.SHUT_WR)
         return sealer
 
     def client():
-        sealer, opener = spiped.handshake(a, key, client=True, timeout=10,
+        sealer, opener = spiped.handshake(a, key, client=True, deadline=spiped.deadline_in(10),
                                           keys=spiped.DHKeyPool())
         spiped.relay(pb.recv, sealer, a.sendall)
         a.shutdown(socket.SHUT_WR)

@@ -186,12 +186,12 @@ def _socket_handshake(v, client_fast, server_fast):
 
     def server():
         result["server"] = spiped.handshake(
-            b, key, client=False, fast=server_fast, timeout=5,
+            b, key, client=False, fast=server_fast, deadline=spiped.deadline_in(5),
             nonce=H(v["nonce_server"]), secret=H(v["x_server"]) if v.get("x_server") else None)
 
     t = threading.Thread(target=server)
     t.start()
-    client = spiped.handshake(a, key, client=True, fast=client_fast, timeout=5,
+    client = spiped.handshake(a, key, client=True, fast=client_fast, deadline=spiped.deadline_in(5),
                               nonce=H(v["nonce_client"]),
                               secret=H(v["x_client"]) if v.get("x_client") else None)
     t.join()
@@ -225,7 +225,7 @@ def test_require_pfs_refuses_fast_peer():
 
     def server():
         try:
-            spiped.handshake(b, key, client=False, require_pfs=True, timeout=5)
+            spiped.handshake(b, key, client=False, require_pfs=True, deadline=spiped.deadline_in(5))
         except spiped.HandshakeError as e:
             errors.append(e.reason)
         b.close()
@@ -233,7 +233,7 @@ def test_require_pfs_refuses_fast_peer():
     t = threading.Thread(target=server)
     t.start()
     with pytest.raises(spiped.HandshakeError):
-        spiped.handshake(a, key, client=True, fast=True, timeout=5)
+        spiped.handshake(a, key, client=True, fast=True, deadline=spiped.deadline_in(5))
     t.join()
     a.close()
     assert errors == ["no-pfs"]
@@ -245,7 +245,7 @@ def test_wrong_key_is_a_mac_failure():
 
     def server():
         try:
-            spiped.handshake(b, os.urandom(32), client=False, timeout=5)
+            spiped.handshake(b, os.urandom(32), client=False, deadline=spiped.deadline_in(5))
         except spiped.HandshakeError as e:
             errors.append(e.reason)
         b.close()
@@ -253,7 +253,7 @@ def test_wrong_key_is_a_mac_failure():
     t = threading.Thread(target=server)
     t.start()
     with pytest.raises(spiped.HandshakeError):
-        spiped.handshake(a, os.urandom(32), client=True, timeout=5)
+        spiped.handshake(a, os.urandom(32), client=True, deadline=spiped.deadline_in(5))
     t.join()
     a.close()
     assert errors == ["bad-mac"]
@@ -262,7 +262,7 @@ def test_wrong_key_is_a_mac_failure():
 def test_handshake_timeout():
     a, b = socket.socketpair()
     with pytest.raises(spiped.HandshakeError) as info:
-        spiped.handshake(a, os.urandom(32), client=True, timeout=0.3)
+        spiped.handshake(a, os.urandom(32), client=True, deadline=spiped.deadline_in(0.3))
     assert info.value.reason == "timeout"
     a.close()
     b.close()
