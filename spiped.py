@@ -947,10 +947,10 @@ _KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
                           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
 
 
-def tune_socket(sock, keepalive, times=None):
+def tune_socket(sock, keepalive, timers=None):
     """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
 
-    TIMES (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
+    TIMERS (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
     TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -958,7 +958,7 @@ def tune_socket(sock, keepalive, times=None):
     settings = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
     settings += [(socket.IPPROTO_TCP, option, value)
-                 for option, value in zip(_KEEPALIVE_TIMERS, times or ()) if option is not None]
+                 for option, value in zip(_KEEPALIVE_TIMERS, timers or ()) if option is not None]
     for level, option, value in settings:
         try:
             sock.setsockopt(level, option, value)
@@ -978,11 +978,11 @@ class Dialer:
     Raises ConnectError.
     """
 
-    def __init__(self, addresses, bind=None, keepalive=True, times=None):
+    def __init__(self, addresses, bind=None, keepalive=True, timers=None):
         self.todo = list(addresses)
         self.bind = bind
         self.keepalive = keepalive
-        self.times = times  # --keepalive's, for tune_socket()
+        self.timers = timers  # --keepalive's, for tune_socket()
         self.sock = None
         self.pending = False
         self.error = "no addresses"
@@ -1001,7 +1001,7 @@ class Dialer:
             try:
                 if _STREAM_NONBLOCK == socket.SOCK_STREAM:
                     sock.setblocking(False)
-                tune_socket(sock, self.keepalive, self.times)  # from the handshake's first byte
+                tune_socket(sock, self.keepalive, self.timers)  # from the handshake's first byte
                 if self.bind is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(self.bind)
@@ -1252,9 +1252,9 @@ class Connection(socketserver.BaseRequestHandler):
         """
         options, server = self.options, self.server
         if not server.accepted_tuned:
-            tune_socket(self.client, options.keepalive, options.keepalive_times)
+            tune_socket(self.client, options.keepalive, options.keepalive_timers)
         self.dialer = Dialer(server.targets, server.bind, options.keepalive,
-                             options.keepalive_times)
+                             options.keepalive_timers)
         common = dict(fast=options.fast, require_pfs=options.require_pfs)
         if options.decrypt:
             result = handshake(self.client, self.keyring, client=False, deadline=self.deadline,
@@ -1465,7 +1465,8 @@ class _WakePipe:
                 os.close(fd)
 
 
-def _file_identity(path):
+def _inode(path):
+    """(device, inode) of PATH itself (a link is not followed), or None."""
     try:
         st = os.lstat(path)
     except OSError:
@@ -1482,10 +1483,10 @@ class SocketFile:
 
     def __init__(self, path):
         self.path = path
-        self.identity = _file_identity(path)
+        self.inode = _inode(path)
 
     def ours(self):
-        return self.path is not None and _file_identity(self.path) == self.identity
+        return self.path is not None and _inode(self.path) == self.inode
 
     def chmod(self, mode):
         if self.ours():
@@ -1730,7 +1731,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             sock.setblocking(False)
             # Linux copies TCP_NODELAY, SO_KEEPALIVE and the keepalive timers from
             # the listening socket to each accepted one: set them once here.
-            tune_socket(sock, spec.options.keepalive, spec.options.keepalive_times)
+            tune_socket(sock, spec.options.keepalive, spec.options.keepalive_timers)
         self.accepted_tuned = sys.platform.startswith("linux")
 
     def set_keyring(self, keyring):
@@ -1975,17 +1976,21 @@ def pidfile_error(pidfile, reason):
     return SpipedError("fopen(%s): %s" % (pidfile, reason), "Failed to daemonize")
 
 
-def lookup_identity(spec):
+def _privilege_error(*lines):
+    """SpipedError: LINES, then C's closing line for -u."""
+    return SpipedError(*lines, "Failed to drop privileges")
+
+
+def look_up_ids(spec):
     """(uid or None, gid or None) for -u user, :group, or user:group.
 
     Names or numeric ids; the group is looked up first, as C does.
     """
-    failed = "Failed to drop privileges"
     if not spec:
-        raise SpipedError('Need to specify user and/or group: "%s"' % spec, failed)
+        raise _privilege_error('Need to specify user and/or group: "%s"' % spec)
     user, colon, group = spec.partition(":")
     if colon and not group:
-        raise SpipedError('Empty group name: "%s"' % spec, failed)
+        raise _privilege_error('Empty group name: "%s"' % spec)
     gid = _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
     uid = _lookup_id(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
     return uid, gid
@@ -1999,17 +2004,16 @@ def _lookup_id(name, look_up, what):
         return look_up(name)
     except KeyError:
         if not (name.isdigit() and name.isascii() and int(name) < 1 << 32):
-            raise SpipedError("No such %s: %s" % (what, name), "Failed to drop privileges") from None
+            raise _privilege_error("No such %s: %s" % (what, name)) from None
         return int(name)
 
 
 def drop_privileges(uid, gid):
     """Clear supplementary groups, then become GID and UID (each if given)."""
-    failed = "Failed to drop privileges"
     try:
         os.setgroups([])
     except OSError as e:
-        raise SpipedError("%s: %s" % (failed, e.strerror)) from None
+        raise SpipedError("Failed to drop privileges: %s" % e.strerror) from None
     for call, name, value in ((os.setgid, "setgid", gid), (os.setuid, "setuid", uid)):
         if value is None:
             continue
@@ -2017,7 +2021,7 @@ def drop_privileges(uid, gid):
             call(value)
         except (OSError, OverflowError) as e:
             why = getattr(e, "strerror", None) or os.strerror(errno.EINVAL)
-            raise SpipedError("%s(%d): %s" % (name, value, why), failed) from None
+            raise _privilege_error("%s(%d): %s" % (name, value, why)) from None
 
 
 class Notifier:
@@ -2081,7 +2085,7 @@ class Notifier:
 
 
 # --metrics: a Prometheus endpoint, served by http.server in threads of its own.
-# It reads the counters through Tunnels.metrics() (copies taken under the
+# It reads the counters through Supervisor.metrics() (copies taken under the
 # servers' locks) and shares nothing writable with the relays.
 
 METRICS_TIMEOUT = 5.0    # --metrics: seconds a request may take (and its socket stay silent)
@@ -2131,7 +2135,7 @@ def _tunnel_samples(source, t):
 
 
 def metric_samples(snapshot):
-    """{family name: [(labels, value)]} from SNAPSHOT (a Tunnels.metrics() dict)."""
+    """{family name: [(labels, value)]} from SNAPSHOT (a Supervisor.metrics() dict)."""
     samples = {name: [] for name, _, _ in METRIC_FAMILIES}
     for source, tunnel in snapshot["tunnels"].items():
         for name, labels, value in _tunnel_samples(source, tunnel):
@@ -2188,7 +2192,7 @@ class MetricsHandler:
         super().setup()
 
     def do_GET(self):
-        """Answer from one Tunnels.metrics() snapshot; the connection then closes."""
+        """Answer from one Supervisor.metrics() snapshot; the connection then closes."""
         path = self.path.partition("?")[0]
         kind = "text/plain; charset=utf-8"
         if path == "/metrics":
@@ -2384,6 +2388,9 @@ def set_signals(handlers):
         signal.signal(signum, handler)
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # install_signals()'s
+
+
 def install_signals(supervisor):
     """Handlers only record the signal and wake SUPERVISOR's loop, which acts.
 
@@ -2487,7 +2494,7 @@ class TunnelSpec(NamedTuple):
     line: int = 0             # its line in a --config file
     more_sources: tuple = ()  # the source's other addresses (--all-addresses)
 
-    def identity(self):
+    def comparable(self):
         """(options, key ring): what diff_tunnels() compares."""
         return self.options, self.keyring
 
@@ -2574,14 +2581,38 @@ def address_key(family, sockaddr):
     return family, sockaddr
 
 
-def diff_tunnels(old, new):
-    """What turns tunnel set OLD into NEW; both map source -> (TunnelOptions, key ring).
+class TunnelDiff(NamedTuple):
+    """Sources that differ between two tunnel sets (diff_tunnels()); equal lines are in none."""
 
-    Returns (added, removed, rekeyed, replaced) lists of sources: rekeyed
-    lines differ only in their key options (-k, --accept-key) or the keys
-    themselves; replaced lines differ in anything else.  Equal lines are
-    in none of the lists.
-    """
+    added: list      # only in the new set
+    removed: list    # only in the old set
+    rekeyed: list    # in both, differing only in key options (-k, --accept-key) or the keys
+    replaced: list   # in both, differing in anything else
+
+
+class TunnelChanges(NamedTuple):
+    """What a reload will do (Supervisor._plan_reload()), before anything is done."""
+
+    specs: dict        # source -> TunnelSpec: the whole new set
+    added: dict        # source -> its Server, bound, not yet serving
+    removed: list      # sources that stop listening and drain
+    rekeyed: list      # sources whose new connections take new keys
+    taking_over: dict  # source -> the source whose listening socket it takes over
+    unchanged: int     # lines left as they are
+
+
+class ReloadCounts(NamedTuple):
+    """How many tunnels a reload added, removed, rekeyed, replaced and left alone."""
+
+    added: int
+    removed: int
+    rekeyed: int
+    replaced: int
+    unchanged: int
+
+
+def diff_tunnels(old, new):
+    """The TunnelDiff that turns tunnel set OLD into NEW; both map source -> (options, keys)."""
     added = [source for source in new if source not in old]
     removed = [source for source in old if source not in new]
     rekeyed, replaced = [], []
@@ -2591,7 +2622,7 @@ def diff_tunnels(old, new):
                 rekeyed.append(source)
             else:
                 replaced.append(source)
-    return added, removed, rekeyed, replaced
+    return TunnelDiff(added, removed, rekeyed, replaced)
 
 
 class CommandLine:
@@ -2682,11 +2713,11 @@ class ConfigFile:
         log.event("%s: reloaded %s" % (source, _count_keys(len(spec.keyring))))
 
     def reloaded(self, counts):
-        log.warn("%s reloaded: %d added, %d removed, %d rekeyed, %d replaced, %d unchanged"
-                 % ((self.path,) + counts))
+        log.warn("%s reloaded: %s" % (self.path, ", ".join(
+            "%d %s" % (number, what) for what, number in counts._asdict().items())))
 
 
-class Tunnels:
+class Supervisor:
     """The supervisor: serves the tunnels of its PLAN and keeps them in step with it.
 
     PLAN (a CommandLine or a ConfigFile) says which tunnels there are and
@@ -2814,43 +2845,59 @@ class Tunnels:
                              for line in error.lines))
 
     def reload(self):
-        """SIGHUP: load the plan again and apply the difference.
+        """SIGHUP: load the plan again, apply the changes, and report them.
 
         A plan that fails its checks, or a new source that cannot be bound,
-        changes nothing; the plan says why.  A line whose source text
-        changed but names the same address as a removed line takes over
-        that line's listening socket, like a changed line.
+        changes nothing; the plan says why.
         """
         self._count_reload(failed=False)
         try:
-            specs = self.plan.load()
-            self.check_passed(specs)
-            added, removed, rekeyed, replaced = diff_tunnels(
-                {s: spec.identity() for s, spec in self.specs.items()},
-                {s: spec.identity() for s, spec in specs.items()})
-            moved = self._moved(specs, added, removed)
-            fresh = self.bind({s: specs[s] for s in added if s not in moved})
+            changes = self._plan_reload()
         except SpipedError as e:
             self._count_reload(failed=True)
             self.plan.reload_failed(self._explained(e))
             return
-        changed = 0
-        for source, old_source in [(s, s) for s in replaced] + list(moved.items()):
-            server = self._replace(old_source, source, specs[source])
+        self.plan.reloaded(self._apply(changes))
+
+    def _plan_reload(self):
+        """The TunnelChanges from what is served to the plan loaded again; SpipedError.
+
+        A line whose source text changed but names the same address as a
+        removed line takes over that line's listening socket, like a
+        changed line.  Added lines are bound here, so a failure changes nothing.
+        """
+        specs = self.plan.load()
+        self.check_passed(specs)
+        diff = diff_tunnels({s: spec.comparable() for s, spec in self.specs.items()},
+                            {s: spec.comparable() for s, spec in specs.items()})
+        moved = self._moved(specs, diff.added, diff.removed)
+        taking_over = {s: s for s in diff.replaced}
+        taking_over.update(moved)
+        return TunnelChanges(
+            specs=specs, taking_over=taking_over, rekeyed=diff.rekeyed,
+            added=self.bind({s: specs[s] for s in diff.added if s not in moved}),
+            removed=[s for s in diff.removed if s not in moved.values()],
+            unchanged=len(specs) - len(diff.added) - len(diff.rekeyed) - len(diff.replaced))
+
+    def _apply(self, changes):
+        """Carry out CHANGES (from _plan_reload()); the ReloadCounts to report."""
+        fresh, replaced = dict(changes.added), 0
+        for source, old_source in changes.taking_over.items():
+            server = self._replace(old_source, source, changes.specs[source])
             if server is not None:
                 fresh[source] = server
-                changed += 1
-        for source in rekeyed:  # connections read the key ring once, as they start
-            self.servers[source].set_keyring(specs[source].keyring)
-            self.specs[source] = specs[source]
-            self.plan.rekeyed(source, specs[source])
-        for source in removed:
-            if source not in moved.values():
-                self._retire(self.servers.pop(source), stop_listening=True)
-                del self.specs[source]
-        self.serve(specs, fresh)
-        self.plan.reloaded((len(added) - len(moved), len(removed) - len(moved), len(rekeyed),
-                            changed, len(specs) - len(added) - len(rekeyed) - len(replaced)))
+                replaced += 1
+        for source in changes.rekeyed:  # connections read the key ring once, as they start
+            self.servers[source].set_keyring(changes.specs[source].keyring)
+            self.specs[source] = changes.specs[source]
+            self.plan.rekeyed(source, changes.specs[source])
+        for source in changes.removed:
+            self._retire(self.servers.pop(source), stop_listening=True)
+            del self.specs[source]
+        self.serve(changes.specs, fresh)
+        return ReloadCounts(added=len(changes.added), removed=len(changes.removed),
+                            rekeyed=len(changes.rekeyed), replaced=replaced,
+                            unchanged=changes.unchanged)
 
     def _count_reload(self, failed):
         """One more reload begun, or (FAILED) one more that changed nothing."""
@@ -3190,7 +3237,7 @@ class TunnelOptions(NamedTuple):
     connect_after_auth: bool = False     # --connect-after-auth
     log_connections: bool = False        # --log-connections
     all_addresses: bool = False          # --all-addresses
-    keepalive_times: Optional[tuple] = None  # --keepalive: (idle, interval, count)
+    keepalive_timers: Optional[tuple] = None  # --keepalive: (idle, interval, count)
 
     def key_paths(self):
         """-k, then every --accept-key."""
@@ -3264,7 +3311,7 @@ def _octal_mode(option, text):
     return value
 
 
-def _keepalive_times(option, text):
+def _keepalive_timers(option, text):
     """IDLE[,INTERVAL[,COUNT]] -> (idle, interval, count); INTERVAL defaults to IDLE, COUNT to 3.
 
     Whole seconds from 1 (Linux's limits: 32767 s, 127 probes).
@@ -3302,7 +3349,7 @@ SPIPED_OPTIONS = {
     "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
-    "--check": ("check", None), "--keepalive": ("keepalive_times", _keepalive_times),
+    "--check": ("check", None), "--keepalive": ("keepalive_timers", _keepalive_timers),
     "--metrics": ("metrics", _address),
 }
 SPIPE_OPTIONS = {
@@ -3384,7 +3431,7 @@ def _tunnel_options(fields):
         raise UsageError(None)
     if fields.get("connect_after_auth") and not decrypt:
         raise UsageError("--connect-after-auth applies to -d only")
-    if fields.get("no_keepalive") and "keepalive_times" in fields:
+    if fields.get("no_keepalive") and "keepalive_timers" in fields:
         raise UsageError("-j turns keepalive off: it cannot go with --keepalive")
     rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
     re_resolve = not fields.pop("no_re_resolve", False)
@@ -3435,13 +3482,13 @@ def _start_process(process):
     def finish():
         # C checks -u only in the daemon, after its parent has exited 0; an
         # unknown user or group is known now, so report it with exit 1.
-        identity = lookup_identity(process.user) if process.user is not None else None
+        ids = look_up_ids(process.user) if process.user is not None else None
         if background and not process.wait_dns:
             go_background()
         _limit_malloc_arenas()
-        if identity is not None:
+        if ids is not None:
             warm_up()
-            drop_privileges(*identity)
+            drop_privileges(*ids)
         threading.stack_size(THREAD_STACK)
 
     return finish
@@ -3460,15 +3507,19 @@ def _run_spiped(process):
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    tunnels = Tunnels(plan, process.drain_timeout, passed, process.user)
+    tunnels = Supervisor(plan, process.drain_timeout, passed, process.user)
     specs = plan.load(retry=process.wait_dns)
     tunnels.check_passed(specs)
+    # Once a socket is bound, a client may see it and a signal may come: hold
+    # signals until their handlers are in (SIGHUP would otherwise kill us).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     servers = tunnels.bind(specs)
     metrics = _bind_metrics(process, tunnels, servers)  # before -u: a port < 1024 works
     finish()
     notifier = Notifier()  # now: the daemon's PID is known
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
     install_signals(tunnels)
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     tunnels.serve(specs, servers)
     if metrics is not None:
         metrics.start()  # after daemonizing: a thread does not survive fork()
@@ -3499,7 +3550,7 @@ def _check_spiped(process):
             except SpipedError as e:
                 raise e.located(spec.where) from None
     if process.user is not None:
-        lookup_identity(process.user)
+        look_up_ids(process.user)
     reason = None if process.foreground else creatable(process.pidfile_path(), replace=True)
     if reason is not None:
         raise pidfile_error(process.pidfile_path(), reason)

@@ -35,7 +35,7 @@ def timers(sock):
 def test_values_and_defaults(keyfile, text, value):
     options = spiped.parse_spiped_args(["-e", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2",
                                         "-k", keyfile, "--keepalive", text])
-    assert options.tunnel.keepalive_times == value and options.tunnel.keepalive
+    assert options.tunnel.keepalive_timers == value and options.tunnel.keepalive
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "1.5", "x", "", "1,2,3,4", "1,,2", "1,0",
@@ -59,7 +59,7 @@ def test_allowed_on_a_config_line(tmp_path, keyfile):
     conf = tmp_path / "spiped.conf"
     conf.write_text("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k %s --keepalive 30,5\n" % keyfile)
     [(line, options)] = spiped.parse_config_file(str(conf))
-    assert options.keepalive_times == (30, 5, 3)
+    assert options.keepalive_timers == (30, 5, 3)
 
 
 def test_linux_copies_the_timers_to_accepted_sockets():
