@@ -512,33 +512,48 @@ _FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
 _STRIDE_PAD = bytes(STRIDE - PADDED)
 
 
-def _raw_cipher_calls():
-    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from Cryptodome, or None.
+def _raw_cipher_calls(package):
+    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from PACKAGE, or None.
 
-    These are the C functions that AES.encrypt() and strxor() call.  Through
-    ctypes, their Python checks cost more on one packet than the AES itself,
-    so the single-packet path calls them directly.  Cryptodome on cffi (whose
+    These are the C functions that AES.encrypt() and strxor() call in
+    PACKAGE (the Cryptodome that AES came from).  Through ctypes, their
+    Python checks cost more on one packet than the AES itself, so the
+    single-packet path calls them directly.  Cryptodome on cffi (whose
     calls are cheap), or one without them, gets the public calls instead.
     """
     try:
         import ctypes
-        try:
-            from Cryptodome.Cipher._mode_ecb import raw_ecb_lib
-            from Cryptodome.Util import _raw_api
-            from Cryptodome.Util.strxor import _raw_strxor
-        except ImportError:
-            from Crypto.Cipher._mode_ecb import raw_ecb_lib
-            from Crypto.Util import _raw_api
-            from Crypto.Util.strxor import _raw_strxor
-        if _raw_api.backend != "ctypes":
+        import importlib
+        raw_ecb_lib = importlib.import_module(package + ".Cipher._mode_ecb").raw_ecb_lib
+        backend = importlib.import_module(package + ".Util._raw_api").backend
+        raw_strxor = importlib.import_module(package + ".Util.strxor")._raw_strxor
+        if backend != "ctypes":
             return None
-        return (raw_ecb_lib.ECB_encrypt, _raw_strxor.strxor, ctypes.c_size_t(STRIDE),
+        return (raw_ecb_lib.ECB_encrypt, raw_strxor.strxor, ctypes.c_size_t(STRIDE),
                 ctypes.c_char * STRIDE)
     except (ImportError, AttributeError):
         return None
 
 
-_RAW_CALLS = _raw_cipher_calls() if AES is not None else None
+_RAW_CALLS = _raw_cipher_calls(AES.__name__.split(".")[0]) if AES is not None else None
+
+
+def _crypt_one_public(ecb, counter, data):
+    """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
+    return strxor(data, ecb.encrypt(counter.join(_LOW_HALVES)))
+
+
+def _crypt_one_raw(state, counter, data):
+    """_crypt_one_public() through Cryptodome's C functions, into a new ctypes buffer.
+
+    STATE is the raw pointer of an ECB cipher that the caller keeps alive.
+    """
+    encrypt, xor, length, buffer = _RAW_CALLS
+    out = buffer()
+    if encrypt(state, counter.join(_LOW_HALVES), out, length):
+        raise ValueError("AES failed")
+    xor(data, out, out, length)  # in place: strxor allows its output to be an input
+    return out
 
 
 _IPAD = bytes(b ^ 0x36 for b in range(256))  # HMAC's key paddings as tables
@@ -572,23 +587,14 @@ class _PacketKeys:
         self._mac = _Mac(mac_key)
         self.number = number
         self.plaintext = 0  # plaintext bytes sealed or opened so far
+        # A partial over the cipher, not a bound method: an attribute holding
+        # one of self's own methods is a cycle, which would keep each
+        # connection's cipher and MAC states until the cycle collector runs.
         state = getattr(self._ecb, "_state", None)
         if _RAW_CALLS is not None and state is not None:
-            self._crypt_one = self._crypt_one_raw
-            self._state = state.get()
-
-    def _crypt_one(self, counter, data):
-        """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
-        return strxor(data, self._ecb.encrypt(counter.join(_LOW_HALVES)))
-
-    def _crypt_one_raw(self, counter, data):
-        """_crypt_one() through Cryptodome's C functions, into a new ctypes buffer."""
-        encrypt, xor, length, buffer = _RAW_CALLS
-        out = buffer()
-        if encrypt(self._state, counter.join(_LOW_HALVES), out, length):
-            raise ValueError("AES failed")
-        xor(data, out, out, length)  # in place: strxor allows its output to be an input
-        return out
+            self._crypt_one = functools.partial(_crypt_one_raw, state.get())
+        else:
+            self._crypt_one = functools.partial(_crypt_one_public, self._ecb)
 
     def _keystream(self, first, count):
         """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
