@@ -234,11 +234,25 @@ def _strtol_port(text, allow_zero=False):
     return value
 
 
+def _is_ipv6(text):
+    """Whether TEXT is an IPv6 address, a %zone allowed (getaddrinfo() reads it)."""
+    try:
+        socket.inet_pton(socket.AF_INET6, text.partition("%")[0])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_address_syntax(addr):
-    """Reject what 1.6.4 rejects before resolving: '' and a missing host."""
+    """Reject what 1.6.4 rejects before resolving: '' and a missing host.
+
+    1.6.4 takes every address that starts with ':' for one without a host,
+    which also refuses the bare IPv6 addresses 1.6.2 resolves (::1:8025,
+    :::8025); a host that is an IPv6 address is no missing host.
+    """
     if addr == "":
         raise UsageError("Empty socket address")
-    if addr.startswith(":"):
+    if addr.startswith(":") and not _is_ipv6(addr.rpartition(":")[0]):
         raise UsageError('No host in "%s"' % addr)
 
 
@@ -282,7 +296,12 @@ def resolve(addr, allow_zero_port=False):
 
 
 def bind_address(addr):
-    """The sockaddr list for -b ADDR; a missing port means port 0."""
+    """The sockaddr list for -b ADDR; a missing port means port 0.
+
+    A bare IPv6 address is split at its last ':' like any other: ::1:0 is
+    ::1 with port 0, and ::1 alone (host ":") is refused by
+    check_address_syntax(); without a port it is written [::1].
+    """
     if not addr.startswith("/") and (":" not in addr or addr.endswith("]")):
         addr += ":0"
     return resolve(addr, allow_zero_port=True)
@@ -3276,7 +3295,7 @@ def _proxy_version(option, text):
 # belong to the process (ProcessOptions), every other field to a tunnel.
 SPIPED_OPTIONS = {
     "-e": ("encrypt", None), "-d": ("decrypt", None), "-s": ("source", _address),
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-n": ("max_connections", _count), "-o": ("timeout", _seconds),
     "-r": ("rtime", _seconds), "-R": ("no_re_resolve", None),
@@ -3292,7 +3311,7 @@ SPIPED_OPTIONS = {
     "--metrics": ("metrics", _address),
 }
 SPIPE_OPTIONS = {
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
