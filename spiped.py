@@ -110,6 +110,11 @@ DH_ONE = (1).to_bytes(DH_SIZE, "big")  # what a side without PFS (-f) sends
 
 DEFAULT_TIMEOUT = 5.0    # -o: connect and handshake deadline, seconds
 DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
+RTIME_FLOOR = 1.0        # -r: at most one look-up a second (C spins on "-r 1e-300");
+#                          DNS counts TTLs in whole seconds, -D retries each second
+LONGEST_WAIT = 86400.0   # one call of poll() or Event.wait() waits a day at most: poll()
+#                          takes a C int of milliseconds (24.8 days), Event.wait() a time_t
+#                          (C takes any finite -o or -r); a longer wait is several calls
 DEFAULT_MAXCONN = 100    # -n
 KEEPALIVE_COUNT = 3      # --keepalive: probes unanswered before a drop, unless given
 LISTEN_BACKLOG = 10
@@ -751,12 +756,20 @@ def _poller():
     return selectors.DefaultSelector()
 
 
-def _remaining(deadline):
-    """Seconds left until DEADLINE (None = forever); HandshakeError when none."""
+def wait_length(deadline):
+    """Seconds one wait for DEADLINE may take: None without one, <= 0 once it passed.
+
+    At most LONGEST_WAIT: a caller whose wait ended before DEADLINE waits again.
+    """
     if deadline is None:
         return None
-    left = deadline - time.monotonic()
-    if left <= 0:
+    return min(deadline - time.monotonic(), LONGEST_WAIT)
+
+
+def _remaining(deadline):
+    """wait_length(DEADLINE) for the handshake; HandshakeError once it passed."""
+    left = wait_length(deadline)
+    if left is not None and left <= 0:
         raise HandshakeError("timeout", "handshake timed out")
     return left
 
@@ -806,7 +819,7 @@ class _DeadlineIO:
             self._watch()
             ready = self.selector.select(_remaining(self.deadline))
             if not ready:
-                raise HandshakeError("timeout", "handshake timed out")
+                continue  # _remaining() tells a passed deadline from a cut wait
             if any(key.fileobj is self.sock for key, _ in ready):
                 return
             self.dialer.check()
@@ -1061,14 +1074,15 @@ class Dialer:
             selector = _poller()
             try:
                 while self.pending:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    selector.register(self.sock, selectors.EVENT_WRITE)
-                    ready = (left is None or left > 0) and selector.select(left)
-                    selector.unregister(self.sock)
-                    if not ready:
+                    left = wait_length(deadline)
+                    if left is not None and left <= 0:
                         self.close()
                         raise ConnectError("timed out")
-                    self.check()
+                    selector.register(self.sock, selectors.EVENT_WRITE)
+                    ready = selector.select(left)
+                    selector.unregister(self.sock)
+                    if ready:
+                        self.check()
             finally:
                 selector.close()
 
@@ -1918,22 +1932,30 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
 
 def start_re_resolver(server):
-    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R)."""
+    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R).
+
+    Once a second at most (RTIME_FLOOR).
+    """
     period = server.options.rtime
     if server.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
-        threading.Thread(target=_re_resolve, args=(server, period), daemon=True).start()
+        threading.Thread(target=_re_resolve, args=(server, max(period, RTIME_FLOOR)),
+                         daemon=True).start()
 
 
 def _re_resolve(server, period):
     """Every PERIOD seconds until SERVER stops; a failed look-up keeps the old list."""
-    while not server.stopped.wait(period):
+    due = time.monotonic() + period
+    while not server.stopped.wait(wait_length(due)):
+        if time.monotonic() < due:
+            continue  # a period longer than one wait
         try:
             fresh = resolve(server.options.target)
         except AddressError as e:
             log.warn(e.lines[0])
-            continue
+            fresh = None
         if fresh:
             server.set_targets(fresh)
+        due = time.monotonic() + period
 
 # ---------------------------------------------------------------------------
 # 8. Process: daemonizing, pidfile, privileges, systemd, metrics, signals
