@@ -110,6 +110,11 @@ DH_ONE = (1).to_bytes(DH_SIZE, "big")  # what a side without PFS (-f) sends
 
 DEFAULT_TIMEOUT = 5.0    # -o: connect and handshake deadline, seconds
 DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
+RTIME_FLOOR = 1.0        # -r: at most one look-up a second (C spins on "-r 1e-300");
+#                          DNS counts TTLs in whole seconds, -D retries each second
+LONGEST_WAIT = 86400.0   # one call of poll() or Event.wait() waits a day at most: poll()
+#                          takes a C int of milliseconds (24.8 days), Event.wait() a time_t
+#                          (C takes any finite -o or -r); a longer wait is several calls
 DEFAULT_MAXCONN = 100    # -n
 KEEPALIVE_COUNT = 3      # --keepalive: probes unanswered before a drop, unless given
 LISTEN_BACKLOG = 10
@@ -234,11 +239,25 @@ def _strtol_port(text, allow_zero=False):
     return value
 
 
+def _is_ipv6(text):
+    """Whether TEXT is an IPv6 address, a %zone allowed (getaddrinfo() reads it)."""
+    try:
+        socket.inet_pton(socket.AF_INET6, text.partition("%")[0])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_address_syntax(addr):
-    """Reject what 1.6.4 rejects before resolving: '' and a missing host."""
+    """Reject what 1.6.4 rejects before resolving: '' and a missing host.
+
+    1.6.4 takes every address that starts with ':' for one without a host,
+    which also refuses the bare IPv6 addresses 1.6.2 resolves (::1:8025,
+    :::8025); a host that is an IPv6 address is no missing host.
+    """
     if addr == "":
         raise UsageError("Empty socket address")
-    if addr.startswith(":"):
+    if addr.startswith(":") and not _is_ipv6(addr.rpartition(":")[0]):
         raise UsageError('No host in "%s"' % addr)
 
 
@@ -282,7 +301,12 @@ def resolve(addr, allow_zero_port=False):
 
 
 def bind_address(addr):
-    """The sockaddr list for -b ADDR; a missing port means port 0."""
+    """The sockaddr list for -b ADDR; a missing port means port 0.
+
+    A bare IPv6 address is split at its last ':' like any other: ::1:0 is
+    ::1 with port 0, and ::1 alone (host ":") is refused by
+    check_address_syntax(); without a port it is written [::1].
+    """
     if not addr.startswith("/") and (":" not in addr or addr.endswith("]")):
         addr += ":0"
     return resolve(addr, allow_zero_port=True)
@@ -738,12 +762,20 @@ def _poller():
     return selectors.DefaultSelector()
 
 
-def _remaining(deadline):
-    """Seconds left until DEADLINE (None = forever); HandshakeError when none."""
+def wait_length(deadline):
+    """Seconds one wait for DEADLINE may take: None without one, <= 0 once it passed.
+
+    At most LONGEST_WAIT: a caller whose wait ended before DEADLINE waits again.
+    """
     if deadline is None:
         return None
-    left = deadline - time.monotonic()
-    if left <= 0:
+    return min(deadline - time.monotonic(), LONGEST_WAIT)
+
+
+def _remaining(deadline):
+    """wait_length(DEADLINE) for the handshake; HandshakeError once it passed."""
+    left = wait_length(deadline)
+    if left is not None and left <= 0:
         raise HandshakeError("timeout", "handshake timed out")
     return left
 
@@ -793,7 +825,7 @@ class _DeadlineIO:
             self._watch()
             ready = self.selector.select(_remaining(self.deadline))
             if not ready:
-                raise HandshakeError("timeout", "handshake timed out")
+                continue  # _remaining() tells a passed deadline from a cut wait
             if any(key.fileobj is self.sock for key, _ in ready):
                 return
             self.dialer.check()
@@ -1048,14 +1080,15 @@ class Dialer:
             selector = _poller()
             try:
                 while self.pending:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    selector.register(self.sock, selectors.EVENT_WRITE)
-                    ready = (left is None or left > 0) and selector.select(left)
-                    selector.unregister(self.sock)
-                    if not ready:
+                    left = wait_length(deadline)
+                    if left is not None and left <= 0:
                         self.close()
                         raise ConnectError("timed out")
-                    self.check()
+                    selector.register(self.sock, selectors.EVENT_WRITE)
+                    ready = selector.select(left)
+                    selector.unregister(self.sock)
+                    if ready:
+                        self.check()
             finally:
                 selector.close()
 
@@ -1905,22 +1938,30 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
 
 def start_re_resolver(server):
-    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R)."""
+    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R).
+
+    Once a second at most (RTIME_FLOOR).
+    """
     period = server.options.rtime
     if server.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
-        threading.Thread(target=_re_resolve, args=(server, period), daemon=True).start()
+        threading.Thread(target=_re_resolve, args=(server, max(period, RTIME_FLOOR)),
+                         daemon=True).start()
 
 
 def _re_resolve(server, period):
     """Every PERIOD seconds until SERVER stops; a failed look-up keeps the old list."""
-    while not server.stopped.wait(period):
+    due = time.monotonic() + period
+    while not server.stopped.wait(wait_length(due)):
+        if time.monotonic() < due:
+            continue  # a period longer than one wait
         try:
             fresh = resolve(server.options.target)
         except AddressError as e:
             log.warn(e.lines[0])
-            continue
+            fresh = None
         if fresh:
             server.set_targets(fresh)
+        due = time.monotonic() + period
 
 # ---------------------------------------------------------------------------
 # 8. Process: daemonizing, pidfile, privileges, systemd, metrics, signals
@@ -3282,7 +3323,7 @@ def _proxy_version(option, text):
 # belong to the process (ProcessOptions), every other field to a tunnel.
 SPIPED_OPTIONS = {
     "-e": ("encrypt", None), "-d": ("decrypt", None), "-s": ("source", _address),
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-n": ("max_connections", _count), "-o": ("timeout", _seconds),
     "-r": ("rtime", _seconds), "-R": ("no_re_resolve", None),
@@ -3298,7 +3339,7 @@ SPIPED_OPTIONS = {
     "--metrics": ("metrics", _address),
 }
 SPIPE_OPTIONS = {
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
