@@ -110,6 +110,11 @@ DH_ONE = (1).to_bytes(DH_SIZE, "big")  # what a side without PFS (-f) sends
 
 DEFAULT_TIMEOUT = 5.0    # -o: connect and handshake deadline, seconds
 DEFAULT_RTIME = 60.0     # -r: target re-resolution period, seconds
+RTIME_FLOOR = 1.0        # -r: at most one look-up a second (C spins on "-r 1e-300");
+#                          DNS counts TTLs in whole seconds, -D retries each second
+LONGEST_WAIT = 86400.0   # one call of poll() or Event.wait() waits a day at most: poll()
+#                          takes a C int of milliseconds (24.8 days), Event.wait() a time_t
+#                          (C takes any finite -o or -r); a longer wait is several calls
 DEFAULT_MAXCONN = 100    # -n
 KEEPALIVE_COUNT = 3      # --keepalive: probes unanswered before a drop, unless given
 LISTEN_BACKLOG = 10
@@ -234,11 +239,25 @@ def _strtol_port(text, allow_zero=False):
     return value
 
 
+def _is_ipv6(text):
+    """Whether TEXT is an IPv6 address, a %zone allowed (getaddrinfo() reads it)."""
+    try:
+        socket.inet_pton(socket.AF_INET6, text.partition("%")[0])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_address_syntax(addr):
-    """Reject what 1.6.4 rejects before resolving: '' and a missing host."""
+    """Reject what 1.6.4 rejects before resolving: '' and a missing host.
+
+    1.6.4 takes every address that starts with ':' for one without a host,
+    which also refuses the bare IPv6 addresses 1.6.2 resolves (::1:8025,
+    :::8025); a host that is an IPv6 address is no missing host.
+    """
     if addr == "":
         raise UsageError("Empty socket address")
-    if addr.startswith(":"):
+    if addr.startswith(":") and not _is_ipv6(addr.rpartition(":")[0]):
         raise UsageError('No host in "%s"' % addr)
 
 
@@ -282,7 +301,12 @@ def resolve(addr, allow_zero_port=False):
 
 
 def bind_address(addr):
-    """The sockaddr list for -b ADDR; a missing port means port 0."""
+    """The sockaddr list for -b ADDR; a missing port means port 0.
+
+    A bare IPv6 address is split at its last ':' like any other: ::1:0 is
+    ::1 with port 0, and ::1 alone (host ":") is refused by
+    check_address_syntax(); without a port it is written [::1].
+    """
     if not addr.startswith("/") and (":" not in addr or addr.endswith("]")):
         addr += ":0"
     return resolve(addr, allow_zero_port=True)
@@ -512,33 +536,48 @@ _FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
 _STRIDE_PAD = bytes(STRIDE - PADDED)
 
 
-def _raw_cipher_calls():
-    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from Cryptodome, or None.
+def _raw_cipher_calls(package):
+    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from PACKAGE, or None.
 
-    These are the C functions that AES.encrypt() and strxor() call.  Through
-    ctypes, their Python checks cost more on one packet than the AES itself,
-    so the single-packet path calls them directly.  Cryptodome on cffi (whose
+    These are the C functions that AES.encrypt() and strxor() call in
+    PACKAGE (the Cryptodome that AES came from).  Through ctypes, their
+    Python checks cost more on one packet than the AES itself, so the
+    single-packet path calls them directly.  Cryptodome on cffi (whose
     calls are cheap), or one without them, gets the public calls instead.
     """
     try:
         import ctypes
-        try:
-            from Cryptodome.Cipher._mode_ecb import raw_ecb_lib
-            from Cryptodome.Util import _raw_api
-            from Cryptodome.Util.strxor import _raw_strxor
-        except ImportError:
-            from Crypto.Cipher._mode_ecb import raw_ecb_lib
-            from Crypto.Util import _raw_api
-            from Crypto.Util.strxor import _raw_strxor
-        if _raw_api.backend != "ctypes":
+        import importlib
+        raw_ecb_lib = importlib.import_module(package + ".Cipher._mode_ecb").raw_ecb_lib
+        backend = importlib.import_module(package + ".Util._raw_api").backend
+        raw_strxor = importlib.import_module(package + ".Util.strxor")._raw_strxor
+        if backend != "ctypes":
             return None
-        return (raw_ecb_lib.ECB_encrypt, _raw_strxor.strxor, ctypes.c_size_t(STRIDE),
+        return (raw_ecb_lib.ECB_encrypt, raw_strxor.strxor, ctypes.c_size_t(STRIDE),
                 ctypes.c_char * STRIDE)
     except (ImportError, AttributeError):
         return None
 
 
-_RAW_CALLS = _raw_cipher_calls() if AES is not None else None
+_RAW_CALLS = _raw_cipher_calls(AES.__name__.split(".")[0]) if AES is not None else None
+
+
+def _crypt_one_public(ecb, counter, data):
+    """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
+    return strxor(data, ecb.encrypt(counter.join(_LOW_HALVES)))
+
+
+def _crypt_one_raw(state, counter, data):
+    """_crypt_one_public() through Cryptodome's C functions, into a new ctypes buffer.
+
+    STATE is the raw pointer of an ECB cipher that the caller keeps alive.
+    """
+    encrypt, xor, length, buffer = _RAW_CALLS
+    out = buffer()
+    if encrypt(state, counter.join(_LOW_HALVES), out, length):
+        raise ValueError("AES failed")
+    xor(data, out, out, length)  # in place: strxor allows its output to be an input
+    return out
 
 
 _IPAD = bytes(b ^ 0x36 for b in range(256))  # HMAC's key paddings as tables
@@ -572,23 +611,14 @@ class _PacketKeys:
         self._mac = _Mac(mac_key)
         self.number = number
         self.plaintext = 0  # plaintext bytes sealed or opened so far
+        # A partial over the cipher, not a bound method: an attribute holding
+        # one of self's own methods is a cycle, which would keep each
+        # connection's cipher and MAC states until the cycle collector runs.
         state = getattr(self._ecb, "_state", None)
         if _RAW_CALLS is not None and state is not None:
-            self._crypt_one = self._crypt_one_raw
-            self._state = state.get()
-
-    def _crypt_one(self, counter, data):
-        """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
-        return strxor(data, self._ecb.encrypt(counter.join(_LOW_HALVES)))
-
-    def _crypt_one_raw(self, counter, data):
-        """_crypt_one() through Cryptodome's C functions, into a new ctypes buffer."""
-        encrypt, xor, length, buffer = _RAW_CALLS
-        out = buffer()
-        if encrypt(self._state, counter.join(_LOW_HALVES), out, length):
-            raise ValueError("AES failed")
-        xor(data, out, out, length)  # in place: strxor allows its output to be an input
-        return out
+            self._crypt_one = functools.partial(_crypt_one_raw, state.get())
+        else:
+            self._crypt_one = functools.partial(_crypt_one_public, self._ecb)
 
     def _keystream(self, first, count):
         """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
@@ -737,12 +767,25 @@ def deadline_in(seconds):
     return None if seconds is None else time.monotonic() + seconds
 
 
-def _select_until(selector, deadline):
-    """SELECTOR.select() until DEADLINE (None: no limit); [] once it has passed."""
+def wait_length(deadline):
+    """Seconds one wait for DEADLINE may take: None without one, <= 0 once it passed.
+
+    At most LONGEST_WAIT: a caller whose wait ended before DEADLINE waits again.
+    """
     if deadline is None:
-        return selector.select()
-    left = deadline - time.monotonic()
-    return selector.select(left) if left > 0 else []
+        return None
+    return min(deadline - time.monotonic(), LONGEST_WAIT)
+
+
+def _select_until(selector, deadline):
+    """SELECTOR.select() until something is ready, or [] once DEADLINE (None: never) passed."""
+    while True:
+        left = wait_length(deadline)
+        if left is not None and left <= 0:
+            return []
+        ready = selector.select(left)
+        if ready:
+            return ready
 
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -1917,22 +1960,30 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
 
 def start_re_resolver(server):
-    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R)."""
+    """-r: refresh SERVER's target list in a thread until its shutdown (not with -R).
+
+    Once a second at most (RTIME_FLOOR).
+    """
     period = server.options.rtime
     if server.options.re_resolve and 0 < period < float("inf"):  # "-r nan": never
-        threading.Thread(target=_re_resolve, args=(server, period), daemon=True).start()
+        threading.Thread(target=_re_resolve, args=(server, max(period, RTIME_FLOOR)),
+                         daemon=True).start()
 
 
 def _re_resolve(server, period):
     """Every PERIOD seconds until SERVER stops; a failed look-up keeps the old list."""
-    while not server.stopping.wait(period):
+    due = time.monotonic() + period
+    while not server.stopping.wait(wait_length(due)):
+        if time.monotonic() < due:
+            continue  # a period longer than one wait
         try:
             fresh = resolve(server.options.target)
         except AddressError as e:
             log.warn(e.lines[0])
-            continue
+            fresh = None
         if fresh:
             server.set_targets(fresh)
+        due = time.monotonic() + period
 
 # ---------------------------------------------------------------------------
 # 8. Process: daemonizing, pidfile, privileges, systemd, metrics, signals
@@ -3337,7 +3388,7 @@ def _proxy_version(option, text):
 # belong to the process (ProcessOptions), every other field to a tunnel.
 SPIPED_OPTIONS = {
     "-e": ("encrypt", None), "-d": ("decrypt", None), "-s": ("source", _address),
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-n": ("max_connections", _count), "-o": ("timeout", _seconds),
     "-r": ("rtime", _seconds), "-R": ("no_re_resolve", None),
@@ -3353,7 +3404,7 @@ SPIPED_OPTIONS = {
     "--metrics": ("metrics", _address),
 }
 SPIPE_OPTIONS = {
-    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
+    "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
     "-f": ("fast", None), "-g": ("require_pfs", None), "-j": ("no_keepalive", None),
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }

@@ -37,6 +37,7 @@ from conftest import (
     SPIPED_PY,
     address_listening,
     free_port,
+    have_ipv6,
     need_c,
     tcp_addr,
     wait_for,
@@ -289,16 +290,7 @@ SPIPED_CASES = [
     Case("target-unresolvable", ("-e", "-F") + S + ("-t", "nonexistent.invalid:80") + K,
          unresolvable("nonexistent.invalid:80",
                       re.compile(r"spiped: Error looking up nonexistent\.invalid: " + DNS_FAIL))),
-    # Empty addresses: 1.6.2 hands them to the resolver ("spiped: Address
-    # must contain port number: " / "spiped: Error looking up : Name or
-    # service not known", then "spiped: Error resolving socket address: X");
-    # 1.6.4 refuses them with a message and usage.
-    Case("source-empty", ("-e", "-F", "-s", "") + T + K, C_FAILS,
-         ours=Fails((re.compile(r"spiped: Empty socket address\.?"),), usage=True)),
-    Case("target-empty", ("-e", "-F") + S + ("-t", "") + K, C_FAILS,
-         ours=Fails((re.compile(r"spiped: Empty socket address\.?"),), usage=True)),
-    Case("source-no-host", ("-e", "-F", "-s", "{colon_src}") + T + K, C_FAILS,
-         ours=Fails(('spiped: No host in "{colon_src}"',), usage=True)),
+    # Empty addresses and a missing host: see ADDRESS_CASES below.
     # Binding.
     # Ours adds a line saying why it left the file alone (it removes only
     # stale sockets).
@@ -406,8 +398,6 @@ SPIPE_CASES = [
          spipe_unresolvable("nonexistent.invalid:80",
                             re.compile(r"spipe: Error looking up nonexistent\.invalid: " + DNS_FAIL)),
          prog="spipe"),
-    Case("target-empty", ("-t", "", "-k", "{key}"), C_FAILS,
-         ours=Fails((re.compile(r"spipe: Empty socket address\.?"),), usage=True), prog="spipe"),
     # Nothing listens on {tgt}; the copy threads may add their own message.
     Case("target-refused", ("-t", "{tgt}", "-k", "{key}"),
          Fails(("spipe: Could not connect",), extra=re.compile(r"spipe: Error (reading|writing).*")),
@@ -417,6 +407,121 @@ SPIPE_CASES = [
          ours=Fails(("spipe: Could not connect",), extra=re.compile(r"spipe: Error (reading|writing).*")),
          prog="spipe"),
 ]
+
+
+# ---------------------------------------------------------------------------
+# Address forms: -s, -t, spipe -t and -b
+#
+# C 1.6.2 splits an address that is not a unix path at its last ':' and
+# hands a host without '[' to getaddrinfo() unchanged, so a bare IPv6
+# address with a port works (-t ::1:8026, -s :::8025).  1.6.4 refuses every
+# address that starts with ':' ("No host in ..." and usage), which was meant
+# for ":8025" and also catches those.  Ours takes what 1.6.2 takes, and keeps
+# 1.6.4's refusal (SPEC §9) for an empty address and for one whose part
+# before the last ':' is no IPv6 address (":8026", and "::1", which is the
+# host ":" and the port "1"); C is held to the exit status there.
+#
+# Accepted means: spiped (-F) listens; spipe tries to connect and reports
+# "Could not connect", since nothing listens on {tgt_port}.  A zone id works
+# in a bare address (getaddrinfo() reads it) and nowhere else: inet_pton()
+# refuses it in brackets, and glibc refuses it on an address that is not
+# link-local.
+
+SPIPE_CONNECTS = Fails(("spipe: Could not connect",),
+                       extra=re.compile(r"spipe: Error (reading|writing).*"))
+EMPTY = re.compile(r"(spiped|spipe): Empty socket address\.?")
+
+
+def no_host(prog, addr):
+    return Fails(('%s: No host in "%s"' % (prog, addr),), usage=True)
+
+
+def refused_before_resolving(prog, addr):
+    """1.6.2 resolves ADDR and fails (exit 1); ours refuses it as 1.6.4 does."""
+    return dict(c=C_FAILS, ours=no_host(prog, addr))
+
+
+# (name, address, how C 1.6.2 takes it and ours where it differs: a dict,
+# or "accepted"), for -t and spipe -t; {port} is a port nobody listens on.
+TARGET_FORMS = [
+    ("bracketed-ipv6", "[::1]:{port}", "accepted"),
+    ("bare-ipv6", "::1:{port}", "accepted"),
+    ("bare-ipv6-unspecified", ":::{port}", "accepted"),
+    ("bare-ipv4-mapped", "::ffff:127.0.0.1:{port}", "accepted"),
+    ("bare-ipv6-service-name", "::1:http", "accepted"),
+    ("ipv4", "127.0.0.1:{port}", "accepted"),
+    ("bracketed-ipv4", "[127.0.0.1]:{port}", "accepted"),
+    ("name", "localhost:{port}", "accepted"),
+    ("zone-id", "fe80::1%lo:{port}", "accepted"),
+    ("bracketed-zone-id", "[fe80::1%lo]:{port}",
+     dict(lines=("Error parsing IP address: fe80::1%lo",))),
+    ("zone-id-not-link-local", "::1%lo:{port}",
+     dict(lines=(re.compile(r"(spiped|spipe): Error looking up ::1%lo: " + DNS_FAIL),))),
+    ("bracketed-ipv6-no-port", "[::1]", dict(lines=("Invalid [IP address]: [:",))),
+    ("bare-ipv6-no-port", "::1", "no-host"),
+    ("no-host", ":{port}", "no-host"),
+    ("empty", "", "empty"),
+]
+
+
+def address_expectation(prog, addr, how, accepted):
+    """(C's expectation, ours or None) for ADDR given to PROG, as HOW says."""
+    if how == "accepted":
+        return accepted, None
+    if how == "no-host":
+        return C_FAILS, no_host(prog, addr)
+    if how == "empty":
+        return C_FAILS, Fails((EMPTY,), usage=True)
+    lines = tuple(l if isinstance(l, re.Pattern) else "%s: %s" % (prog, l) for l in how["lines"])
+    return Fails(lines + ("%s: Error resolving socket address: %s" % (prog, addr),)), None
+
+
+def address_cases():
+    cases = []
+    for name, form, how in TARGET_FORMS:
+        addr = form.replace("{port}", "{tgt_port}")
+        c, ours = address_expectation("spiped", addr, how, Starts())
+        cases.append(Case("t-" + name, ("-e", "-F") + S + ("-t", addr) + K, c, ours))
+        c, ours = address_expectation("spipe", addr, how, SPIPE_CONNECTS)
+        cases.append(Case("spipe-t-" + name, ("-t", addr, "-k", "{key}"), c, ours, prog="spipe"))
+    # -s: the same forms where something can listen ({v6_port} is free on ::1).
+    for name, form, how in TARGET_FORMS:
+        if "zone" in name or "service" in name:
+            continue
+        addr = form.replace("{port}", "{v6_port}")
+        c, ours = address_expectation("spiped", addr, how, Starts("[::1]:{v6_port}"))
+        cases.append(Case("s-" + name, ("-e", "-F", "-s", addr) + T + K, c, ours))
+    return cases
+
+
+# -b (1.6.3+; 1.6.2 says "illegal option -- -b"), checked against SPEC §6
+# and 1.6.4: the forms of -t, and without a port ":0" is added.  A bare
+# IPv6 address is split at its last ':' like any other, so "::1" is the host
+# ":" with the port "1" and is refused as 1.6.4 refuses it; a bare IPv6 bind
+# address is written "[::1]" or "::1:0".
+B_ILLEGAL = illegal("spiped", "-b")
+BIND_CASES = [
+    Case("b-" + name, base("-b", addr), B_ILLEGAL, ours=ours)
+    for name, addr, ours in [
+        ("bracketed-ipv6-no-port", "[::1]", Starts()),
+        ("bracketed-ipv6", "[::1]:0", Starts()),
+        ("bare-ipv6", "::1:0", Starts()),
+        ("bare-ipv6-no-port", "::1", no_host("spiped", "::1")),
+        ("ipv4-no-port", "127.0.0.1", Starts()),
+        ("bracketed-ipv4-no-port", "[127.0.0.1]", Starts()),
+        ("name-no-port", "localhost", Starts()),
+        ("name", "localhost:0", Starts()),
+        ("no-host", ":0", no_host("spiped", ":0")),
+        ("empty", "", Fails((EMPTY,), usage=True)),
+    ]
+] + [
+    Case("spipe-b-bare-ipv6", ("-t", "[::1]:{tgt_port}", "-k", "{key}", "-b", "::1:0"),
+         illegal("spipe", "-b"), ours=SPIPE_CONNECTS, prog="spipe"),
+    Case("spipe-b-bare-ipv6-no-port", ("-t", "[::1]:{tgt_port}", "-k", "{key}", "-b", "::1"),
+         illegal("spipe", "-b"), ours=no_host("spipe", "::1"), prog="spipe"),
+]
+
+ADDRESS_CASES = address_cases() + BIND_CASES
 
 
 def params(cases):
@@ -536,7 +641,8 @@ def ctx(tmp_path, keyfile):
         "key": keyfile,
         "src": tcp_addr(src_port),
         "tgt": tcp_addr(tgt_port),
-        "colon_src": ":%d" % src_port,
+        "tgt_port": tgt_port,
+        "v6_port": free_port("::1") if have_ipv6() else 0,
         "busy": tcp_addr(busy.getsockname()[1]),
         "regfile": str(tmp_path / "regular"),
         "keydir": str(tmp_path / "keydir"),
@@ -575,6 +681,12 @@ def test_spiped_command_line(impl, case, ctx, procs):
 
 @pytest.mark.parametrize("impl,case", params(SPIPE_CASES))
 def test_spipe_command_line(impl, case, ctx, procs):
+    check_case(impl, case, ctx, procs)
+
+
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 on loopback")
+@pytest.mark.parametrize("impl,case", params(ADDRESS_CASES))
+def test_address_forms(impl, case, ctx, procs):
     check_case(impl, case, ctx, procs)
 
 

@@ -28,6 +28,7 @@ from conftest import (
     connect,
     exchange,
     free_port,
+    have_ipv6,
     need_c,
     ours,
     read_text,
@@ -449,6 +450,20 @@ def test_bind_address_ours(procs, keyfile, echo):
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"from 127.0.0.2", b"")
     assert [peer[0] for peer in target.peers] == ["127.0.0.2"]
+
+
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 on loopback")
+def test_bind_address_bare_ipv6_with_port(procs, keyfile, echo):
+    """-b ::1:PORT is the host ::1 and the port PORT (split at the last ':')."""
+    target = echo("[::1]:0")
+    port = free_port("::1")
+    source = tcp_addr(free_port())
+    procs.daemon(ours("-d", "-F", "-b", "::1:%d" % port, "-s", source, "-t", target.addr,
+                      "-k", keyfile), source)
+    r = subprocess.run([C_SPIPE, "-t", source, "-k", keyfile], input=b"from ::1",
+                       capture_output=True, timeout=RUN_TIMEOUT)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"from ::1", b"")
+    assert [peer[:2] for peer in target.peers] == [("::1", port)]
 
 
 def test_bind_address_rejected_by_c_162(keyfile):

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import sys
 import socket
 import threading
 
@@ -86,7 +87,37 @@ def test_one_packet_uses_the_direct_calls():
         return
     assert spiped._RAW_CALLS is not None
     sealer = spiped.PacketSealer(bytes(32), bytes(32))
-    assert sealer._crypt_one == sealer._crypt_one_raw
+    assert sealer._crypt_one.func is spiped._crypt_one_raw
+
+
+@pytest.mark.parametrize("codec", [spiped.PacketSealer, spiped.PacketOpener])
+def test_a_dropped_codec_is_freed_without_the_cycle_collector(codec, cipher_calls):
+    """Dropping a connection's codec frees its cipher and MAC states at once:
+    nothing in it refers back to it, so no cycle waits for the collector."""
+    import gc
+    import weakref
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        c = codec(bytes(32), bytes(32))
+        c._crypt_one(spiped._be64(0), bytes(spiped.STRIDE))
+        ref = weakref.ref(c)
+        del c
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_the_direct_calls_come_from_the_package_that_gave_aes():
+    """C functions are taken only from AES's own package: a package that is
+    not there gives the public calls, never another package's library."""
+    package = spiped.AES.__name__.split(".")[0]
+    assert spiped._raw_cipher_calls("no_such_cryptodome") is None
+    calls = spiped._raw_cipher_calls(package)
+    if calls is not None:
+        ecb = sys.modules[package + ".Cipher._mode_ecb"]
+        assert calls[0] is ecb.raw_ecb_lib.ECB_encrypt
 
 
 @pytest.mark.parametrize("path", POSITIVE, ids=os.path.basename)
