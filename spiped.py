@@ -1737,6 +1737,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                 with self.changed:
                     if self.stopping and not self.live:
                         return
+                    stopping = self.stopping
                     want, timeout = self._next_pass(tick)
                 if timeout <= 0:  # the bounded drain ran out
                     self.abort_all()
@@ -1749,6 +1750,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                         else:
                             selector.unregister(sock)
                     listening = want
+                if stopping:
+                    self._let_go_of_listeners()
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
@@ -1756,6 +1759,16 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                         self._accept_one(key.fileobj)
         finally:
             selector.close()
+
+    def _let_go_of_listeners(self):
+        """A shutdown began: close our listening descriptors (later calls do nothing).
+
+        A socket that is ours alone goes (a unix listener leaves the
+        kernel's tables, and clients still queued in it learn so at once);
+        one a successor or systemd also holds stays open through theirs.
+        """
+        for sock in self.listening_sockets():
+            sock.close()
 
     def _next_pass(self, tick):
         """(accept now?, seconds to wait) for serve(), under .changed; <= 0: drain over."""
@@ -2370,14 +2383,15 @@ def set_signals(handlers):
         signal.signal(signum, handler)
 
 
-def install_signals(supervisor):
+def install_signals(supervisor, socket_files=lambda: ()):
     """Handlers only record the signal and wake SUPERVISOR's loop, which acts.
 
-    SIGTERM drains; the first one restores the default action, so a
-    second kills at once as in C.  SIGINT keeps its default (as PID 1,
-    where defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1
-    logs statistics.  SIGHUP (C would exit) reloads the keys, and with
-    --config the file.
+    SIGTERM drains.  A second one ends the process at once, killed by
+    SIGTERM as C is, whatever the loop is doing: its handler only removes
+    the files of SOCKET_FILES() (the pidfile stays, as in C).  SIGINT keeps
+    its default (as PID 1, where defaults do nothing: exit 0, and a
+    second SIGTERM too).  SIGUSR1 logs statistics.  SIGHUP (C would exit)
+    reloads the keys, and with --config the file.
     """
     pid1 = os.getpid() == 1
     terms = []  # SIGTERMs seen
@@ -2388,11 +2402,15 @@ def install_signals(supervisor):
 
     def on_term(signum, frame):
         terms.append(signum)
-        if not pid1:
-            set_signals({signal.SIGTERM: signal.SIG_DFL})
-        elif len(terms) > 1:
+        if len(terms) == 1:
+            record("term")
+            return
+        for socket_file in socket_files():
+            socket_file.remove()
+        if pid1:
             os._exit(0)
-        record("term")
+        set_signals({signal.SIGTERM: signal.SIG_DFL})
+        os.kill(os.getpid(), signal.SIGTERM)
 
     handlers = {signal.SIGTERM: on_term,
                 signal.SIGUSR1: lambda signum, frame: record("stats"),
@@ -2855,10 +2873,18 @@ class Tunnels:
                 "draining": self.stopping, "started": self.started}
 
     def shutdown(self):
-        """SIGTERM: every server stops accepting and drains."""
+        """SIGTERM: every server drains, refusing new connects at once as a removed line does.
+
+        Servers that left at a reload already drain.
+        """
         self.stopping = True
-        for server in self.threads:
-            server.begin_shutdown(self.drain_timeout)
+        for server in self.servers.values():
+            self._retire(server, stop_listening=True)
+
+    def socket_files(self):
+        """The SocketFile of each unix source we bound and still own (none of systemd's)."""
+        return [server.socket_file for server in list(self.threads)
+                if server.socket_file is not None]
 
     def reap(self):
         """Forget servers whose threads ended; True once all have after shutdown()."""
@@ -3454,7 +3480,11 @@ def _run_spiped(process):
     finish()
     notifier = Notifier()  # now: the daemon's PID is known
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
-    install_signals(tunnels)
+
+    def socket_files():  # what a second SIGTERM removes
+        own = [metrics.socket_file] if metrics is not None else []
+        return tunnels.socket_files() + [f for f in own if f is not None]
+    install_signals(tunnels, socket_files)
     tunnels.serve(specs, servers)
     if metrics is not None:
         metrics.start()  # after daemonizing: a thread does not survive fork()

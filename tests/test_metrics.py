@@ -19,7 +19,7 @@ import pytest
 
 import spiped
 from conftest import (connect, exchange, free_port, need_c, ours, c_spiped, recv_exact,
-                      wait_closed, wrapped,
+                      refused, wait_closed, wrapped,
                       tcp_addr, wait_for, wait_listening)
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -268,7 +268,7 @@ def test_counters_move_by_exactly_what_was_done(procs, keyfile, otherkey, echo, 
 @need_c
 def test_healthz_is_503_while_draining(procs, keyfile, echo):
     metrics = tcp_addr(free_port())
-    entry, _, p = chain(procs, keyfile, echo, metrics)
+    entry, middle, p = chain(procs, keyfile, echo, metrics)
     assert http_get(metrics, "/healthz")[0:3:2] == (200, b"ok\n")
     assert http_get(metrics, "/nothing")[0] == 404
     held = connect(entry)
@@ -278,8 +278,10 @@ def test_healthz_is_503_while_draining(procs, keyfile, echo):
     assert wait_for(lambda: http_get(metrics, "/healthz")[0] == 503)
     assert http_get(metrics, "/healthz")[2] == b"draining\n"
     assert metric(metrics, "spiped_draining") == 1
+    assert wait_for(lambda: refused(middle), step=0.1)  # a new client goes elsewhere at once
     held.sendall(b"x")
     assert recv_exact(held, 1) == b"x"  # the drain still serves it
+    assert http_get(metrics, "/healthz")[0:3:2] == (503, b"draining\n")  # until the exit
     held.close()
     assert p.wait(timeout=20) == 0
 
