@@ -1801,6 +1801,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                 with self.lock:
                     if self.stopping.is_set() and not self.live:
                         return
+                    stopping = self.stopping.is_set()
                     want, timeout = self._next_pass(tick)
                 if timeout <= 0:  # the bounded drain ran out
                     self.abort_all()
@@ -1813,6 +1814,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                         else:
                             selector.unregister(sock)
                     listening = want
+                if stopping:
+                    self._let_go_of_listeners()
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
@@ -1820,6 +1823,16 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                         self._accept_one(key.fileobj)
         finally:
             selector.close()
+
+    def _let_go_of_listeners(self):
+        """A shutdown began: close our listening descriptors (later calls do nothing).
+
+        A socket that is ours alone goes (a unix listener leaves the
+        kernel's tables, and clients still queued in it learn so at once);
+        one a successor or systemd also holds stays open through theirs.
+        """
+        for sock in self.listening_sockets():
+            sock.close()
 
     def _next_pass(self, tick):
         """(accept now?, seconds to wait) for serve(), under .lock; <= 0: drain over."""
@@ -2135,12 +2148,13 @@ class Notifier:
             self.next_ping = time.monotonic() + self.watchdog
 
 
-# --metrics: a Prometheus endpoint, served by http.server in threads of its own.
-# It reads the counters through Supervisor.metrics() (copies taken under the
-# servers' locks) and shares nothing writable with the relays.
+# --metrics: a Prometheus endpoint, served by one thread of its own from a
+# selector.  It reads the counters through Supervisor.metrics() (copies taken
+# under the servers' locks) and shares nothing writable with the relays.
 
-METRICS_TIMEOUT = 5.0    # --metrics: seconds a request may take (and its socket stay silent)
-METRICS_THREADS = 4      # --metrics: requests served at once; more are closed
+METRICS_TIMEOUT = 5.0    # --metrics: seconds from a socket's accept to its answer's last byte
+METRICS_SOCKETS = 64     # --metrics: sockets open at once; a newcomer drops the oldest unanswered
+METRICS_HEAD_MAX = 8192  # --metrics: bytes of request line and headers; a longer head is a 400
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_FORMAT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -2226,123 +2240,218 @@ def health(snapshot):
     return 200, "ok\n"
 
 
-class MetricsHandler:
-    """One HTTP/1.0 request: GET /metrics or /healthz; anything else 404.
+# A request head: its request line, header lines, an empty line; each line
+# ends in CRLF or a bare LF.  Only what a scraper sends is accepted.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/1\.[0-9]\Z" % _TOKEN)
+_HEADER_LINE = re.compile(r"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\Z" % _TOKEN)
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 501: "Not Implemented",
+                503: "Service Unavailable"}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
-    bind_metrics() mixes it into http.server's BaseHTTPRequestHandler: that
-    module loads email and ssl (4 MiB), so only --metrics imports it.
+
+def parse_request_head(head):
+    """(method, target, {lower-case header name: its first value}) of HEAD; None if malformed.
+
+    HEAD is the bytes of a request up to and with its empty line.
     """
+    lines = [line[:-1] if line.endswith("\r") else line
+             for line in head.decode("latin-1").split("\n")]
+    request = _REQUEST_LINE.match(lines[0])
+    if request is None:
+        return None
+    headers = {}
+    for line in lines[1:lines.index("", 1)]:
+        header = _HEADER_LINE.match(line)
+        if header is None:
+            return None
+        headers.setdefault(header.group(1).lower(), header.group(2))
+    return request.group(1), request.group(2), headers
 
-    def version_string(self):
-        """The Server header's text."""
-        return "spiped/" + __version__
 
-    def setup(self):
-        """The socket's timeout is METRICS_TIMEOUT as it is now (a wrapper may change it)."""
-        self.timeout = METRICS_TIMEOUT
-        super().setup()
+def http_date(when=None):
+    """WHEN (default: now) as an HTTP Date header's value, in English whatever the locale."""
+    t = time.gmtime(when)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+        t.tm_hour, t.tm_min, t.tm_sec)
 
-    def do_GET(self):
-        """Answer from one Supervisor.metrics() snapshot; the connection then closes."""
-        path = self.path.partition("?")[0]
-        kind = "text/plain; charset=utf-8"
+
+def metrics_response(head, read):
+    """The whole HTTP/1.0 response (bytes) to request HEAD (None: too long); READ() gives the numbers.
+
+    GET /metrics or /healthz; another path is a 404, another method a 501,
+    a malformed head a 400.  The connection closes after it.
+    """
+    request = parse_request_head(head) if head is not None else None
+    kind = "text/plain; charset=utf-8"
+    if request is None:
+        status, body = 400, "bad request\n"
+    elif request[0] != "GET":
+        status, body = 501, "not implemented\n"
+    else:
+        path = request[1].partition("?")[0]
         if path == "/metrics":
-            openmetrics = "application/openmetrics-text" in self.headers.get("Accept", "")
-            status, body = 200, render_metrics(self.server.read(), openmetrics)
+            openmetrics = "application/openmetrics-text" in request[2].get("accept", "")
+            status, body = 200, render_metrics(read(), openmetrics)
             kind = OPENMETRICS_FORMAT if openmetrics else TEXT_FORMAT
         elif path == "/healthz":
-            status, body = health(self.server.read())
+            status, body = health(read())
         else:
             status, body = 404, "not found\n"
-        data = body.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    data = body.encode("utf-8")
+    return ("HTTP/1.0 %d %s\r\nServer: spiped/%s\r\nDate: %s\r\nContent-Type: %s\r\n"
+            "Content-Length: %d\r\n\r\n" % (status, HTTP_REASONS[status], __version__,
+                                           http_date(), kind, len(data))).encode("latin-1") + data
 
-    def log_message(self, format, *args):
-        """Nothing: no line per scrape (and a unix peer has no address to print)."""
+
+class _MetricsClient:
+    """One --metrics socket: what it sent so far, the answer left to write, its deadline."""
+
+    __slots__ = ("sock", "deadline", "data", "answer")
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.data = bytearray()
+        self.answer = None  # a memoryview of what is left to write, once answered
 
 
 class MetricsServer(ListeningServer):
-    """--metrics: serves MetricsHandler on a TCP or unix address, READ() giving the numbers.
+    """--metrics on a TCP or unix address, READ() giving the numbers: one thread, one selector.
 
-    serve_forever() runs in one thread of its own; each request gets a
-    thread of its own, at most METRICS_THREADS at once (a request beyond
-    that is closed unanswered), and METRICS_TIMEOUT: for each read or
-    write of its socket, and for the whole request (a client that trickles
-    bytes is cut too), so no scraper holds a slot longer or slows a tunnel.
+    ListeningServer binds; serve() replaces serve_forever(): it accepts,
+    reads each request head, answers it and closes its socket, never
+    waiting on any one socket.  At most METRICS_SOCKETS are open at once:
+    a newcomer beyond that drops the oldest one not yet answered, so
+    silent sockets cannot keep a scraper out.  Each socket has
+    METRICS_TIMEOUT from its accept to its answer's last byte (a client
+    that trickles is cut too), and a head at most METRICS_HEAD_MAX bytes:
+    one thread and bounded memory, whatever the clients do.
     """
 
-    def __init__(self, family, sockaddr, read, handler):
+    request_queue_size = METRICS_SOCKETS
+
+    def __init__(self, family, sockaddr, read):
         self.read = read
-        self.slots = threading.BoundedSemaphore(METRICS_THREADS)
-        self.deadlines = {}  # request socket -> when it is cut; under .deadlines_lock
-        self.deadlines_lock = threading.Lock()
+        self.clients = {}  # socket -> its _MetricsClient, oldest first; serve()'s own
         self.thread = None
-        super().__init__(family, sockaddr, handler)
+        self.closing = False  # set by close(), which then wakes serve()
+        super().__init__(family, sockaddr, None)
+        self.socket.setblocking(False)
+        self.waker = _WakePipe()
 
-    def process_request(self, request, client_address):
-        """Serve REQUEST in a thread if a slot is free; else close it."""
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+    def serve(self):
+        """Until close(): accept, read, answer, and cut what passed its deadline."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.waker, selectors.EVENT_READ)
+        selector.register(self.socket, selectors.EVENT_READ)
+        paused_until = None  # out of descriptors: not accepting until then
         try:
-            _thread.start_new_thread(self._serve_one, (request, client_address))
-        except RuntimeError:
-            self.slots.release()
-            self.shutdown_request(request)
-
-    def _serve_one(self, request, client_address):
-        """A request's thread: serve it by its deadline, close it, free its slot."""
-        with self.deadlines_lock:
-            self.deadlines[request] = time.monotonic() + METRICS_TIMEOUT
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
+            while not self.closing:
+                now = time.monotonic()
+                self._cut_late(selector, now)
+                if paused_until is not None and now >= paused_until:
+                    selector.register(self.socket, selectors.EVENT_READ)
+                    paused_until = None
+                wake_at = [paused_until] if paused_until is not None else []
+                if self.clients:  # the oldest is the next to be cut
+                    wake_at.append(next(iter(self.clients.values())).deadline)
+                for key, _ in selector.select(min(wake_at) - now if wake_at else None):
+                    if key.fileobj is self.waker:
+                        self.waker.drain()
+                    elif key.fileobj is self.socket:
+                        if not self._accept(selector):  # rest a moment rather than spin
+                            selector.unregister(self.socket)
+                            paused_until = now + 0.25
+                    elif key.fileobj in self.clients:  # not dropped earlier in this pass
+                        self._step(selector, key.data)
         finally:
-            with self.deadlines_lock:
-                del self.deadlines[request]
-            self.shutdown_request(request)
-            self.slots.release()
+            for client in list(self.clients.values()):
+                self._drop(selector, client)
+            selector.close()
 
-    def service_actions(self):
-        """Each pass of serve_forever() (0.5 s at most): cut requests past their deadline."""
-        now = time.monotonic()
-        with self.deadlines_lock:  # their threads close them only after leaving the dict
-            for request, deadline in self.deadlines.items():
-                if deadline <= now:
-                    _shutdown_quietly(request)
+    def _cut_late(self, selector, now):
+        """Drop the sockets past their deadline: the oldest, as each has the same time."""
+        while self.clients:
+            client = next(iter(self.clients.values()))
+            if client.deadline > now:
+                return
+            self._drop(selector, client)
 
-    def handle_error(self, request, client_address):
-        """An exception while serving a request: a warning line unless the client went away."""
-        if not isinstance(sys.exc_info()[1], OSError):  # a scraper must not fill the log
-            log.warn("metrics: %r" % (sys.exc_info()[1],))
+    def _accept(self, selector):
+        """Take one waiting connection, if full dropping the oldest unanswered; False: out of fds."""
+        try:
+            sock, _ = self.socket.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return True
+        except OSError:
+            return False
+        if len(self.clients) >= METRICS_SOCKETS:
+            waiting = [client for client in self.clients.values() if client.answer is None]
+            self._drop(selector, (waiting or list(self.clients.values()))[0])
+        sock.setblocking(False)
+        client = _MetricsClient(sock, time.monotonic() + METRICS_TIMEOUT)
+        self.clients[sock] = client
+        selector.register(sock, selectors.EVENT_READ, client)
+        return True
+
+    def _step(self, selector, client):
+        """CLIENT's socket is ready: read its head and answer once it is whole; write on."""
+        try:
+            if client.answer is None:
+                data = client.sock.recv(4096)
+                if not data:  # gone before it asked
+                    self._drop(selector, client)
+                    return
+                client.data += data
+                end = _HEAD_END.search(client.data)
+                if end is None and len(client.data) <= METRICS_HEAD_MAX:
+                    return
+                whole = end is not None and end.end() <= METRICS_HEAD_MAX
+                head = bytes(client.data[:end.end()]) if whole else None
+                client.answer = memoryview(metrics_response(head, self.read))
+                selector.modify(client.sock, selectors.EVENT_WRITE, client)
+            client.answer = client.answer[client.sock.send(client.answer):]
+            if not client.answer:
+                self._drop(selector, client)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except Exception as e:  # the client went away; or a bug, which must not end serve()
+            if not isinstance(e, OSError):  # a scraper must not fill the log
+                log.warn("metrics: %r" % (e,))
+            self._drop(selector, client)
+
+    def _drop(self, selector, client):
+        """Close CLIENT's socket and forget it."""
+        del self.clients[client.sock]
+        selector.unregister(client.sock)
+        client.sock.close()
 
     def start(self):
         """Serve in a thread of its own from now on."""
-        self.thread = threading.Thread(target=self.serve_forever, args=(0.5,), daemon=True)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
     def close(self):
-        """Stop serving, close the socket and remove a unix socket's file."""
+        """Stop serving, close every socket and remove a unix socket's file."""
         if self.thread is not None:
-            self.shutdown()
+            self.closing = True
+            self.waker.wake()
+            self.thread.join()
         self.server_close()
+        self.waker.close()
 
 
 def bind_metrics(addr, read):
     """A MetricsServer bound to --metrics ADDR (not yet serving); SpipedError if it cannot be."""
-    import http.server  # here, not at the top: see MetricsHandler
-    handler = type("MetricsHandler", (MetricsHandler, http.server.BaseHTTPRequestHandler), {})
     family, sockaddr = resolve(addr)[0]
     try:
-        return MetricsServer(family, sockaddr, read, handler)
+        return MetricsServer(family, sockaddr, read)
     except OSError as e:
         raise SpipedError("Error binding --metrics socket %s: %s" % (addr, e.strerror)) from None
-
 
 
 def _passed_count(environ=os.environ):
@@ -2442,14 +2551,15 @@ def set_signals(handlers):
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # install_signals()'s
 
 
-def install_signals(supervisor):
+def install_signals(supervisor, socket_files=lambda: ()):
     """Handlers only record the signal and wake SUPERVISOR's loop, which acts.
 
-    SIGTERM drains; the first one restores the default action, so a
-    second kills at once as in C.  SIGINT keeps its default (as PID 1,
-    where defaults do nothing: exit 0, and a second SIGTERM too).  SIGUSR1
-    logs statistics.  SIGHUP (C would exit) reloads the keys, and with
-    --config the file.
+    SIGTERM drains.  A second one ends the process at once, killed by
+    SIGTERM as C is, whatever the loop is doing: its handler only removes
+    the files of SOCKET_FILES() (the pidfile stays, as in C).  SIGINT keeps
+    its default (as PID 1, where defaults do nothing: exit 0, and a
+    second SIGTERM too).  SIGUSR1 logs statistics.  SIGHUP (C would exit)
+    reloads the keys, and with --config the file.
     """
     pid1 = os.getpid() == 1
     terms = []  # SIGTERMs seen
@@ -2460,11 +2570,15 @@ def install_signals(supervisor):
 
     def on_term(signum, frame):
         terms.append(signum)
-        if not pid1:
-            set_signals({signal.SIGTERM: signal.SIG_DFL})
-        elif len(terms) > 1:
+        if len(terms) == 1:
+            record("term")
+            return
+        for socket_file in socket_files():
+            socket_file.remove()
+        if pid1:
             os._exit(0)
-        record("term")
+        set_signals({signal.SIGTERM: signal.SIG_DFL})
+        os.kill(os.getpid(), signal.SIGTERM)
 
     handlers = {signal.SIGTERM: on_term,
                 signal.SIGUSR1: lambda signum, frame: record("stats"),
@@ -2967,10 +3081,18 @@ class Supervisor:
                 "draining": self.stopping, "started": self.started}
 
     def shutdown(self):
-        """SIGTERM: every server stops accepting and drains."""
+        """SIGTERM: every server drains, refusing new connects at once as a removed line does.
+
+        Servers that left at a reload already drain.
+        """
         self.stopping = True
-        for server in self.threads:
-            server.begin_shutdown(self.drain_timeout)
+        for server in self.servers.values():
+            self._retire(server, stop_listening=True)
+
+    def socket_files(self):
+        """The SocketFile of each unix source we bound and still own (none of systemd's)."""
+        return [server.socket_file for server in list(self.threads)
+                if server.socket_file is not None]
 
     def reap(self):
         """Forget servers whose threads ended; True once all have after shutdown()."""
@@ -3569,7 +3691,11 @@ def _run_spiped(process):
     finish()
     notifier = Notifier()  # now: the daemon's PID is known
     tunnels.tick = min(1.0, notifier.watchdog or 1.0)
-    install_signals(tunnels)
+
+    def socket_files():  # what a second SIGTERM removes
+        own = [metrics.socket_file] if metrics is not None else []
+        return tunnels.socket_files() + [f for f in own if f is not None]
+    install_signals(tunnels, socket_files)
     signal.pthread_sigmask(signal.SIG_SETMASK, held)
     tunnels.serve(specs, servers)
     if metrics is not None:

@@ -212,6 +212,15 @@ def connect(addr, timeout=10.0):
     return s
 
 
+def refused(addr):
+    """True when a connect to ADDR is refused at once (a unix path: also when it is gone)."""
+    try:
+        connect(addr, timeout=5).close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    return False
+
+
 def tcp_addr(port, host="127.0.0.1"):
     return "[%s]:%d" % (host, port)
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from conftest import (SPIPED_PY, address_listening, c_spiped, connect, exchange,
-                      free_port, need_c, ours, read_text, rss_kib, tcp_addr, wait_for,
-                      wait_listening)
+                      free_port, need_c, ours, read_text, refused, rss_kib, tcp_addr,
+                      wait_for, wait_listening)
 import spiped
 
 
@@ -66,14 +66,6 @@ def c_encrypter(procs, target, key):
     addr = tcp_addr(free_port())
     procs.daemon(c_spiped("-e", "-F", "-s", addr, "-t", target, "-k", key), addr)
     return addr
-
-
-def refused(addr):
-    try:
-        connect(addr, timeout=5).close()
-    except (ConnectionRefusedError, FileNotFoundError):
-        return True
-    return False
 
 
 # -- parsing and the difference (no processes) --------------------------------

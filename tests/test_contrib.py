@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from conftest import (ROOT, SPIPED_PY, Notify, exchange, free_port, ours, read_text, tcp_addr,
-                      wait_for, wait_listening)
+from conftest import (ROOT, SPIPED_PY, Notify, connect, exchange, free_port, ours, read_text,
+                      recv_exact, tcp_addr, wait_for, wait_listening)
 
 CONTRIB = os.path.join(ROOT, "contrib")
 DOCKER = os.path.join(CONTRIB, "docker")
@@ -315,6 +315,32 @@ def test_healthcheck_counts_the_tunnels_of_a_config(procs, keyfile, tmp_path):
     h = healthcheck(str(daemon.pid))
     assert h.returncode == 1, h.stdout
     assert "listens for 2 of 3 tunnels" in h.stdout
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_healthcheck_unhealthy_while_draining(procs, keyfile, echo, tmp_path, kind):
+    """After SIGTERM the tunnel listens no more, even while --metrics still answers
+    and a live connection keeps the process running."""
+    target = echo()
+    source = tcp_addr(free_port()) if kind == "tcp" else str(tmp_path / "hc.sock")
+    metrics = str(tmp_path / "metrics.sock")
+    daemon = procs.daemon(ours("-d", "-s", source, "-t", target.addr, "-k", keyfile, "-F",
+                               "--metrics", metrics), source)
+    wait_listening(metrics, daemon)
+    h = healthcheck(str(daemon.pid))
+    assert h.returncode == 0, h.stdout
+    assert "is listening" in h.stdout
+    entry = tcp_addr(free_port())
+    procs.daemon(ours("-e", "-s", entry, "-t", source, "-k", keyfile, "-F"), entry)
+    held = connect(entry)
+    held.sendall(b"held")
+    assert recv_exact(held, 4) == b"held"
+    daemon.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: healthcheck(str(daemon.pid)).returncode == 1, step=0.2)
+    assert "has no listening socket" in healthcheck(str(daemon.pid)).stdout
+    assert daemon.poll() is None
+    held.close()
+    assert daemon.wait(timeout=20) == 0
 
 
 def test_healthcheck_ignores_other_programs(standin):

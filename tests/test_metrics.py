@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 
 import spiped
-from conftest import (connect, exchange, free_port, need_c, ours, c_spiped, recv_exact,
-                      wait_closed, wrapped,
+from conftest import (connect, drain, exchange, free_port, need_c, ours, c_spiped, recv_exact,
+                      refused, wait_closed, wrapped,
                       tcp_addr, wait_for, wait_listening)
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -140,6 +140,60 @@ def test_render_escapes_label_values_and_ends_openmetrics():
     assert spiped.health(dict(snap, draining=True))[0] == 503
     down = dict(snap, tunnels={"/tmp/x": dict(tunnel, listening=False)})
     assert spiped.health(down)[0] == 503
+
+
+SNAPSHOT = {"tunnels": {"[127.0.0.1]:1": {
+    "live": 0, "total": 3, "bytes_in": 0, "bytes_out": 0, "connect_failures": 0,
+    "limit_reached": 0, "handshake_failures": {}, "keys": {}, "listening": True}},
+    "reloads": 0, "reload_failures": 0, "draining": False, "started": 1.5}
+DATE = re.compile(rb"\r\nDate: ([^\r]*)\r\n")
+
+
+def answer(head, snapshot=SNAPSHOT):
+    """spiped's response to HEAD, its Date header's value replaced by "D"."""
+    return DATE.sub(b"\r\nDate: D\r\n", spiped.metrics_response(head, lambda: snapshot))
+
+
+def test_responses_byte_for_byte():
+    common = b"HTTP/1.0 %s\r\nServer: spiped/" + spiped.__version__.encode() + b"\r\nDate: D\r\n"
+    text = spiped.render_metrics(SNAPSHOT).encode()
+    assert answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") == (
+        common % b"200 OK" + b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(text) + text)
+    om = spiped.render_metrics(SNAPSHOT, openmetrics=True).encode()
+    for accept in (b"accept: application/openmetrics-text",
+                   b"Accept: application/openmetrics-text; version=1.0.0,text/plain;q=0.5"):
+        assert answer(b"GET /metrics?x=1 HTTP/1.0\n" + accept + b"\n\n") == (
+            common % b"200 OK" + b"Content-Type: application/openmetrics-text; version=1.0.0;"
+            b" charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(om) + om)
+    first_wins = b"GET /metrics HTTP/1.0\r\nAccept: text/plain\r\nAccept: application/openmetrics-text\r\n\r\n"
+    assert answer(first_wins).endswith(text)
+    plain = b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+    assert answer(b"GET /healthz HTTP/1.0\r\n\r\n") == common % b"200 OK" + plain % (3, b"ok\n")
+    assert answer(b"GET /healthz HTTP/1.0\r\n\r\n", dict(SNAPSHOT, draining=True)) == (
+        common % b"503 Service Unavailable" + plain % (9, b"draining\n"))
+    for path in (b"/", b"/metrics/", b"http://h/metrics", b"/nothing"):
+        assert answer(b"GET %s HTTP/1.0\r\n\r\n" % path) == (
+            common % b"404 Not Found" + plain % (10, b"not found\n"))
+    for method in (b"POST", b"HEAD", b"get"):
+        assert answer(b"%s /metrics HTTP/1.0\r\n\r\n" % method) == (
+            common % b"501 Not Implemented" + plain % (16, b"not implemented\n"))
+    bad = common % b"400 Bad Request" + plain % (12, b"bad request\n")
+    for head in (b"garbage\r\n\r\n", b"\r\n\r\n", b"GET /metrics\r\n\r\n",
+                 b"GET /metrics HTTP/2.0\r\n\r\n", b"GET  /metrics HTTP/1.0\r\n\r\n",
+                 b"GET /met rics HTTP/1.0\r\n\r\n", b"GET /m\x00 HTTP/1.0\r\n\r\n",
+                 b"GET /metrics HTTP/1.0\r\nno colon\r\n\r\n",
+                 b"GET /metrics HTTP/1.0\r\nAccept : x\r\n\r\n",
+                 b"GET /metrics HTTP/1.0\r\nA: b\r\n folded\r\n\r\n",
+                 b"GET /metrics HTTP/1.0\r\nA: b\x01\r\n\r\n",
+                 b"GET /metrics HTTP/1.0\r\nA: b\rc\r\n\r\n", None):
+        assert answer(head) == bad, head
+
+
+def test_date_header_is_the_http_date_in_english():
+    import email.utils  # what http.server wrote
+    for when in (0, 951782400.5, 1700000000, 4102444799):
+        assert spiped.http_date(when) == email.utils.formatdate(when, usegmt=True)
 
 
 # -- promtool and Prometheus ----------------------------------------------------
@@ -268,7 +322,7 @@ def test_counters_move_by_exactly_what_was_done(procs, keyfile, otherkey, echo, 
 @need_c
 def test_healthz_is_503_while_draining(procs, keyfile, echo):
     metrics = tcp_addr(free_port())
-    entry, _, p = chain(procs, keyfile, echo, metrics)
+    entry, middle, p = chain(procs, keyfile, echo, metrics)
     assert http_get(metrics, "/healthz")[0:3:2] == (200, b"ok\n")
     assert http_get(metrics, "/nothing")[0] == 404
     held = connect(entry)
@@ -278,8 +332,10 @@ def test_healthz_is_503_while_draining(procs, keyfile, echo):
     assert wait_for(lambda: http_get(metrics, "/healthz")[0] == 503)
     assert http_get(metrics, "/healthz")[2] == b"draining\n"
     assert metric(metrics, "spiped_draining") == 1
+    assert wait_for(lambda: refused(middle), step=0.1)  # a new client goes elsewhere at once
     held.sendall(b"x")
     assert recv_exact(held, 1) == b"x"  # the drain still serves it
+    assert http_get(metrics, "/healthz")[0:3:2] == (503, b"draining\n")  # until the exit
     held.close()
     assert p.wait(timeout=20) == 0
 
@@ -288,34 +344,56 @@ def test_healthz_is_503_while_draining(procs, keyfile, echo):
 
 
 @need_c
-def test_silent_scrapers_are_cut_off_and_capped(procs, keyfile, echo, tmp_path):
-    cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 2.0")
+def test_a_scrape_is_answered_while_silent_sockets_are_open(procs, keyfile, echo, tmp_path):
+    """20 sockets that say nothing keep no scraper waiting and take no thread;
+    each is still cut at its deadline."""
+    cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 4.0")
     metrics = str(tmp_path / "metrics.sock")
     entry, _, p = chain(procs, keyfile, echo, metrics, cmd=cmd)
     assert http_get(metrics, "/healthz")[0] == 200
     baseline = settled_threads(p.pid)
-    idle = [connect(metrics) for _ in range(spiped.METRICS_THREADS)]
-    assert wait_for(lambda: threads_of(p.pid) == baseline + len(idle), timeout=5), (
-        baseline, threads_of(p.pid))
-    started = time.monotonic()
-    extra = [connect(metrics) for _ in range(6)]
-    for sock in extra:  # beyond the cap: closed at once, no thread of their own
-        assert wait_closed(sock, 1.5) is not None
-    assert threads_of(p.pid) <= baseline + len(idle)
+    silent = [connect(metrics) for _ in range(20)]
+    assert http_get(metrics, "/healthz")[0:3:2] == (200, b"ok\n")
+    assert select.select(silent, [], [], 0)[0] == []  # answered while they are all open
+    assert threads_of(p.pid) <= baseline
     payload = os.urandom(20000)
     assert exchange(entry, payload, timeout=10) == payload  # the tunnel serves meanwhile
-    assert time.monotonic() - started < 2.0
-    for sock in idle:
-        cut = wait_closed(sock, 6)
-        assert cut is not None
-    assert 1.0 < time.monotonic() - started < 6
-    for sock in idle + extra:
+    for sock in silent:
+        assert wait_closed(sock, 10) is not None  # cut at its deadline
         sock.close()
-    assert wait_for(lambda: threads_of(p.pid) <= baseline, timeout=5)
+    assert threads_of(p.pid) <= baseline
     assert http_get(metrics, "/healthz")[0] == 200
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
     assert not os.path.exists(metrics)  # the socket file went with the process
+
+
+@need_c
+def test_200_silent_sockets_keep_one_thread_and_no_scraper_out(procs, keyfile, echo):
+    """Beyond METRICS_SOCKETS the oldest silent socket makes room for a newcomer:
+    one thread, a bounded number of descriptors, and a scrape is answered."""
+    metrics = tcp_addr(free_port())
+    entry, middle, p = chain(procs, keyfile, echo, metrics)
+    assert http_get(metrics, "/healthz")[0] == 200
+    threads, fds = settled_threads(p.pid), len(os.listdir("/proc/%d/fd" % p.pid))
+    silent = []
+    try:
+        for _ in range(200):
+            silent.append(connect(metrics))
+        assert http_get(metrics, "/metrics")[0] == 200
+        assert metric(metrics, "spiped_connections_total", tunnel=middle) == 0
+        assert threads_of(p.pid) <= threads
+        assert len(os.listdir("/proc/%d/fd" % p.pid)) <= fds + spiped.METRICS_SOCKETS
+        ended = select.poll()  # a socket the daemon closed reads as ready (EOF)
+        for sock in silent:
+            ended.register(sock, select.POLLIN)
+        assert wait_for(lambda: len(ended.poll(0)) >= 200 - spiped.METRICS_SOCKETS)
+        payload = os.urandom(20000)
+        assert exchange(entry, payload, timeout=10) == payload  # the tunnel serves meanwhile
+    finally:
+        for sock in silent:
+            sock.close()
+    assert http_get(metrics, "/healthz")[0] == 200
 
 
 def _trickle_until_cut(sock, data, every, limit):
@@ -349,6 +427,23 @@ def test_a_trickling_scraper_is_cut_at_the_deadline(procs, keyfile, echo, tmp_pa
         sock.close()
     assert cut is not None and 1.5 < cut < 4.0, cut
     assert exchange(entry, b"still serving", timeout=10) == b"still serving"
+    assert http_get(metrics, "/healthz")[0] == 200
+
+
+def test_a_head_longer_than_the_limit_gets_400(procs, keyfile, tmp_path):
+    metrics = tcp_addr(free_port())
+    source = str(tmp_path / "source.sock")
+    p = procs.daemon(ours("-d", "-F", "-s", source, "-t", "[127.0.0.1]:1", "-k", keyfile,
+                          "--metrics", metrics), source)
+    wait_listening(metrics, p)
+    line = b"GET /healthz HTTP/1.0\r\nX-Long: "
+    fits = line + b"a" * (spiped.METRICS_HEAD_MAX - len(line) - 4) + b"\r\n\r\n"
+    for head, status in ((fits, b"200 OK"), (b"a" + fits, b"400 Bad Request"),
+                         (line + b"a" * spiped.METRICS_HEAD_MAX, b"400 Bad Request")):
+        with connect(metrics) as s:
+            s.sendall(head)
+            got, how = drain(s)
+        assert got.startswith(b"HTTP/1.0 %s\r\n" % status), (len(head), got[:100], how)
     assert http_get(metrics, "/healthz")[0] == 200
 
 

@@ -22,7 +22,8 @@ import pytest
 
 import spiped
 from conftest import (ROOT, IMPLS, Notify, TargetServer, connect, free_port, key_of, read_text,
-                      recv_exact, need_c, tcp_addr, wait_closed, wait_for, wrapped)
+                      recv_exact, need_c, tcp_addr, wait_closed, wait_for, wait_listening,
+                      wrapped)
 
 
 
@@ -342,4 +343,35 @@ def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, tmp_path, keyfile,
         if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
             os.kill(pid1, signal.SIGKILL)
             outer.wait(timeout=10)
+    assert "Traceback" not in read_text(log)
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
+def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyfile, holding):
+    """As PID 1 a second SIGTERM during the drain exits 0 at once, its unix
+    source's and --metrics' socket files removed."""
+    target = holding()
+    source, metrics = str(tmp_path / "source.sock"), str(tmp_path / "metrics.sock")
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
+                              os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
+                              "-t", target.addr, "-k", keyfile, "--metrics", metrics],
+                             source, stderr=err)
+    pid1 = _child_pid(outer.pid)
+    try:
+        wait_listening(metrics, outer)
+        with connect(source) as s:
+            spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+            assert wait_for(lambda: target.connections == 1, 10)
+            os.kill(pid1, signal.SIGTERM)
+            assert wait_for(lambda: not os.path.lexists(source)), "the drain did not begin"
+            assert outer.poll() is None
+            os.kill(pid1, signal.SIGTERM)
+            assert outer.wait(timeout=10) == 0, read_text(log)
+    finally:
+        if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
+            os.kill(pid1, signal.SIGKILL)
+            outer.wait(timeout=10)
+    assert not os.path.lexists(metrics)
     assert "Traceback" not in read_text(log)

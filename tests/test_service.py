@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from conftest import (HAVE_C, SPIPED_PY, Notify, TargetServer, c_spiped, connect, exchange,
-                      free_port, need_c, ours, read_text, recv_exact, tcp_addr, wait_for,
-                      wait_listening)
+from conftest import (HAVE_C, SPIPED_PY, Notify, TargetServer, address_listening, c_spiped,
+                      connect, exchange, free_port, need_c, ours, read_text, recv_exact,
+                      refused, tcp_addr, wait_for, wait_listening)
 import spiped
 
 # Put the socket given as argv[1] ("-" for none) on fd 3, set the variables
@@ -366,6 +366,44 @@ def test_listen_variables_for_another_pid_are_ignored(procs, keyfile, echo):
     assert p.poll() is None
 
 
+@pytest.mark.timeout(30)
+def test_activation_drain_leaves_the_socket_to_systemd(procs, notify, keyfile, echo):
+    """SIGTERM with a live connection: the passed socket is never shut down.
+
+    systemd keeps its copy, so a client that connects during the drain, or
+    after the exit, waits in the backlog for the next start.
+    """
+    target = echo()
+    listener, addr = tcp_listener()  # the test keeps its copy, as systemd does
+    n = notify()
+    try:
+        p = launch(procs, listener, ["-d", "-F", "-s", addr, "-t", target.addr, "-k", keyfile],
+                   base_env(NOTIFY_SOCKET=n.env))
+        n.wait_for_text("READY=1")
+        entry = front(procs, addr, keyfile)
+        held = connect(entry, timeout=10)
+        held.sendall(b"before")
+        assert recv_exact(held, 6) == b"before"
+        p.send_signal(signal.SIGTERM)
+        n.wait_for_text("STOPPING=1")
+        during = connect(addr, timeout=5)  # not refused: it queues
+        held.sendall(b"during")
+        assert recv_exact(held, 6) == b"during"
+        held.shutdown(socket.SHUT_WR)
+        assert held.recv(64) == b""
+        held.close()
+        assert p.wait(timeout=10) == 0
+        after = connect(addr, timeout=5)
+        assert address_listening(addr)
+        listener.settimeout(5)
+        for _ in (during, after):  # the next start finds both waiting
+            listener.accept()[0].close()
+        during.close()
+        after.close()
+    finally:
+        listener.close()
+
+
 SOCKET_ACTIVATE = next((p for p in ("/usr/bin/systemd-socket-activate",
                                     "/lib/systemd/systemd-socket-activate")
                         if os.access(p, os.X_OK)), None)
@@ -699,6 +737,71 @@ def test_sigterm_without_drain_timeout_waits(procs, keyfile, echo):
     assert held.recv(64) == b""
     held.close()
     assert p.wait(timeout=5) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_drain_refuses_new_clients_at_once(procs, keyfile, echo, tmp_path, kind):
+    """SIGTERM: a new client is refused at once (a unix source's file is gone)
+    while a live connection keeps flowing to its end."""
+    target = echo()
+    src = tcp_addr(free_port()) if kind == "tcp" else str(tmp_path / "drain.sock")
+    p = procs.daemon(ours("-d", "-F", "-s", src, "-t", target.addr, "-k", keyfile), src)
+    entry = front(procs, src, keyfile)
+    held = connect(entry, timeout=10)
+    held.sendall(b"before")
+    assert recv_exact(held, 6) == b"before"
+    p.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: refused(src), step=0.1), "a new client still connects while draining"
+    assert not address_listening(src)
+    if kind == "unix":
+        assert not os.path.lexists(src)
+    for i in range(3):
+        held.sendall(b"during %d" % i)
+        assert recv_exact(held, 8) == b"during %d" % i
+    assert p.poll() is None
+    held.shutdown(socket.SHUT_WR)
+    assert held.recv(64) == b""
+    held.close()
+    assert p.wait(timeout=10) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("foreground", [True, False], ids=["F", "daemon"])
+def test_second_sigterm_exits_at_once_removing_socket_files(procs, keyfile, echo, tmp_path,
+                                                            foreground):
+    """During a drain a second SIGTERM ends the process at once (killed by it,
+    as C is); the unix source's and --metrics' socket files go, the pidfile stays."""
+    target = echo()
+    src, metrics = str(tmp_path / "source.sock"), str(tmp_path / "metrics.sock")
+    pidfile = tmp_path / "spiped.pid"
+    args = ["-d", "-s", src, "-t", target.addr, "-k", keyfile, "--metrics", metrics]
+    pid = None
+    try:
+        if foreground:
+            p = procs.daemon(ours("-F", *args), src)
+            pid = p.pid
+        else:
+            p = procs.start(ours("-p", str(pidfile), *args))
+            assert p.wait(timeout=30) == 0, p.stderr.read()
+            pid = int(pidfile.read_text())
+        wait_listening(metrics)
+        held = connect(front(procs, src, keyfile), timeout=10)
+        held.sendall(b"held")
+        assert recv_exact(held, 4) == b"held"
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not os.path.lexists(src)), "the drain did not begin"
+        os.kill(pid, signal.SIGTERM)
+        if foreground:
+            assert p.wait(timeout=5) == -signal.SIGTERM
+        else:
+            assert wait_pid_gone(pid, 5)
+            assert pidfile.read_text() == str(pid)  # left, as C leaves it
+        assert not os.path.lexists(metrics)
+        held.close()
+    finally:
+        if pid is not None and not foreground:
+            kill_pid(pid)
 
 
 # -- unix socket hygiene ------------------------------------------------------
