@@ -2928,10 +2928,51 @@ usage: spipe -t <target socket> -k <key file> [-b <bind address>] [-f | -g]
        spipe -v
 """
 
+# --help: the usage, a line for each of C's options with its default, then
+# the extensions.  (The usage alone, C's text, is what an error prints.)
+SPIPED_OPTIONS_HELP = """\
+Options:
+  -e                     encrypt: accept plaintext connections on SOURCE and
+                         carry them encrypted to TARGET (a spiped -d)
+  -d                     decrypt: accept encrypted connections on SOURCE (from
+                         a spiped -e or spipe) and carry their plaintext to
+                         TARGET
+  -s SOURCE              the address to listen on: [IPv4]:port, [IPv6]:port,
+                         host:port (the first address the name has) or
+                         /path/to/unix.socket
+  -t TARGET              the address to connect to, in the same forms; each
+                         address of a name is tried in turn
+  -k KEYFILE             the shared key: the SHA-256 of the whole file; "-"
+                         reads it from stdin
+  -b ADDRESS             bind outgoing connections to ADDRESS, port 0 unless
+                         given (default: the system picks)
+  -D                     daemonize (unless -F) before resolving addresses;
+                         retry a failed look-up every second (default: exit 1)
+  -F                     stay in the foreground and write no pidfile
+                         (default: fork into the background once listening)
+  -j                     turn SO_KEEPALIVE off (default: on)
+  -f                     skip the Diffie-Hellman exchange: quicker set-up, no
+                         forward secrecy (default: exchange)
+  -g                     require forward secrecy: refuse a peer that uses -f
+  -n MAX                 at most MAX connections at once (default %(maxconn)d;
+                         0: no limit)
+  -o SECS                time limit to connect to TARGET, and again for the
+                         handshake (default %(timeout)g; 0: the default;
+                         inf: none)
+  -p PIDFILE             where the daemon writes its PID (default: SOURCE.pid
+                         in the current directory)
+  -r SECS                look TARGET's name up again every SECS seconds
+                         (default %(rtime)g; 0: the default)
+  -R                     never look TARGET's name up again
+  -u USER[:GROUP]        once bound, switch to USER, :GROUP or USER:GROUP
+                         (names or numeric ids; default: stay as started)
+  -v                     print the version and exit
+  --syslog               once in the background, log to syslog instead of
+                         stderr; with -F, connection logs and statistics only
+""" % {"maxconn": DEFAULT_MAXCONN, "timeout": DEFAULT_TIMEOUT, "rtime": DEFAULT_RTIME}
+
 SPIPED_LONG_HELP = """\
 Extensions (long options; every C command line keeps its meaning):
-  --syslog               after daemonizing, log to syslog (and connection
-                         events to syslog even with -F)
   --log-connections      log each connection: accepted, connect or handshake
                          failure, closed with byte counts and duration
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
@@ -2990,12 +3031,33 @@ SIGHUP (C spiped would exit) re-reads -k and every --accept-key file (with
 new keys, live ones keep theirs; if a file cannot be read, nothing changes.
 """
 
+SPIPE_OPTIONS_HELP = """\
+Options:
+  -t TARGET              the spiped -d to connect to: [IPv4]:port,
+                         [IPv6]:port, host:port or /path/to/unix.socket; each
+                         address of a name is tried in turn
+  -k KEYFILE             the shared key: the SHA-256 of the whole file; "-"
+                         reads it from stdin, leaving nothing to send
+  -b ADDRESS             bind the connection to ADDRESS, port 0 unless given
+                         (default: the system picks)
+  -f                     skip the Diffie-Hellman exchange: quicker set-up, no
+                         forward secrecy (default: exchange)
+  -g                     require forward secrecy: refuse a server that uses -f
+  -j                     turn SO_KEEPALIVE off (default: on)
+  -o SECS                time limit to connect, and again for the handshake
+                         (default %(timeout)g; 0: the default; inf: none)
+  -v                     print the version and exit
+""" % {"timeout": DEFAULT_TIMEOUT}
+
 SPIPE_LONG_HELP = """\
 Extensions (long options; every C command line keeps its meaning):
   --help                 this text
 stdin goes to the target encrypted, the target's replies come out on stdout;
 spipe exits (status 0) when the server side closes.
 """
+
+SPIPED_HELP = SPIPED_USAGE + "\n" + SPIPED_OPTIONS_HELP + "\n" + SPIPED_LONG_HELP
+SPIPE_HELP = SPIPE_USAGE + "\n" + SPIPE_OPTIONS_HELP + "\n" + SPIPE_LONG_HELP
 
 # The one long option C spiped has: its errors stay C's, as every short
 # option's do.  Every other long option is an extension, whose errors name
@@ -3398,8 +3460,7 @@ def parse_spiped_args(args, tunnel_line=False):
 
     Raises UsageError, SpipedError or _Exit.
     """
-    fields = _read_options(args, SPIPED_OPTIONS, SPIPED_USAGE + "\n" + SPIPED_LONG_HELP,
-                           tunnel_line)
+    fields = _read_options(args, SPIPED_OPTIONS, SPIPED_HELP, tunnel_line)
     process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
     if "config" in process:
         if fields:
@@ -3445,7 +3506,7 @@ def _common_checks(fields, required):
 
 def parse_spipe_args(args):
     """SpipeOptions from spipe's command line; raises UsageError/SpipedError/_Exit."""
-    fields = _read_options(args, SPIPE_OPTIONS, SPIPE_USAGE + "\n" + SPIPE_LONG_HELP)
+    fields = _read_options(args, SPIPE_OPTIONS, SPIPE_HELP)
     _common_checks(fields, (("-t", "target"), ("-k", "key")))
     return SpipeOptions(timeout=_timeout(fields),
                         keepalive=not fields.pop("no_keepalive", False), **fields)
