@@ -26,6 +26,12 @@ usage: spiped-keygen [--force] <key file>
        spiped-keygen --help
 """
 
+OPTIONS = """\
+  --force                replace an existing key file (a new file is renamed
+                         over it)
+  -h, --help             print this help and exit
+"""
+
 
 class KeygenError(Exception):
     """A failure to report on one line, exit status 1."""
@@ -123,7 +129,7 @@ def main(argv=None):
         sys.stderr.write("%s: %s\n%s" % (PROG, e, USAGE))
         return 1
     if parsed is None:
-        sys.stdout.write(__doc__.split("\n\n", 1)[0] + "\n\n" + USAGE)
+        sys.stdout.write(__doc__.split("\n\n", 1)[0] + "\n\n" + USAGE + "\n" + OPTIONS)
         return 0
     path, force = parsed
     key = secrets.token_bytes(KEY_BYTES)

@@ -144,7 +144,16 @@ class SpipedError(Exception):
 
 
 class UsageError(Exception):
-    """The command line is wrong: an optional message, then the usage text."""
+    """The command line is wrong: an optional MESSAGE, then the usage text.
+
+    WHY says what is wrong where C prints the usage alone (a --config
+    line has no usage text to fall back on); it defaults to MESSAGE.
+    """
+
+    def __init__(self, message=None, why=None):
+        super().__init__(message or why)
+        self.message = message
+        self.why = why or message
 
 
 class AddressError(SpipedError):
@@ -392,17 +401,21 @@ def read_key(path, stdin=None):
     Hashes while reading, a chunk at a time, so memory stays flat however
     long the file or stream is.  Raises SpipedError with C's messages.
     Warns (never fails) when a regular key file is readable by others or
-    shorter than 32 bytes.
+    shorter than 32 bytes, and when stdin gives no byte at all.
     """
     failed = "Error reading shared secret"
     digest = hashlib.sha256()
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
+        size = 0
         try:
             for chunk in iter(lambda: stream.read(KEY_READ_CHUNK), b""):
                 digest.update(chunk)
+                size += len(chunk)
         except OSError:
             raise SpipedError("Error reading from stdin", failed) from None
+        if size == 0:  # a short key piped in is meant; nothing at all is an accident
+            _warn_short_key("the key from stdin", size)
         return digest.digest()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -423,9 +436,12 @@ def read_key(path, stdin=None):
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
         if size < 32:
-            log.warn("WARNING: key file %s holds only %d bytes;"
-                     " 32 random bytes are recommended" % (path, size))
+            _warn_short_key("key file " + path, size)
     return digest.digest()
+
+
+def _warn_short_key(what, size):
+    log.warn("WARNING: %s holds only %d bytes; 32 random bytes are recommended" % (what, size))
 
 
 def pbkdf2(key, salt, length):
@@ -2725,7 +2741,7 @@ def parse_config_file(path):
         except ValueError as e:  # shlex
             raise SpipedError(where + str(e)) from None
         except UsageError as e:
-            raise SpipedError(where + (e.args[0] or TUNNEL_LINE_USAGE)) from None
+            raise SpipedError(where + e.why) from None
         except SpipedError as e:
             raise e.located(where) from None
         if "-" in options.key_paths():
@@ -2733,9 +2749,6 @@ def parse_config_file(path):
                               " name a key file")
         tunnels.append((number, options))
     return tunnels
-
-
-TUNNEL_LINE_USAGE = "not a tunnel: {-e | -d} -s <source> -t <target> -k <key file> [options]"
 
 
 def address_key(family, sockaddr):
@@ -3149,10 +3162,51 @@ usage: spipe -t <target socket> -k <key file> [-b <bind address>] [-f | -g]
        spipe -v
 """
 
+# --help: the usage, a line for each of C's options with its default, then
+# the extensions.  (The usage alone, C's text, is what an error prints.)
+SPIPED_OPTIONS_HELP = """\
+Options:
+  -e                     encrypt: accept plaintext connections on SOURCE and
+                         carry them encrypted to TARGET (a spiped -d)
+  -d                     decrypt: accept encrypted connections on SOURCE (from
+                         a spiped -e or spipe) and carry their plaintext to
+                         TARGET
+  -s SOURCE              the address to listen on: [IPv4]:port, [IPv6]:port,
+                         host:port (the first address the name has) or
+                         /path/to/unix.socket
+  -t TARGET              the address to connect to, in the same forms; each
+                         address of a name is tried in turn
+  -k KEYFILE             the shared key: the SHA-256 of the whole file; "-"
+                         reads it from stdin
+  -b ADDRESS             bind outgoing connections to ADDRESS, port 0 unless
+                         given (default: the system picks)
+  -D                     daemonize (unless -F) before resolving addresses;
+                         retry a failed look-up every second (default: exit 1)
+  -F                     stay in the foreground and write no pidfile
+                         (default: fork into the background once listening)
+  -j                     turn SO_KEEPALIVE off (default: on)
+  -f                     skip the Diffie-Hellman exchange: quicker set-up, no
+                         forward secrecy (default: exchange)
+  -g                     require forward secrecy: refuse a peer that uses -f
+  -n MAX                 at most MAX connections at once (default %(maxconn)d;
+                         0: no limit)
+  -o SECS                time limit to connect to TARGET, and again for the
+                         handshake (default %(timeout)g; 0: the default;
+                         inf: none)
+  -p PIDFILE             where the daemon writes its PID (default: SOURCE.pid
+                         in the current directory)
+  -r SECS                look TARGET's name up again every SECS seconds
+                         (default %(rtime)g; 0: the default)
+  -R                     never look TARGET's name up again
+  -u USER[:GROUP]        once bound, switch to USER, :GROUP or USER:GROUP
+                         (names or numeric ids; default: stay as started)
+  -v                     print the version and exit
+  --syslog               once in the background, log to syslog instead of
+                         stderr; with -F, connection logs and statistics only
+""" % {"maxconn": DEFAULT_MAXCONN, "timeout": DEFAULT_TIMEOUT, "rtime": DEFAULT_RTIME}
+
 SPIPED_LONG_HELP = """\
 Extensions (long options; every C command line keeps its meaning):
-  --syslog               after daemonizing, log to syslog (and connection
-                         events to syslog even with -F)
   --log-connections      log each connection: accepted, connect or handshake
                          failure, closed with byte counts and duration
   --drain-timeout SECS   after SIGTERM wait at most SECS for live connections,
@@ -3211,12 +3265,55 @@ SIGHUP (C spiped would exit) re-reads -k and every --accept-key file (with
 new keys, live ones keep theirs; if a file cannot be read, nothing changes.
 """
 
+SPIPE_OPTIONS_HELP = """\
+Options:
+  -t TARGET              the spiped -d to connect to: [IPv4]:port,
+                         [IPv6]:port, host:port or /path/to/unix.socket; each
+                         address of a name is tried in turn
+  -k KEYFILE             the shared key: the SHA-256 of the whole file; "-"
+                         reads it from stdin, leaving nothing to send
+  -b ADDRESS             bind the connection to ADDRESS, port 0 unless given
+                         (default: the system picks)
+  -f                     skip the Diffie-Hellman exchange: quicker set-up, no
+                         forward secrecy (default: exchange)
+  -g                     require forward secrecy: refuse a server that uses -f
+  -j                     turn SO_KEEPALIVE off (default: on)
+  -o SECS                time limit to connect, and again for the handshake
+                         (default %(timeout)g; 0: the default; inf: none)
+  -v                     print the version and exit
+""" % {"timeout": DEFAULT_TIMEOUT}
+
 SPIPE_LONG_HELP = """\
 Extensions (long options; every C command line keeps its meaning):
   --help                 this text
 stdin goes to the target encrypted, the target's replies come out on stdout;
 spipe exits (status 0) when the server side closes.
 """
+
+SPIPED_HELP = SPIPED_USAGE + "\n" + SPIPED_OPTIONS_HELP + "\n" + SPIPED_LONG_HELP
+SPIPE_HELP = SPIPE_USAGE + "\n" + SPIPE_OPTIONS_HELP + "\n" + SPIPE_LONG_HELP
+
+# The one long option C spiped has: its errors stay C's, as every short
+# option's do.  Every other long option is an extension, whose errors name
+# it and say what is wrong before the usage text.
+C_LONG_OPTIONS = ("--syslog",)
+
+
+def _is_extension(option):
+    """True for an option C spiped does not have."""
+    return option.startswith("--") and option not in C_LONG_OPTIONS
+
+
+def _misused(option, reason):
+    """The UsageError for OPTION used wrongly: "OPTION: REASON".
+
+    An extension prints it before the usage text; for C's own options C
+    prints the usage alone, so the reason is only the why of a --config
+    line.
+    """
+    text = "%s: %s" % (option, reason)
+    return UsageError(text) if _is_extension(option) else UsageError(why=text)
+
 
 class _Exit(Exception):
     """Leave main() with this status (after messages were printed)."""
@@ -3249,9 +3346,11 @@ def getopt_c(args, flags, with_arg, long_flags=(), long_with_arg=()):
                 if not eq:
                     i += 1
                     if i >= len(args):
-                        raise UsageError("Missing argument to %s" % name)
+                        raise _misused(name, "needs an argument")
                     value = args[i]
                 yield name, value
+            elif name in long_flags and _is_extension(name):
+                raise _misused(name, "takes no argument")
             else:
                 raise UsageError("illegal option -- %s" % name)
             i += 1
@@ -3327,24 +3426,20 @@ def _strtoul(text):
     return ((1 << 64) - value) % (1 << 64) if negative else value
 
 
+def _argument_error(option, text, code):
+    """C's error for a number it cannot read: 'Error parsing argument: OPTION TEXT: strerror(CODE)'."""
+    return SpipedError("Error parsing argument: %s %s: %s" % (option, text, os.strerror(code)))
+
+
 def _parse_number(option, text, kind):
     """A numeric option argument, with C's error messages."""
-    if kind == "float":
-        value = _strtod(text)
-        if value is None:
-            raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
-        if value != value and option != "-r":  # "nan": usage, but C takes "-r nan"
-            raise UsageError(None)
-        if value == "range" or value < 0:
-            raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
-                              % (option, text))
-        return value
-    value = _strtoul(text)
+    value = _strtod(text) if kind == "float" else _strtoul(text)
     if value is None:
-        raise SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
-    if value == "range":
-        raise SpipedError("Error parsing argument: %s %s: Numerical result out of range"
-                          % (option, text))
+        raise _argument_error(option, text, errno.EINVAL)
+    if value != value and option != "-r":  # "nan": usage, but C takes "-r nan"
+        raise UsageError(why="%s: not a number of seconds: %s" % (option, text))
+    if value == "range" or value < 0:
+        raise _argument_error(option, text, errno.ERANGE)
     return value
 
 
@@ -3367,7 +3462,7 @@ def _cli(usage, parse, run):
     try:
         opts = parse()
     except UsageError as e:
-        _print_usage(usage, e.args[0] if e.args else None)
+        _print_usage(usage, e.message)
         return 1
     except SpipedError as e:
         for line in e.lines:
@@ -3458,7 +3553,12 @@ def _text(option, text):
 
 
 def _address(option, text):
-    check_address_syntax(text)
+    try:
+        check_address_syntax(text)
+    except UsageError as e:
+        if _is_extension(option):  # the option, then 1.6.4's words for -s and -t
+            raise _misused(option, e.message) from None
+        raise
     return text
 
 
@@ -3470,8 +3570,16 @@ def _seconds(option, text):
     return _parse_number(option, text, "float")
 
 
-def _invalid(option, text):
-    return SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+def _extension_seconds(option, text):
+    """What -o takes (from 0 up, inf for no limit), for a long option: its errors say why."""
+    value = _strtod(text)
+    if value is None or value != value:
+        raise _misused(option, "not a number of seconds: %s" % text)
+    if value == "range":
+        raise _misused(option, "out of range: %s" % text)
+    if value < 0:
+        raise _misused(option, "must be 0 or more: %s" % text)
+    return value
 
 
 def _octal_mode(option, text):
@@ -3480,7 +3588,7 @@ def _octal_mode(option, text):
     except ValueError:
         value = -1
     if not 0 <= value <= 0o7777:
-        raise _invalid(option, text)
+        raise _misused(option, "not an octal mode from 0 to 7777: %s" % text)
     return value
 
 
@@ -3491,17 +3599,17 @@ def _keepalive_timers(option, text):
     """
     fields = text.split(",")
     if len(fields) > 3 or not all(f.isascii() and f.isdigit() for f in fields):
-        raise _invalid(option, text)
+        raise _misused(option, "not IDLE[,INTERVAL[,COUNT]] in whole seconds: %s" % text)
     values = [int(f) for f in fields]
     values += [values[0], KEEPALIVE_COUNT][len(values) - 1:]
     if not (0 < values[0] <= 32767 and 0 < values[1] <= 32767 and 0 < values[2] <= 127):
-        raise _invalid(option, text)
+        raise _misused(option, "IDLE and INTERVAL must be 1 to 32767, COUNT 1 to 127: %s" % text)
     return tuple(values)
 
 
 def _proxy_version(option, text):
     if text not in ("1", "2"):
-        raise _invalid(option, text)
+        raise _misused(option, "must be 1 or 2: %s" % text)
     return int(text)
 
 
@@ -3518,7 +3626,8 @@ SPIPED_OPTIONS = {
     "-u": ("user", _text), "-v": ("version", None),
     "--syslog": ("syslog", None), "--log-connections": ("log_connections", None),
     "--help": ("help", None), "--connect-after-auth": ("connect_after_auth", None),
-    "--drain-timeout": ("drain_timeout", _seconds), "--socket-mode": ("socket_mode", _octal_mode),
+    "--drain-timeout": ("drain_timeout", _extension_seconds),
+    "--socket-mode": ("socket_mode", _octal_mode),
     "--accept-key": ("accept_keys", _text), "--proxy-protocol": ("proxy_protocol", _proxy_version),
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
@@ -3539,8 +3648,8 @@ def _read_options(args, table, help_text, tunnel_line=False):
     """{field: value} from ARGS as TABLE reads them, in the order given.
 
     --help and -v act as they are met, as C's loop does; a repeated option
-    is a usage error.  With TUNNEL_LINE (a --config line), an option of
-    the process is a UsageError naming it.
+    or a stray argument is a usage error.  With TUNNEL_LINE (a --config
+    line), an option of the process is a UsageError naming it.
     """
     shorts = [o[1] for o in table if len(o) == 2]
     fields = {}
@@ -3550,7 +3659,7 @@ def _read_options(args, table, help_text, tunnel_line=False):
                                   [o for o in table if len(o) > 2 and table[o][1] is not None]):
         if option is None:
             if value:
-                raise UsageError(None)
+                raise UsageError(why="unexpected argument: %s" % value[0])
             break
         field, read = table[option]
         if tunnel_line and field in PROCESS_FIELDS:
@@ -3562,7 +3671,7 @@ def _read_options(args, table, help_text, tunnel_line=False):
             fields[field] = fields.get(field, ()) + (read(option, value),)
             continue
         if field in fields:
-            raise UsageError(None)
+            raise _misused(option, "given more than once")
         if field == "version":
             _print_version()
             raise _Exit(0)
@@ -3581,13 +3690,13 @@ def parse_spiped_args(args, tunnel_line=False):
 
     Raises UsageError, SpipedError or _Exit.
     """
-    fields = _read_options(args, SPIPED_OPTIONS, SPIPED_USAGE + "\n" + SPIPED_LONG_HELP,
-                           tunnel_line)
+    fields = _read_options(args, SPIPED_OPTIONS, SPIPED_HELP, tunnel_line)
     process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
     if "config" in process:
         if fields:
             option = next(o for o, (f, _) in SPIPED_OPTIONS.items() if f == next(iter(fields)))
-            raise UsageError("with --config, tunnel options belong in the file: %s" % option)
+            raise _misused("--config", "tunnel options belong in the file, not on the"
+                           " command line: %s" % option)
         return ProcessOptions(None, **process)
     tunnel = _tunnel_options(fields)
     return tunnel if tunnel_line else ProcessOptions(tunnel, **process)
@@ -3596,32 +3705,39 @@ def parse_spiped_args(args, tunnel_line=False):
 def _tunnel_options(fields):
     """TunnelOptions from a tunnel's FIELDS, with C's checks of how they combine."""
     encrypt, decrypt = fields.pop("encrypt", False), fields.pop("decrypt", False)
-    if encrypt == decrypt or not all(f in fields for f in ("source", "target", "key")):
-        raise UsageError(None)
-    if fields.get("fast") and fields.get("require_pfs"):
-        raise UsageError(None)
+    if encrypt == decrypt:
+        raise UsageError(why="give -e or -d, not both" if encrypt
+                         else "give -e (encrypt) or -d (decrypt)")
+    _common_checks(fields, (("-s", "source"), ("-t", "target"), ("-k", "key")))
     if encrypt and "accept_keys" in fields:  # -e always uses -k alone
-        raise UsageError(None)
+        raise _misused("--accept-key", "needs -d")
     if fields.get("connect_after_auth") and not decrypt:
-        raise UsageError("--connect-after-auth applies to -d only")
+        raise _misused("--connect-after-auth", "needs -d")
     if fields.get("no_keepalive") and "keepalive_timers" in fields:
-        raise UsageError("-j turns keepalive off: it cannot go with --keepalive")
+        raise _misused("--keepalive", "cannot go with -j, which turns keepalive off")
     rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:
-        raise UsageError(None)
+        raise UsageError(why="-R (never look the target up again) cannot go with -r %g" % rtime)
     return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve,
                          timeout=_timeout(fields),
                          keepalive=not fields.pop("no_keepalive", False), **fields)
 
 
+def _common_checks(fields, required):
+    """C's checks common to both programs: the REQUIRED (option, field)s, -f or -g."""
+    missing = [option for option, field in required if field not in fields]
+    if missing:
+        listed = ", ".join(missing[:-1]) + " and " if len(missing) > 1 else ""
+        raise UsageError(why="missing " + listed + missing[-1])
+    if fields.get("fast") and fields.get("require_pfs"):
+        raise UsageError(why="-f and -g exclude each other")
+
+
 def parse_spipe_args(args):
     """SpipeOptions from spipe's command line; raises UsageError/SpipedError/_Exit."""
-    fields = _read_options(args, SPIPE_OPTIONS, SPIPE_USAGE + "\n" + SPIPE_LONG_HELP)
-    if "target" not in fields or "key" not in fields:
-        raise UsageError(None)
-    if fields.get("fast") and fields.get("require_pfs"):
-        raise UsageError(None)
+    fields = _read_options(args, SPIPE_OPTIONS, SPIPE_HELP)
+    _common_checks(fields, (("-t", "target"), ("-k", "key")))
     return SpipeOptions(timeout=_timeout(fields),
                         keepalive=not fields.pop("no_keepalive", False), **fields)
 

@@ -213,10 +213,14 @@ def connect(addr, timeout=10.0):
 
 
 def refused(addr):
-    """True when a connect to ADDR is refused at once (a unix path: also when it is gone)."""
+    """True when a connect to ADDR is refused at once (a unix path: also when it is gone).
+
+    A reset counts too: a connect that reached the backlog as the listener
+    closed is reset by the kernel, before or after connect() returns.
+    """
     try:
         connect(addr, timeout=5).close()
-    except (ConnectionRefusedError, FileNotFoundError):
+    except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
         return True
     return False
 

@@ -20,7 +20,8 @@ apt_get update
 # nginx-light: a PROXY-protocol server; tests/test_proxy.py runs instances of
 # its own, so the package must not start (or leave) a system one.
 # prometheus: promtool and a Prometheus of its own for tests/test_metrics.py;
-# likewise no system one.
+# likewise no system one.  mandoc and groff-base: tests/test_man.py lints the
+# manual pages with both.
 policy=/usr/sbin/policy-rc.d
 own_policy=
 if [ ! -e "$policy" ]; then
@@ -28,7 +29,8 @@ if [ ! -e "$policy" ]; then
 	trap '$SUDO rm -f "$policy"' EXIT
 	printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
 fi
-apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus
+apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus \
+	mandoc groff-base
 if [ -n "$own_policy" ]; then
 	$SUDO rm -f "$policy"
 	trap - EXIT

@@ -524,6 +524,63 @@ BIND_CASES = [
 ADDRESS_CASES = address_cases() + BIND_CASES
 
 
+# ---------------------------------------------------------------------------
+# spiped: an extension's errors (ours only; C knows none of these options)
+#
+# An error that involves a long option other than C's --syslog says which
+# option and why on one line, then prints C's usage text; the same command
+# line without the extension keeps C's output (the tables above).
+
+def extension(option, reason):
+    return Fails(("spiped: %s: %s" % (option, reason),), usage=True)
+
+
+EXTENSION_CASES = [
+    Case("accept-key-with-e", base("--accept-key", "{key}"),
+         extension("--accept-key", "needs -d")),
+    Case("connect-after-auth-with-e", base("--connect-after-auth"),
+         extension("--connect-after-auth", "needs -d")),
+    Case("drain-timeout-nan", base("--drain-timeout", "nan"),
+         extension("--drain-timeout", "not a number of seconds: nan")),
+    Case("drain-timeout-word", base("--drain-timeout", "soon"),
+         extension("--drain-timeout", "not a number of seconds: soon")),
+    Case("drain-timeout-negative", base("--drain-timeout", "-1"),
+         extension("--drain-timeout", "must be 0 or more: -1")),
+    Case("drain-timeout-overflow", base("--drain-timeout", "1e400"),
+         extension("--drain-timeout", "out of range: 1e400")),
+    Case("drain-timeout-twice", base("--drain-timeout", "1", "--drain-timeout", "1"),
+         extension("--drain-timeout", "given more than once")),
+    Case("socket-mode-not-octal", base("--socket-mode", "9"),
+         extension("--socket-mode", "not an octal mode from 0 to 7777: 9")),
+    Case("proxy-protocol-3", base("--proxy-protocol", "3"),
+         extension("--proxy-protocol", "must be 1 or 2: 3")),
+    Case("keepalive-words", base("--keepalive", "5,x"),
+         extension("--keepalive", "not IDLE[,INTERVAL[,COUNT]] in whole seconds: 5,x")),
+    Case("keepalive-zero", base("--keepalive", "0"),
+         extension("--keepalive", "IDLE and INTERVAL must be 1 to 32767, COUNT 1 to 127: 0")),
+    Case("keepalive-with-j", base("-j", "--keepalive", "5"),
+         extension("--keepalive", "cannot go with -j, which turns keepalive off")),
+    Case("flag-with-value", base("--log-connections=yes"),
+         extension("--log-connections", "takes no argument")),
+    Case("config-without-argument", ("--config",), extension("--config", "needs an argument")),
+    Case("config-with-tunnel-option", ("-F", "--config", "{key}", "-n", "4"),
+         extension("--config", "tunnel options belong in the file, not on the command line: -n")),
+    Case("metrics-empty", base("--metrics", ""), extension("--metrics", "Empty socket address")),
+    # Errors of C's own options stay C's, extensions or not.
+    Case("extension-and-f-g", base("--log-connections", "-f", "-g"), USAGE_ONLY),
+    Case("extension-and-repeat-k", base("--log-connections", "-k", "{key}"), USAGE_ONLY),
+    Case("extension-and-o-nan", base("--log-connections", "-o", "nan"), USAGE_ONLY),
+    Case("syslog-twice", base("--syslog", "--syslog"), USAGE_ONLY),
+    Case("syslog-with-value", base("--syslog=yes"), illegal("spiped", "--syslog")),
+    Case("unknown-long-option", base("--accept-keys", "{key}"), illegal("spiped", "--accept-keys")),
+]
+
+
+@pytest.mark.parametrize("case", EXTENSION_CASES, ids=[c.id for c in EXTENSION_CASES])
+def test_extension_errors_say_why(case, ctx, procs):
+    check_case("ours", case, ctx, procs)
+
+
 def params(cases):
     out = []
     for case in cases:

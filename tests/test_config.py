@@ -98,21 +98,43 @@ def test_process_option_on_a_line_is_an_error(tmp_path, keyfile, option, capsys)
     assert capsys.readouterr() == ("", "")  # -v and --help print nothing from a line
 
 
+TUNNEL = "-s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K"
+
+
 @pytest.mark.parametrize("line, why", [
-    ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2", "not a tunnel"),
-    ("-e -d -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K", "not a tunnel"),
-    ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K -n x", "Error parsing argument: -n x"),
+    ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2", "missing -k"),
+    ("-e -s [127.0.0.1]:1", "missing -t and -k"),
+    ("-e -j", "missing -s, -t and -k"),
+    (TUNNEL, "give -e (encrypt) or -d (decrypt)"),
+    ("-e -d " + TUNNEL, "give -e or -d, not both"),
+    ("-d -e " + TUNNEL, "give -e or -d, not both"),
+    ("-e -k a -k b -s [127.0.0.1]:1 -t [127.0.0.1]:2", "-k: given more than once"),
+    ("-e -e " + TUNNEL, "-e: given more than once"),
+    ("-ejj " + TUNNEL, "-j: given more than once"),
+    ("-e -f -g " + TUNNEL, "-f and -g exclude each other"),
+    ("-e -r 5 -R " + TUNNEL, "-R (never look the target up again) cannot go with -r 5"),
+    ("-e -o nan " + TUNNEL, "-o: not a number of seconds: nan"),
+    ("-e -r nan -R " + TUNNEL, "-R (never look the target up again) cannot go with -r nan"),
+    ("-e " + TUNNEL + " extra", "unexpected argument: extra"),
+    ("-e " + TUNNEL + " --accept-key K2", "--accept-key: needs -d"),
+    ("-e " + TUNNEL + " --connect-after-auth", "--connect-after-auth: needs -d"),
+    ("-e " + TUNNEL + " --proxy-protocol 3", "--proxy-protocol: must be 1 or 2: 3"),
+    ("-e " + TUNNEL + " --all-addresses --all-addresses", "--all-addresses: given more than once"),
+    ("-e " + TUNNEL + " -n x", "Error parsing argument: -n x: Invalid argument"),
     ("-e -s '[127.0.0.1]:1 -t [127.0.0.1]:2 -k K", "No closing quotation"),
-    ("-e -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K --bogus", "illegal option -- --bogus"),
-    ("-d -s [127.0.0.1]:1 -t [127.0.0.1]:2 -k K --accept-key -", "cannot be read again"),
+    ("-e " + TUNNEL + " --bogus", "illegal option -- --bogus"),
+    ("-e " + TUNNEL + " -x", "illegal option -- -x"),
+    ("-e " + TUNNEL + " -o", "Missing argument to -o"),
+    ("-d " + TUNNEL + " --accept-key -", "a key from stdin (-) cannot be read again at a reload;"
+                                         " name a key file"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, line, why):
+    """Every bad line says FILE:LINE and what is wrong with it."""
     conf = tmp_path / "c.conf"
     conf.write_text("# first\n" + line + "\n")
     with pytest.raises(spiped.SpipedError) as e:
         spiped.parse_config_file(str(conf))
-    assert e.value.lines[0].startswith("%s:2: " % conf)
-    assert why in e.value.lines[0]
+    assert e.value.lines == ("%s:2: %s" % (conf, why),)
 
 
 def test_load_config_checks_keys_addresses_duplicates(tmp_path, keyfile):
@@ -160,8 +182,8 @@ def test_config_command_line(tmp_path, keyfile, procs):
         p = procs.start(ours("--config", conf, "-F", *extra))
         _, err = p.communicate(timeout=30)
         assert p.returncode == 1
-        assert b"with --config, tunnel options belong in the file: " + extra[0].encode() in err
-        assert b"usage: spiped" in err
+        assert err.startswith(b"spiped: --config: tunnel options belong in the file, not on"
+                              b" the command line: %s\nusage: spiped" % extra[0].encode()), err
     out = procs.start(ours("--help"), stdout=-1).communicate(timeout=30)[0]
     assert b"--config FILE" in out and b"FILE.pid" in out
 

@@ -417,6 +417,14 @@ def test_dockerfile_keeps_the_official_contract():
             assert os.path.exists(os.path.join(ROOT, src)), src
 
 
+def test_dockerfile_copies_the_man_pages():
+    """spiped.1 and spipe.1 (the image has no spiped-keygen) land in /usr/local/share/man/man1."""
+    copies = [rest.split() for word, rest in dockerfile_instructions() if word == "COPY"]
+    pages = [src for *sources, dest in copies if dest.rstrip("/") == "/usr/local/share/man/man1"
+             for src in sources]
+    assert sorted(pages) == ["contrib/man/spipe.1", "contrib/man/spiped.1"], copies
+
+
 # ---------------------------------------------------------------- systemd
 
 def unit_settings(path):
@@ -812,7 +820,7 @@ def test_openrc_checkconfig_runs_spiped_check(tmp_path, rc_key):
     assert "nosuch.invalid" in p.stderr
     p = checkconfig(tmp_path, rc_key, "spiped_target='%s'" % tcp_addr(free_port()),
                     "spiped_opts='--keepalive 0'", *good)
-    assert p.returncode != 0 and "--keepalive 0: Invalid argument" in p.stderr
+    assert p.returncode != 0 and "spiped: --keepalive: IDLE and INTERVAL must be" in p.stderr
 
 
 def test_openrc_tunnels_check_the_config_before_start():

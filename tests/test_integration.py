@@ -452,6 +452,12 @@ def test_image_key_generation(image, workdir):
     assert any(l.startswith("spiped ") for l in version.splitlines()), version
 
 
+def test_image_has_the_man_pages(image):
+    listed = run(["podman", "run", "--rm", "--network", "none", image,
+                  "ls", "/usr/local/share/man/man1"]).stdout.split()
+    assert sorted(listed) == ["spipe.1", "spiped.1"], listed
+
+
 def test_image_tunnel_on_host_network(image, workdir, containers, echo_target):
     """-d and -e containers on the host's network; health check; stop exits 0."""
     keydir = podman_key(image, workdir)

@@ -44,6 +44,15 @@ def test_dev_null_and_stdin_are_quiet(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_empty_stdin_warns_as_an_empty_file_does(tmp_path, capsys):
+    """Nothing on stdin for -k - is a key too (SHA256("")), but most likely a mistake."""
+    assert spiped.read_key("-", stdin=io.BytesIO(b"")) == hashlib.sha256(b"").digest()
+    assert capsys.readouterr().err == ("spiped: WARNING: the key from stdin holds only 0 bytes;"
+                                       " 32 random bytes are recommended\n")
+    spiped.read_key(_key(tmp_path, b""))
+    assert "holds only 0 bytes; 32 random bytes are recommended" in capsys.readouterr().err
+
+
 def test_missing_and_directory_give_c_messages(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(spiped.SpipedError) as info:

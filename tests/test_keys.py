@@ -294,7 +294,7 @@ def test_accept_key_with_e_is_a_usage_error(keyfile, otherkey):
     r = subprocess.run(ours("-e", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
                             "--accept-key", otherkey), capture_output=True, timeout=30)
     assert r.returncode == 1
-    assert r.stderr.startswith(b"usage: spiped"), r.stderr
+    assert r.stderr.decode() == "spiped: --accept-key: needs -d\n" + spiped.SPIPED_USAGE
     r = subprocess.run(ours("-d", "-s", "[127.0.0.1]:1", "-t", "[127.0.0.1]:2", "-k", keyfile,
                             "-k", otherkey), capture_output=True, timeout=30)
     assert r.returncode == 1 and r.stderr.startswith(b"usage: spiped"), r.stderr

@@ -341,6 +341,9 @@ def test_pip_install_into_fresh_venv(tmp_path, decrypter, keyfile, echo):
     if pip.returncode != 0 and any(marker in log for marker in NO_INDEX):
         pytest.skip("pip cannot reach a package index: %s" % log.strip().splitlines()[-1])
     assert pip.returncode == 0, log
+    # The manual pages, where man looks for a prefix whose bin is on PATH.
+    pages = sorted(os.listdir(venv / "share" / "man" / "man1"))
+    assert pages == ["spipe.1", "spiped-keygen.1", "spiped.1"], pages
     where = subprocess.run([str(bindir / "python"), "-c",
                             "import Cryptodome; print(Cryptodome.__file__)"],
                            capture_output=True, timeout=RUN_TIMEOUT)
