@@ -19,14 +19,16 @@ opener; the last one to end closes both sockets.  Packets are 1060
 bytes: AES-256-CTR over a 1028-byte padded block, then HMAC-SHA256.
 
 Sections, in the order the data flows:
-    1. Protocol constants          6. Relay and the connection
-    2. Errors and logging          7. Server (accept loop, limit, drain)
-    3. Addresses                   8. Process (daemon, systemd, --metrics)
-    4. Cryptography (no I/O)       9. Supervisor (tunnels, signals, reload)
-    5. Handshake on a socket      10. Command line and main()
+    1. Protocol constants              7. Server (listeners, accept loop,
+    2. Errors and logging                 connection limit, drain)
+    3. Addresses                       8. Metrics (--metrics)
+    4. Cryptography (no I/O)           9. Process (daemon, privileges,
+    5. Handshake on a socket              systemd, signals)
+       (the Dialer, the key exchange) 10. Supervisor (tunnels, reload)
+    6. Relay and the connection       11. Command line and main()
 
-One supervisor (Tunnels) runs every process: the tunnel of a C command
-line is a set of one, a --config file a set of many.
+One Supervisor runs every process: the tunnel of a C command line is a
+set of one, a --config file a set of many.
 
 Runs on Python 3.9+ with the standard library and Cryptodome
 (``pip install pycryptodomex`` or Debian's ``python3-pycryptodome``).

@@ -362,7 +362,7 @@ def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyf
     try:
         wait_listening(metrics, outer)
         with connect(source) as s:
-            spiped.handshake(s, key_of(keyfile), client=True, fast=True, timeout=10)
+            spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
             assert wait_for(lambda: target.connections == 1, 10)
             os.kill(pid1, signal.SIGTERM)
             assert wait_for(lambda: not os.path.lexists(source)), "the drain did not begin"
