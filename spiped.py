@@ -86,6 +86,7 @@ __all__ = [
 # 1. Protocol constants
 # ---------------------------------------------------------------------------
 
+
 NONCE_SIZE = 32          # random bytes each side sends first
 DH_SIZE = 256            # group-14 values travel as 256-byte big-endian
 MAC_SIZE = 32            # HMAC-SHA256
@@ -332,67 +333,36 @@ def format_sockaddr(family, sockaddr):
     return str(sockaddr)
 
 
-# PROXY protocol (HAProxy's proxy-protocol.txt): version 1 is one text
-# line, version 2 a binary block that starts with this signature.
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+def _resolve_or_retry(addr, retry, resolver=resolve):
+    """resolve(ADDR); with -D, print the resolver's message and retry each second."""
+    while True:
+        try:
+            return resolver(addr)
+        except AddressError as e:
+            if not retry:
+                raise
+            log.warn(e.lines[0])
+            time.sleep(1)
 
 
-def _proxy_ipv6_text(packed):
-    """IPv6 text for a version 1 line: hex groups only, never a dotted tail."""
-    text = socket.inet_ntop(socket.AF_INET6, packed)
-    if "." in text:
-        text = ":".join("%x" % g for g in struct.unpack(">8H", packed))
-    return text
+def _unique(addresses):
+    """ADDRESSES in order, each (family, sockaddr) once."""
+    seen = set()
+    return [a for a in addresses
+            if address_key(*a) not in seen and not seen.add(address_key(*a))]
 
 
-def _proxy_unix_path(path):
-    """A unix socket address as the 108 bytes of a version 2 AF_UNIX block."""
-    if isinstance(path, str):
-        path = os.fsencode(path)
-    return (path or b"")[:UNIX_PATH_MAX].ljust(UNIX_PATH_MAX, b"\0")
-
-
-def proxy_header(version, family, source, destination):
-    """The PROXY protocol header, version 1 or 2, describing one connection.
-
-    FAMILY, SOURCE and DESTINATION are the family, peer and local address
-    of a stream socket as accept()/getsockname() give them.  TCP over IPv4
-    and IPv6 is described exactly (an IPv4-mapped pair as IPv4).  A unix
-    socket gives "PROXY UNKNOWN" in version 1 and an AF_UNIX block in
-    version 2; with no address at all (unnamed unix sockets, other
-    families) version 2 sends LOCAL.  Raises ValueError for other versions.
-    """
-    if version not in (1, 2):
-        raise ValueError("PROXY protocol version must be 1 or 2")
+def address_key(family, sockaddr):
+    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
     if family in (socket.AF_INET, socket.AF_INET6):
-        src, dst = (socket.inet_pton(family, addr[0].split("%", 1)[0])
-                    for addr in (source, destination))
-        if family == socket.AF_INET6 and src[:12] == dst[:12] == _V4_MAPPED:
-            family, src, dst = socket.AF_INET, src[12:], dst[12:]
-        ipv4 = family == socket.AF_INET
-        if version == 1:
-            if ipv4:
-                words = ["TCP4"] + [socket.inet_ntop(socket.AF_INET, a) for a in (src, dst)]
-            else:
-                words = ["TCP6", _proxy_ipv6_text(src), _proxy_ipv6_text(dst)]
-            return ("PROXY %s %s %s %d %d\r\n"
-                    % (*words, source[1], destination[1])).encode("ascii")
-        # Version 2, command PROXY (0x21); TCP over IPv4 (0x11) or IPv6 (0x21).
-        block = src + dst + struct.pack(">HH", source[1], destination[1])
-        return (PROXY_V2_SIGNATURE + (b"\x21\x11" if ipv4 else b"\x21\x21")
-                + struct.pack(">H", len(block)) + block)
-    if version == 1:
-        return b"PROXY UNKNOWN\r\n"
-    if family == socket.AF_UNIX and (source or destination):
-        block = _proxy_unix_path(source) + _proxy_unix_path(destination)
-        # Version 2, command PROXY; unix stream (0x31), two 108-byte paths.
-        return PROXY_V2_SIGNATURE + b"\x21\x31" + struct.pack(">H", len(block)) + block
-    return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, no address block
+        host = sockaddr[0].partition("%")[0]
+        return family, socket.inet_pton(family, host), sockaddr[1]
+    return family, sockaddr
 
 # ---------------------------------------------------------------------------
 # 4. Cryptography (no I/O)
 # ---------------------------------------------------------------------------
+
 
 KEY_READ_CHUNK = 65536   # key files are hashed this many bytes at a time
 
@@ -769,7 +739,7 @@ class PacketOpener(_PacketKeys):
         return bytes(plain[:length])
 
 # ---------------------------------------------------------------------------
-# 5. Handshake on a socket
+# 5. Handshake on a socket: dialling, the key exchange
 # ---------------------------------------------------------------------------
 
 
@@ -804,6 +774,123 @@ def _select_until(selector, deadline):
         ready = selector.select(left)
         if ready:
             return ready
+
+
+_KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
+                          for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
+
+
+def tune_socket(sock, keepalive, timers=None):
+    """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
+
+    TIMERS (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
+    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    settings = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
+    settings += [(socket.IPPROTO_TCP, option, value)
+                 for option, value in zip(_KEEPALIVE_TIMERS, timers or ()) if option is not None]
+    for level, option, value in settings:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class Dialer:
+    """Connects to the first of a target's addresses that answers, in order.
+
+    start() begins without waiting, so -d can run its handshake meanwhile;
+    check() follows an attempt that finished; connected() waits until
+    DEADLINE; take() then hands over the blocking socket, tuned by tune_socket().
+    Raises ConnectError.
+    """
+
+    def __init__(self, addresses, bind=None, keepalive=True, timers=None):
+        self.todo = list(addresses)
+        self.bind = bind
+        self.keepalive = keepalive
+        self.timers = timers  # --keepalive's, for tune_socket()
+        self.sock = None
+        self.pending = False
+        self.error = "no addresses"
+        self.started = False
+
+    def start(self):
+        """Begin connecting to the next address that takes a connect() call."""
+        self.started = True
+        while self.todo:
+            family, sockaddr = self.todo.pop(0)
+            try:
+                sock = socket.socket(family, _STREAM_NONBLOCK)
+            except OSError as e:  # out of descriptors, family unsupported
+                self.error = e.strerror or str(e)
+                continue
+            try:
+                if _STREAM_NONBLOCK == socket.SOCK_STREAM:
+                    sock.setblocking(False)
+                tune_socket(sock, self.keepalive, self.timers)  # from the handshake's first byte
+                if self.bind is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(self.bind)
+                err = sock.connect_ex(sockaddr)
+            except OSError as e:
+                err = e.errno or errno.EINVAL
+            if err in (0, errno.EINPROGRESS):
+                self.sock, self.pending = sock, err != 0
+                return
+            sock.close()
+            self.error = os.strerror(err)
+        self.sock = None
+
+    def check(self):
+        """The pending connect finished: keep it or try the next address."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.error = os.strerror(err)
+            self.close()
+            self.start()
+        else:
+            self.pending = False
+        if self.sock is None:
+            raise ConnectError(self.error)
+
+    def take(self, deadline):
+        """connected(DEADLINE), then hand the socket over, blocking."""
+        self.connected(deadline)
+        sock, self.sock = self.sock, None
+        sock.setblocking(True)
+        return sock
+
+    def connected(self, deadline):
+        """Wait until an address took the connection, trying each in turn."""
+        if not self.started:
+            self.start()
+        if self.sock is None:
+            raise ConnectError(self.error)
+        if self.pending:
+            selector = _poller()
+            try:
+                while self.pending:
+                    selector.register(self.sock, selectors.EVENT_WRITE)
+                    ready = _select_until(selector, deadline)
+                    selector.unregister(self.sock)
+                    if not ready:
+                        self.close()
+                        raise ConnectError("timed out")
+                    self.check()
+            finally:
+                selector.close()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -1004,123 +1091,6 @@ class DHKeyPool:
 # ---------------------------------------------------------------------------
 
 
-_KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
-                          for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
-
-
-def tune_socket(sock, keepalive, timers=None):
-    """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
-
-    TIMERS (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
-    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
-    """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    settings = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-                (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
-    settings += [(socket.IPPROTO_TCP, option, value)
-                 for option, value in zip(_KEEPALIVE_TIMERS, timers or ()) if option is not None]
-    for level, option, value in settings:
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError:
-            pass
-
-
-_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-
-
-class Dialer:
-    """Connects to the first of a target's addresses that answers, in order.
-
-    start() begins without waiting, so -d can run its handshake meanwhile;
-    check() follows an attempt that finished; connected() waits until
-    DEADLINE; take() then hands over the blocking socket, tuned by tune_socket().
-    Raises ConnectError.
-    """
-
-    def __init__(self, addresses, bind=None, keepalive=True, timers=None):
-        self.todo = list(addresses)
-        self.bind = bind
-        self.keepalive = keepalive
-        self.timers = timers  # --keepalive's, for tune_socket()
-        self.sock = None
-        self.pending = False
-        self.error = "no addresses"
-        self.started = False
-
-    def start(self):
-        """Begin connecting to the next address that takes a connect() call."""
-        self.started = True
-        while self.todo:
-            family, sockaddr = self.todo.pop(0)
-            try:
-                sock = socket.socket(family, _STREAM_NONBLOCK)
-            except OSError as e:  # out of descriptors, family unsupported
-                self.error = e.strerror or str(e)
-                continue
-            try:
-                if _STREAM_NONBLOCK == socket.SOCK_STREAM:
-                    sock.setblocking(False)
-                tune_socket(sock, self.keepalive, self.timers)  # from the handshake's first byte
-                if self.bind is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(self.bind)
-                err = sock.connect_ex(sockaddr)
-            except OSError as e:
-                err = e.errno or errno.EINVAL
-            if err in (0, errno.EINPROGRESS):
-                self.sock, self.pending = sock, err != 0
-                return
-            sock.close()
-            self.error = os.strerror(err)
-        self.sock = None
-
-    def check(self):
-        """The pending connect finished: keep it or try the next address."""
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.error = os.strerror(err)
-            self.close()
-            self.start()
-        else:
-            self.pending = False
-        if self.sock is None:
-            raise ConnectError(self.error)
-
-    def take(self, deadline):
-        """connected(DEADLINE), then hand the socket over, blocking."""
-        self.connected(deadline)
-        sock, self.sock = self.sock, None
-        sock.setblocking(True)
-        return sock
-
-    def connected(self, deadline):
-        """Wait until an address took the connection, trying each in turn."""
-        if not self.started:
-            self.start()
-        if self.sock is None:
-            raise ConnectError(self.error)
-        if self.pending:
-            selector = _poller()
-            try:
-                while self.pending:
-                    selector.register(self.sock, selectors.EVENT_WRITE)
-                    ready = _select_until(selector, deadline)
-                    selector.unregister(self.sock)
-                    if not ready:
-                        self.close()
-                        raise ConnectError("timed out")
-                    self.check()
-            finally:
-                selector.close()
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
 _PEEK = socket.MSG_PEEK
 
 
@@ -1182,6 +1152,65 @@ def _shutdown_quietly(sock, how=socket.SHUT_RDWR):
         sock.shutdown(how)
     except OSError:
         pass
+
+
+# PROXY protocol (HAProxy's proxy-protocol.txt): version 1 is one text
+# line, version 2 a binary block that starts with this signature.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _proxy_ipv6_text(packed):
+    """IPv6 text for a version 1 line: hex groups only, never a dotted tail."""
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    if "." in text:
+        text = ":".join("%x" % g for g in struct.unpack(">8H", packed))
+    return text
+
+
+def _proxy_unix_path(path):
+    """A unix socket address as the 108 bytes of a version 2 AF_UNIX block."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    return (path or b"")[:UNIX_PATH_MAX].ljust(UNIX_PATH_MAX, b"\0")
+
+
+def proxy_header(version, family, source, destination):
+    """The PROXY protocol header, version 1 or 2, describing one connection.
+
+    FAMILY, SOURCE and DESTINATION are the family, peer and local address
+    of a stream socket as accept()/getsockname() give them.  TCP over IPv4
+    and IPv6 is described exactly (an IPv4-mapped pair as IPv4).  A unix
+    socket gives "PROXY UNKNOWN" in version 1 and an AF_UNIX block in
+    version 2; with no address at all (unnamed unix sockets, other
+    families) version 2 sends LOCAL.  Raises ValueError for other versions.
+    """
+    if version not in (1, 2):
+        raise ValueError("PROXY protocol version must be 1 or 2")
+    if family in (socket.AF_INET, socket.AF_INET6):
+        src, dst = (socket.inet_pton(family, addr[0].split("%", 1)[0])
+                    for addr in (source, destination))
+        if family == socket.AF_INET6 and src[:12] == dst[:12] == _V4_MAPPED:
+            family, src, dst = socket.AF_INET, src[12:], dst[12:]
+        ipv4 = family == socket.AF_INET
+        if version == 1:
+            if ipv4:
+                words = ["TCP4"] + [socket.inet_ntop(socket.AF_INET, a) for a in (src, dst)]
+            else:
+                words = ["TCP6", _proxy_ipv6_text(src), _proxy_ipv6_text(dst)]
+            return ("PROXY %s %s %s %d %d\r\n"
+                    % (*words, source[1], destination[1])).encode("ascii")
+        # Version 2, command PROXY (0x21); TCP over IPv4 (0x11) or IPv6 (0x21).
+        block = src + dst + struct.pack(">HH", source[1], destination[1])
+        return (PROXY_V2_SIGNATURE + (b"\x21\x11" if ipv4 else b"\x21\x21")
+                + struct.pack(">H", len(block)) + block)
+    if version == 1:
+        return b"PROXY UNKNOWN\r\n"
+    if family == socket.AF_UNIX and (source or destination):
+        block = _proxy_unix_path(source) + _proxy_unix_path(destination)
+        # Version 2, command PROXY; unix stream (0x31), two 108-byte paths.
+        return PROXY_V2_SIGNATURE + b"\x21\x31" + struct.pack(">H", len(block)) + block
+    return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, no address block
 
 
 class Connection(socketserver.BaseRequestHandler):
@@ -1413,7 +1442,7 @@ class Connection(socketserver.BaseRequestHandler):
             log.event("%sconnection %d: %s" % (self.server.label, self.number, text))
 
 # ---------------------------------------------------------------------------
-# 7. Server: accept loop, connection limit, graceful drain
+# 7. Server: listening sockets, accept loop, connection limit, drain
 # ---------------------------------------------------------------------------
 
 
@@ -1628,6 +1657,63 @@ def check_socket_path(path):
     reason = creatable(path)
     if reason is not None:
         raise SpipedError("Error binding socket: %s" % reason)
+
+
+def _passed_count(environ=os.environ):
+    """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
+
+    Takes the variables out of the environment once they are ours.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return 0
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    return max(count, 0)
+
+
+def inherited_listener(environ=os.environ):
+    """The listening socket systemd passed us (fd 3), or None.
+
+    Raises SpipedError when the passed descriptor is not a listening
+    stream socket.
+    """
+    count = _passed_count(environ)
+    if count < 1:
+        return None
+    sock = _passed_listener(3)
+    if count > 1:
+        log.warn("systemd passed %d sockets; serving on the first only" % count)
+    return sock
+
+
+def inherited_listeners(environ=os.environ):
+    """Every listening socket systemd passed us (fds 3 onwards), in order.
+
+    Raises SpipedError when one is not a listening stream socket.
+    """
+    return [_passed_listener(fd) for fd in range(3, 3 + _passed_count(environ))]
+
+
+def _passed_listener(fd):
+    """FD as a socket object; SpipedError unless it is a listening stream socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SpipedError("Inherited file descriptor %d is not a socket: %s" % (fd, e.strerror))
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        sock.detach()
+        raise SpipedError("Inherited file descriptor %d: %s" % (fd, e.strerror))
+    if kind != socket.SOCK_STREAM or not accepting:
+        sock.detach()
+        raise SpipedError("Inherited file descriptor %d is not a listening stream socket" % fd)
+    return sock
 
 
 class ListeningServer(socketserver.TCPServer):
@@ -2017,153 +2103,8 @@ def _re_resolve(server, period):
         due = time.monotonic() + period
 
 # ---------------------------------------------------------------------------
-# 8. Process: daemonizing, pidfile, privileges, systemd, metrics, signals
+# 8. Metrics: the --metrics endpoint
 # ---------------------------------------------------------------------------
-
-
-def daemonize(pidfile):
-    """Fork; the parent exits 0 once the child has setsid() and wrote PIDFILE.
-
-    The parent exits 1 if the child could not write the pidfile.  stdio is
-    kept, as C does.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(ready_w)
-        answer = b""
-        try:
-            answer = os.read(ready_r, 1)
-        except OSError:
-            pass
-        os._exit(0 if answer == b"1" else 1)
-    os.close(ready_r)
-    os.setsid()
-    try:
-        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as e:
-        for line in pidfile_error(pidfile, e.strerror).lines:
-            log.warn(line)
-        os._exit(1)
-    os.write(ready_w, b"1")
-    os.close(ready_w)
-
-
-def pidfile_error(pidfile, reason):
-    """The SpipedError (C's lines) for a PIDFILE that cannot be written, for REASON."""
-    return SpipedError("fopen(%s): %s" % (pidfile, reason), "Failed to daemonize")
-
-
-def _privilege_error(*lines):
-    """SpipedError: LINES, then C's closing line for -u."""
-    return SpipedError(*lines, "Failed to drop privileges")
-
-
-def look_up_ids(spec):
-    """(uid or None, gid or None) for -u user, :group, or user:group.
-
-    Names or numeric ids; the group is looked up first, as C does.
-    """
-    if not spec:
-        raise _privilege_error('Need to specify user and/or group: "%s"' % spec)
-    user, colon, group = spec.partition(":")
-    if colon and not group:
-        raise _privilege_error('Empty group name: "%s"' % spec)
-    gid = _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
-    uid = _lookup_id(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
-    return uid, gid
-
-
-def _lookup_id(name, look_up, what):
-    """The id of user or group NAME (a name, or a number below 2^32); None for ''."""
-    if not name:
-        return None
-    try:
-        return look_up(name)
-    except KeyError:
-        if not (name.isdigit() and name.isascii() and int(name) < 1 << 32):
-            raise _privilege_error("No such %s: %s" % (what, name)) from None
-        return int(name)
-
-
-def drop_privileges(uid, gid):
-    """Clear supplementary groups, then become GID and UID (each if given)."""
-    try:
-        os.setgroups([])
-    except OSError as e:
-        raise SpipedError("Failed to drop privileges: %s" % e.strerror) from None
-    for call, name, value in ((os.setgid, "setgid", gid), (os.setuid, "setuid", uid)):
-        if value is None:
-            continue
-        try:
-            call(value)
-        except (OSError, OverflowError) as e:
-            why = getattr(e, "strerror", None) or os.strerror(errno.EINVAL)
-            raise _privilege_error("%s(%d): %s" % (name, value, why)) from None
-
-
-class Notifier:
-    """systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG), stdlib only.
-
-    With NOTIFY_SOCKET set, the datagram socket is made once, here, at
-    start-up: a status line sent after each accept() then needs no
-    descriptor of its own, so it never takes the last free one from the
-    connection being set up (a daemon at its RLIMIT_NOFILE).
-    """
-
-    def __init__(self, environ=os.environ):
-        self.address = None
-        self.sock = None
-        self.watchdog = None
-        path = environ.get("NOTIFY_SOCKET", "")
-        if path.startswith("@"):
-            self.address = "\0" + path[1:]
-        elif path.startswith("/"):
-            self.address = path
-        usec = environ.get("WATCHDOG_USEC", "")
-        wpid = environ.get("WATCHDOG_PID", "")
-        if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
-            self.watchdog = int(usec) / 2e6
-        self.next_ping = 0.0
-        self.last_status = None
-        if self.address is not None:
-            try:
-                self._socket()
-            except OSError:
-                pass  # send() tries again
-
-    def _socket(self):
-        if self.sock is None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        return self.sock
-
-    def send(self, text):
-        """Send one notify message; never blocks (a full queue drops it)."""
-        if self.address is None:
-            return
-        try:
-            self._socket().sendto(text.encode(), socket.MSG_DONTWAIT, self.address)
-        except OSError:
-            pass
-
-    def reloading(self):
-        """RELOADING=1 with the monotonic clock, before a reload (READY=1 ends it)."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
-
-    def status(self, text):
-        if text != self.last_status:
-            self.last_status = text
-            self.send("STATUS=" + text)
-
-    def tick(self):
-        if self.watchdog and time.monotonic() >= self.next_ping:
-            self.send("WATCHDOG=1")
-            self.next_ping = time.monotonic() + self.watchdog
 
 
 # --metrics: a Prometheus endpoint, served by one thread of its own from a
@@ -2471,62 +2412,154 @@ def bind_metrics(addr, read):
     except OSError as e:
         raise SpipedError("Error binding --metrics socket %s: %s" % (addr, e.strerror)) from None
 
+# ---------------------------------------------------------------------------
+# 9. Process: daemonizing, pidfile, privileges, systemd, signals
+# ---------------------------------------------------------------------------
 
-def _passed_count(environ=os.environ):
-    """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
 
-    Takes the variables out of the environment once they are ours.
+def daemonize(pidfile):
+    """Fork; the parent exits 0 once the child has setsid() and wrote PIDFILE.
+
+    The parent exits 1 if the child could not write the pidfile.  stdio is
+    kept, as C does.
     """
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        answer = b""
+        try:
+            answer = os.read(ready_r, 1)
+        except OSError:
+            pass
+        os._exit(0 if answer == b"1" else 1)
+    os.close(ready_r)
+    os.setsid()
     try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        count = 0
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        environ.pop(name, None)
-    return max(count, 0)
+        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        for line in pidfile_error(pidfile, e.strerror).lines:
+            log.warn(line)
+        os._exit(1)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
 
 
-def inherited_listener(environ=os.environ):
-    """The listening socket systemd passed us (fd 3), or None.
+def pidfile_error(pidfile, reason):
+    """The SpipedError (C's lines) for a PIDFILE that cannot be written, for REASON."""
+    return SpipedError("fopen(%s): %s" % (pidfile, reason), "Failed to daemonize")
 
-    Raises SpipedError when the passed descriptor is not a listening
-    stream socket.
+
+def _privilege_error(*lines):
+    """SpipedError: LINES, then C's closing line for -u."""
+    return SpipedError(*lines, "Failed to drop privileges")
+
+
+def look_up_ids(spec):
+    """(uid or None, gid or None) for -u user, :group, or user:group.
+
+    Names or numeric ids; the group is looked up first, as C does.
     """
-    count = _passed_count(environ)
-    if count < 1:
+    if not spec:
+        raise _privilege_error('Need to specify user and/or group: "%s"' % spec)
+    user, colon, group = spec.partition(":")
+    if colon and not group:
+        raise _privilege_error('Empty group name: "%s"' % spec)
+    gid = _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
+    uid = _lookup_id(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
+    return uid, gid
+
+
+def _lookup_id(name, look_up, what):
+    """The id of user or group NAME (a name, or a number below 2^32); None for ''."""
+    if not name:
         return None
-    sock = _passed_listener(3)
-    if count > 1:
-        log.warn("systemd passed %d sockets; serving on the first only" % count)
-    return sock
+    try:
+        return look_up(name)
+    except KeyError:
+        if not (name.isdigit() and name.isascii() and int(name) < 1 << 32):
+            raise _privilege_error("No such %s: %s" % (what, name)) from None
+        return int(name)
 
 
-def inherited_listeners(environ=os.environ):
-    """Every listening socket systemd passed us (fds 3 onwards), in order.
+def drop_privileges(uid, gid):
+    """Clear supplementary groups, then become GID and UID (each if given)."""
+    try:
+        os.setgroups([])
+    except OSError as e:
+        raise SpipedError("Failed to drop privileges: %s" % e.strerror) from None
+    for call, name, value in ((os.setgid, "setgid", gid), (os.setuid, "setuid", uid)):
+        if value is None:
+            continue
+        try:
+            call(value)
+        except (OSError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or os.strerror(errno.EINVAL)
+            raise _privilege_error("%s(%d): %s" % (name, value, why)) from None
 
-    Raises SpipedError when one is not a listening stream socket.
+
+class Notifier:
+    """systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG), stdlib only.
+
+    With NOTIFY_SOCKET set, the datagram socket is made once, here, at
+    start-up: a status line sent after each accept() then needs no
+    descriptor of its own, so it never takes the last free one from the
+    connection being set up (a daemon at its RLIMIT_NOFILE).
     """
-    return [_passed_listener(fd) for fd in range(3, 3 + _passed_count(environ))]
 
+    def __init__(self, environ=os.environ):
+        self.address = None
+        self.sock = None
+        self.watchdog = None
+        path = environ.get("NOTIFY_SOCKET", "")
+        if path.startswith("@"):
+            self.address = "\0" + path[1:]
+        elif path.startswith("/"):
+            self.address = path
+        usec = environ.get("WATCHDOG_USEC", "")
+        wpid = environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+        self.next_ping = 0.0
+        self.last_status = None
+        if self.address is not None:
+            try:
+                self._socket()
+            except OSError:
+                pass  # send() tries again
 
-def _passed_listener(fd):
-    """FD as a socket object; SpipedError unless it is a listening stream socket."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as e:
-        raise SpipedError("Inherited file descriptor %d is not a socket: %s" % (fd, e.strerror))
-    try:
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError as e:
-        sock.detach()
-        raise SpipedError("Inherited file descriptor %d: %s" % (fd, e.strerror))
-    if kind != socket.SOCK_STREAM or not accepting:
-        sock.detach()
-        raise SpipedError("Inherited file descriptor %d is not a listening stream socket" % fd)
-    return sock
+    def _socket(self):
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return self.sock
+
+    def send(self, text):
+        """Send one notify message; never blocks (a full queue drops it)."""
+        if self.address is None:
+            return
+        try:
+            self._socket().sendto(text.encode(), socket.MSG_DONTWAIT, self.address)
+        except OSError:
+            pass
+
+    def reloading(self):
+        """RELOADING=1 with the monotonic clock, before a reload (READY=1 ends it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1\nMONOTONIC_USEC=%d" % usec)
+
+    def status(self, text):
+        if text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=" + text)
+
+    def tick(self):
+        if self.watchdog and time.monotonic() >= self.next_ping:
+            self.send("WATCHDOG=1")
+            self.next_ping = time.monotonic() + self.watchdog
 
 
 def warm_up():
@@ -2557,7 +2590,6 @@ def _limit_malloc_arenas(count=2):
         ctypes.CDLL(None).mallopt(-8, count)  # M_ARENA_MAX
     except (ImportError, OSError, AttributeError):
         pass
-
 
 
 def set_signals(handlers):
@@ -2608,7 +2640,7 @@ def install_signals(supervisor, socket_files=lambda: ()):
     set_signals(handlers)
 
 # ---------------------------------------------------------------------------
-# 9. Supervisor: the tunnels of the process, kept in step with their plan
+# 10. Supervisor: the tunnels of the process, kept in step with their plan
 # ---------------------------------------------------------------------------
 
 
@@ -2649,18 +2681,6 @@ class KeyFiles:
 
 def _count_keys(n):
     return "%d key%s" % (n, "" if n == 1 else "s")
-
-
-def _resolve_or_retry(addr, retry, resolver=resolve):
-    """resolve(ADDR); with -D, print the resolver's message and retry each second."""
-    while True:
-        try:
-            return resolver(addr)
-        except AddressError as e:
-            if not retry:
-                raise
-            log.warn(e.lines[0])
-            time.sleep(1)
 
 
 class TunnelSpec(NamedTuple):
@@ -2711,13 +2731,6 @@ def build_tunnel(options, key_files, retry=False, listener=None, **names):
     return TunnelSpec(options, family, sockaddr, tuple(targets), bind, keyring, **names)
 
 
-def _unique(addresses):
-    """ADDRESSES in order, each (family, sockaddr) once."""
-    seen = set()
-    return [a for a in addresses
-            if address_key(*a) not in seen and not seen.add(address_key(*a))]
-
-
 def parse_config_file(path):
     """[(line number, TunnelOptions)] for the tunnels in --config file PATH.
 
@@ -2751,14 +2764,6 @@ def parse_config_file(path):
                               " name a key file")
         tunnels.append((number, options))
     return tunnels
-
-
-def address_key(family, sockaddr):
-    """A comparable form of a bound or resolved address (IP bytes and port, or path)."""
-    if family in (socket.AF_INET, socket.AF_INET6):
-        host = sockaddr[0].partition("%")[0]
-        return family, socket.inet_pton(family, host), sockaddr[1]
-    return family, sockaddr
 
 
 class TunnelDiff(NamedTuple):
@@ -3147,8 +3152,9 @@ class Supervisor:
         self.waker.close()
 
 # ---------------------------------------------------------------------------
-# 10. Command line and main()
+# 11. Command line and main()
 # ---------------------------------------------------------------------------
+
 
 SPIPED_USAGE = """\
 usage: spiped {-e | -d} -s <source socket> -t <target socket> -k <key file>
@@ -3457,8 +3463,6 @@ def _print_version():
     sys.stderr.flush()
 
 
-
-
 def _cli(usage, parse, run):
     """PARSE() the command line, then RUN(options); C's messages and exit codes."""
     try:
@@ -3482,8 +3486,6 @@ def _cli(usage, parse, run):
         for line in e.lines:
             log.warn(line)
         return 1
-
-
 
 
 class TunnelOptions(NamedTuple):
@@ -3744,7 +3746,6 @@ def parse_spipe_args(args):
                         keepalive=not fields.pop("no_keepalive", False), **fields)
 
 
-
 def spiped_main(args):
     """spiped: returns the exit status."""
     log.prog = "spiped"
@@ -3924,7 +3925,6 @@ def _write_fd(fd):
     return write
 
 
-
 def _spipe_relay(sock, sealer, opener):
     """Copy stdin -> SOCK and SOCK -> stdout; exit when the server side ends."""
     outcome = []
@@ -3960,7 +3960,6 @@ def _spipe_relay(sock, sealer, opener):
     return 0
 
 
-
 def main(argv=None):
     """Entry point: spiped, or spipe when invoked as 'spipe' or 'spiped.py spipe'."""
     argv = list(sys.argv if argv is None else argv)
@@ -3979,3 +3978,5 @@ def spipe_entry():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
