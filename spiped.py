@@ -3753,11 +3753,11 @@ def spiped_main(args):
 
 
 def _start_process(process):
-    """The process options up to binding; returns finish(), to call once bound.
+    """The process options up to binding; returns after_binding(), to call once bound.
 
     --syslog with -F keeps C's warnings on stderr; -D daemonizes now, before
-    any name is resolved, as C does.  finish() daemonizes (without -D),
-    drops to -u and sizes the threads to come.
+    any name is resolved, as C does.  after_binding() daemonizes (without
+    -D), drops to -u and sizes the threads to come.
     """
     background = not process.foreground
     if process.syslog and not background:
@@ -3771,7 +3771,7 @@ def _start_process(process):
     if process.wait_dns and background:
         go_background()
 
-    def finish():
+    def after_binding():
         # C checks -u only in the daemon, after its parent has exited 0; an
         # unknown user or group is known now, so report it with exit 1.
         ids = look_up_ids(process.user) if process.user is not None else None
@@ -3783,7 +3783,7 @@ def _start_process(process):
             drop_privileges(*ids)
         threading.stack_size(THREAD_STACK)
 
-    return finish
+    return after_binding
 
 
 def _run_spiped(process):
@@ -3793,39 +3793,39 @@ def _run_spiped(process):
         return _check_spiped(process)
     if process.config is not None:
         ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
-    finish = _start_process(process)
+    after_binding = _start_process(process)
     if process.config is None:
         listener = inherited_listener()
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    tunnels = Supervisor(plan, process.drain_timeout, passed, process.user)
+    supervisor = Supervisor(plan, process.drain_timeout, passed, process.user)
     specs = plan.load(retry=process.wait_dns)
-    tunnels.check_passed(specs)
+    supervisor.check_passed(specs)
     # Once a socket is bound, a client may see it and a signal may come: hold
     # signals until their handlers are in (SIGHUP would otherwise kill us).
     held = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    servers = tunnels.bind(specs)
-    metrics = _bind_metrics(process, tunnels, servers)  # before -u: a port < 1024 works
-    finish()
+    servers = supervisor.bind(specs)
+    metrics = _bind_metrics(process, supervisor, servers)  # before -u: a port < 1024 works
+    after_binding()
     notifier = Notifier()  # now: the daemon's PID is known
-    tunnels.tick = min(1.0, notifier.watchdog or 1.0)
+    supervisor.tick = min(1.0, notifier.watchdog or 1.0)
 
     def socket_files():  # what a second SIGTERM removes
         own = [metrics.socket_file] if metrics is not None else []
-        return tunnels.socket_files() + [f for f in own if f is not None]
-    install_signals(tunnels, socket_files)
+        return supervisor.socket_files() + [f for f in own if f is not None]
+    install_signals(supervisor, socket_files)
     signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    tunnels.serve(specs, servers)
+    supervisor.serve(specs, servers)
     if metrics is not None:
         metrics.start()  # after daemonizing: a thread does not survive fork()
     notifier.send("READY=1\nMAINPID=%d" % os.getpid())
     try:
-        tunnels.run(notifier)
+        supervisor.run(notifier)
     finally:
         if metrics is not None:
             metrics.close()
-        tunnels.close()
+        supervisor.close()
     _exit_now(0)
 
 
@@ -3857,12 +3857,12 @@ def _check_spiped(process):
     return 0
 
 
-def _bind_metrics(process, tunnels, servers):
-    """--metrics' MetricsServer for TUNNELS, bound, or None; on failure SERVERS are closed."""
+def _bind_metrics(process, supervisor, servers):
+    """--metrics' MetricsServer for SUPERVISOR, bound, or None; on failure SERVERS are closed."""
     if process.metrics is None:
         return None
     try:
-        return bind_metrics(process.metrics, tunnels.metrics)
+        return bind_metrics(process.metrics, supervisor.metrics)
     except SpipedError:
         for server in servers.values():
             server.server_close()
