@@ -1,8 +1,10 @@
 """Shared fixtures: key files, ports, an echo target, and daemons (ours or C).
 
 Every process started here is killed by PID in teardown and waited for.
-Daemons are started with -F; readiness is read from /proc/net (no probe
-connection is made, so connection counts stay exact).
+Daemons are started with -F, their stderr in a file of their own (Daemon.log);
+readiness is read from /proc/net (no probe connection is made, so
+connection counts stay exact).  Tests wait on events with wait_for(); the
+only fixed spans of time are assert_stays()'s "nothing happens" checks.
 """
 import hashlib
 import os
@@ -116,6 +118,33 @@ def wait_for(predicate, timeout=10.0, step=0.02):
         time.sleep(step)
 
 
+def assert_stays(predicate, seconds, step=0.05, what=None):
+    """Fail as soon as PREDICATE is false; return once it held for SECONDS.
+
+    For "nothing appears" checks (no line is logged, a client is not
+    served): the time is what is tested, and it is spent watching.  WHAT
+    (a string, or a function giving one) says what stopped holding.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if not value:
+            message = what() if callable(what) else what
+            raise AssertionError(message or "stopped holding within %.1f s" % seconds)
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+def unavailable(why):
+    """A missing prerequisite: fail where the tests are required (CI=true or
+    SPIPED_REQUIRE_INTEGRATION=1), skip with WHY elsewhere."""
+    if os.environ.get("CI") == "true" or os.environ.get("SPIPED_REQUIRE_INTEGRATION") == "1":
+        pytest.fail("%s (required here: CI=true or SPIPED_REQUIRE_INTEGRATION=1)" % why,
+                    pytrace=False)
+    pytest.skip(why)
+
+
 def read_text(path):
     """The file at PATH as text (bad UTF-8 replaced); "" while it does not exist."""
     try:
@@ -129,6 +158,14 @@ def key_of(path):
     """The key spiped makes of the key file at PATH: SHA256 of its bytes."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).digest()
+
+
+def write_key(path, data=None, mode=0o600):
+    """A key file at PATH holding DATA (32 random bytes unless given), mode MODE; PATH as a str."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(32) if data is None else data)
+    os.chmod(path, mode)
+    return str(path)
 
 
 WRAPPER = """\
@@ -229,10 +266,94 @@ def tcp_addr(port, host="127.0.0.1"):
     return "[%s]:%d" % (host, port)
 
 
-class Procs:
-    """Processes started by one test; all killed by PID and reaped at the end."""
+# Put the descriptors listed in argv[1] (comma separated, maybe none) on
+# fds 3, 4, ... with LISTEN_FDS saying how many, set each variable named in
+# argv[2] (comma separated) to this very PID, and exec argv[3:]: exec keeps
+# the PID, so LISTEN_PID (or WATCHDOG_PID) names the program systemd started.
+ACTIVATE = r"""
+import os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
+copies = [os.dup(fd) for fd in fds]   # a listed fd may sit where another goes
+for n, fd in enumerate(copies):
+    os.dup2(fd, 3 + n)
+for fd in copies + [fd for fd in fds if fd >= 3 + len(fds)]:
+    os.close(fd)
+if fds:
+    os.environ["LISTEN_FDS"] = str(len(fds))
+for name in filter(None, sys.argv[2].split(",")):
+    os.environ[name] = str(os.getpid())
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
-    def __init__(self):
+SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                     "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def clean_env(**extra):
+    """The test's environment without the variables systemd passes a service, plus EXTRA."""
+    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def _feed(pipe, data):
+    """Write DATA (bytes, or a binary file copied a MiB at a time) to PIPE, then close it."""
+    try:
+        if isinstance(data, bytes):
+            pipe.write(data)
+        else:
+            for chunk in iter(lambda: data.read(1 << 20), b""):
+                pipe.write(chunk)
+    except (OSError, ValueError):  # the process is gone, or teardown closed the pipe
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+class Daemon:
+    """A long-running process a test started through Procs.
+
+    .proc is its Popen, .pid its PID, .addr the first address it was
+    waited on to listen (its -s source), .log the file its stderr goes to.
+    """
+
+    def __init__(self, proc, addr, log):
+        self.proc, self.pid, self.addr, self.log = proc, proc.pid, addr, log
+
+    def log_text(self):
+        return read_text(self.log)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout=None):
+        return self.proc.wait(timeout)
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def kill(self):
+        self.proc.kill()
+
+    @property
+    def stderr(self):  # TRANSITIONAL
+        return open(self.log, "rb")
+
+
+class Procs:
+    """Processes started by one test; all killed by PID and reaped at the end.
+
+    start() runs any command; daemon() is the one way to start a daemon (ours,
+    C's or anything else): its stderr goes to a file in FOLDER and it is
+    waited on until it listens.  spiped(), chain() and activated() build the
+    usual command lines on it.
+    """
+
+    def __init__(self, folder):
+        self.folder = str(folder)
         self.procs = []
 
     def start(self, cmd, **kw):
@@ -243,17 +364,63 @@ class Procs:
         self.procs.append(p)
         return p
 
-    def daemon(self, cmd, source, **kw):
-        """Start a foreground daemon and wait until SOURCE is listening."""
-        p = self.start(cmd, **kw)
-        try:
-            wait_listening(source, p)
-        except RuntimeError:
-            err = b""
-            if p.poll() is not None and p.stderr:
-                err = p.stderr.read()
-            raise RuntimeError("%s failed to listen on %s: %r" % (cmd, source, err))
-        return p
+    def daemon(self, cmd, *listening, input=None, name="daemon", timeout=10.0, **kw):
+        """Start CMD with its stderr in a file; a Daemon once it listens on each of LISTENING.
+
+        INPUT (bytes, or a binary file) is fed to its stdin through a pipe
+        (a key for -k -).  Fails, showing the log, if CMD exits first.
+        """
+        log = os.path.join(self.folder, "%s.%d.log" % (name, len(self.procs) + 1))
+        if input is not None:
+            kw["stdin"] = subprocess.PIPE
+        if "stderr" in kw:  # TRANSITIONAL: a caller's own file
+            log = kw["stderr"].name
+            proc = self.start(cmd, **kw)
+        else:
+            with open(log, "wb") as err:
+                proc = self.start(cmd, stderr=err, **kw)
+        if input is not None:
+            threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
+        daemon = Daemon(proc, listening[0] if listening else None, log)
+        for addr in listening:
+            try:
+                wait_listening(addr, proc, timeout)
+            except RuntimeError as e:
+                raise RuntimeError("%s: %s; its stderr:\n%s" % (cmd, e, daemon.log_text()))
+        return daemon
+
+    def spiped(self, mode, target, key, *extra, source=None, impl="ours", **kw):
+        """`spiped MODE -F -s SOURCE -t TARGET -k KEY EXTRA...` as a Daemon, once it listens.
+
+        IMPL: "ours", "c", or a function that makes the command line from
+        those arguments (a wrapper, a copy).  SOURCE: a free port on
+        127.0.0.1 unless given.  KW goes to daemon().
+        """
+        source = source or tcp_addr(free_port())
+        build = IMPLS[impl] if isinstance(impl, str) else impl
+        name = "%s%s" % (impl if isinstance(impl, str) else "wrapped", mode)
+        return self.daemon(build(mode, "-F", "-s", source, "-t", target, "-k", key, *extra),
+                           source, name=name, **kw)
+
+    def chain(self, target, key, e_impl="ours", d_impl="ours", e_extra=(), d_extra=(),
+              e_source=None, d_source=None, **kw):
+        """-e -> -d -> TARGET, the -d started first; (e, d), both Daemons."""
+        d = self.spiped("-d", target, key, *d_extra, source=d_source, impl=d_impl, **kw)
+        e = self.spiped("-e", d.addr, key, *e_extra, source=e_source, impl=e_impl, **kw)
+        return e, d
+
+    def activated(self, cmd, sockets=(), pid_vars=("LISTEN_PID",), env=None, **kw):
+        """CMD started as systemd starts a service: SOCKETS (anything with
+        fileno()) on fds 3, 4, ..., each variable in PID_VARS set to its PID.
+
+        ENV: clean_env() unless given.  A Daemon; what it serves already
+        listens, so nothing is waited for.
+        """
+        fds = [s.fileno() for s in sockets]
+        launcher = [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), ",".join(pid_vars),
+                    *cmd]
+        return self.daemon(launcher, name="activated", env=clean_env() if env is None else env,
+                           pass_fds=fds, **kw)
 
     def kill_all(self):
         for p in self.procs:
@@ -399,26 +566,37 @@ def devlog():
 
 
 @pytest.fixture
-def procs():
-    p = Procs()
+def procs(tmp_path):
+    p = Procs(tmp_path)
     yield p
     p.kill_all()
 
 
 @pytest.fixture
+def closing():
+    """keep(THING) -> THING: everything kept is closed after the test, the last kept first.
+
+    The one shape of a fixture that makes things: `return lambda ...: closing(Thing(...))`.
+    """
+    kept = []
+
+    def keep(thing):
+        kept.append(thing)
+        return thing
+
+    yield keep
+    for thing in reversed(kept):
+        thing.close()
+
+
+@pytest.fixture
 def keyfile(tmp_path):
-    path = tmp_path / "key"
-    path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o600)
-    return str(path)
+    return write_key(tmp_path / "key")
 
 
 @pytest.fixture
 def otherkey(tmp_path):
-    path = tmp_path / "otherkey"
-    path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o600)
-    return str(path)
+    return write_key(tmp_path / "otherkey")
 
 
 class TargetServer:
@@ -537,33 +715,32 @@ class EchoServer(TargetServer):
 
 
 @pytest.fixture
-def echo():
-    servers = []
-
-    def make(addr=None, mode="echo"):
-        s = EchoServer(addr, mode)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
+def echo(closing):
+    """Makes EchoServer(ADDR, MODE)s, closed after the test."""
+    return lambda addr=None, mode="echo": closing(EchoServer(addr, mode))
 
 
-def exchange(addr, payload, timeout=60.0, shutdown=True):
-    """Send PAYLOAD to ADDR while reading; half-close; return all bytes read."""
-    s = connect(addr, timeout=timeout)
+def exchange(addr, payload, timeout=60.0, shutdown=True, sock=None, until_eof=False):
+    """Send PAYLOAD to ADDR (or on the connected SOCK) while reading; half-close;
+    return all bytes read.
+
+    UNTIL_EOF: fail unless the peer's EOF came within TIMEOUT (not a reset,
+    not silence), and let an error in sending fail too.
+    """
+    s = sock or connect(addr, timeout=timeout)
     out = bytearray()
+    ended = {}
 
     def reader():
         try:
             while True:
                 d = s.recv(262144)
                 if not d:
-                    break
+                    ended["eof"] = True
+                    return
                 out.extend(d)
-        except OSError:
-            pass
+        except OSError as e:
+            ended["error"] = e
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
@@ -573,14 +750,62 @@ def exchange(addr, payload, timeout=60.0, shutdown=True):
         if shutdown:
             s.shutdown(socket.SHUT_WR)
     except OSError:
-        pass
+        if until_eof:
+            s.close()
+            raise
     t.join(timeout)
     s.close()
+    if until_eof:
+        assert not t.is_alive(), "no EOF from %s within %ss" % (addr, timeout)
+        assert ended.get("eof"), "reading from %s failed: %r" % (addr, ended.get("error"))
     return bytes(out)
 
 
 def sha(data):
     return hashlib.sha256(data).hexdigest()
+
+
+def check_echo(addr, payload, timeout=60.0, until_eof=False):
+    """Assert that PAYLOAD comes back whole through ADDR (an echo at the far end).
+
+    UNTIL_EOF: as in exchange().
+    """
+    got = exchange(addr, payload, timeout, until_eof=until_eof)
+    assert len(got) == len(payload) and sha(got) == sha(payload), \
+        "%d of %d bytes came back through %s (intact: %s)" % (
+            len(got), len(payload), addr, got == payload[:len(got)])
+
+
+def proc_state(pid):
+    """The one-letter state of process PID (R, S, Z...), or None once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_gone(pid):
+    """True once PID has exited (a zombie not yet reaped counts as exited)."""
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def proc_ids(pid):
+    """(uids, gids, groups) of PID, each a list of ints, from /proc."""
+    found = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                found[key] = [int(v) for v in value.split()]
+    return found["Uid"], found["Gid"], found["Groups"]
+
+
+def cpu_seconds(pid):
+    """User and system CPU time PID has used, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_and_fd_count(pid):
