@@ -228,9 +228,9 @@ def drain(sock, limit=1 << 22):
 def wait_listening(addr, proc=None, timeout=10.0):
     """Wait until something listens on ADDR; RuntimeError if PROC exits first."""
     def ready():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("process exited with %s before listening on %s"
-                               % (proc.returncode, addr))
+        status = None if proc is None else proc.poll()
+        if status is not None:
+            raise RuntimeError("process exited with %s before listening on %s" % (status, addr))
         return address_listening(addr)
     if not wait_for(ready, timeout, step=0.01):
         raise RuntimeError("nothing listening on %s after %.1fs" % (addr, timeout))
@@ -271,12 +271,13 @@ def tcp_addr(port, host="127.0.0.1"):
 # argv[2] (comma separated) to this very PID, and exec argv[3:]: exec keeps
 # the PID, so LISTEN_PID (or WATCHDOG_PID) names the program systemd started.
 ACTIVATE = r"""
-import os, sys
+import fcntl, os, sys
 fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
-copies = [os.dup(fd) for fd in fds]   # a listed fd may sit where another goes
+top = 3 + len(fds)
+copies = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]  # clear of the fds 3, 4, ...
 for n, fd in enumerate(copies):
     os.dup2(fd, 3 + n)
-for fd in copies + [fd for fd in fds if fd >= 3 + len(fds)]:
+for fd in copies + [fd for fd in fds if fd >= top]:
     os.close(fd)
 if fds:
     os.environ["LISTEN_FDS"] = str(len(fds))
@@ -403,10 +404,13 @@ class Procs:
                            source, name=name, **kw)
 
     def chain(self, target, key, e_impl="ours", d_impl="ours", e_extra=(), d_extra=(),
-              e_source=None, d_source=None, **kw):
-        """-e -> -d -> TARGET, the -d started first; (e, d), both Daemons."""
+              e_source=None, d_source=None, e_key=None, **kw):
+        """-e -> -d -> TARGET, the -d started first; (e, d), both Daemons.
+
+        E_KEY: the -e end's key, if not KEY (a client with the wrong key).
+        """
         d = self.spiped("-d", target, key, *d_extra, source=d_source, impl=d_impl, **kw)
-        e = self.spiped("-e", d.addr, key, *e_extra, source=e_source, impl=e_impl, **kw)
+        e = self.spiped("-e", d.addr, e_key or key, *e_extra, source=e_source, impl=e_impl, **kw)
         return e, d
 
     def activated(self, cmd, sockets=(), pid_vars=("LISTEN_PID",), env=None, **kw):

@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from conftest import (IMPLS, TargetServer, connect, drain, free_port, key_of, need_c, recv_exact,
-                      tcp_addr, wait_for)
+from conftest import TargetServer, connect, drain, key_of, need_c, recv_exact, wait_for
 import spiped
 
 try:
@@ -120,8 +119,9 @@ def assert_served(addr, key, target, before=0):
     assert target.total_received() == before + len(sent)
 
 
-def send_and_expect_drop(addr, payload):
-    """Connect to ADDR, send PAYLOAD, and see the connection end with nothing back."""
+def nothing_passes(addr, payload, target):
+    """Send PAYLOAD to ADDR (an -e): the connection ends with nothing back and
+    TARGET gets nothing."""
     with connect(addr, timeout=10) as s:
         s.sendall(payload)
         s.settimeout(DROP_TIMEOUT)
@@ -129,6 +129,8 @@ def send_and_expect_drop(addr, payload):
             assert s.recv(100) == b""
         except ConnectionResetError:
             pass
+    wait_target_idle(target)
+    assert target.total_received() == 0
 
 
 def wait_target_idle(target, timeout=5.0, accepted=0):
@@ -142,13 +144,6 @@ def wait_target_idle(target, timeout=5.0, accepted=0):
 
     if not wait_for(idle, timeout):
         raise AssertionError("target connections still open")
-
-
-def start_d(procs, impl, keyfile, target, *flags):
-    source = tcp_addr(free_port())
-    procs.daemon(IMPLS[impl]("-d", "-F", "-s", source, "-t", target, "-k", keyfile,
-                             *flags), source)
-    return source
 
 
 def check_dropped_and_still_serving(client, addr, key, target):
@@ -165,7 +160,7 @@ def check_dropped_and_still_serving(client, addr, key, target):
 @pytest.mark.parametrize("impl", D_IMPLS)
 def test_garbage_instead_of_handshake(procs, keyfile, echo, impl):
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile))
     c.sock.sendall(os.urandom(spiped.NONCE_SIZE + spiped.DH_MESSAGE))
     # The server's nonce comes at once; its DH message must never come.
@@ -176,7 +171,7 @@ def test_garbage_instead_of_handshake(procs, keyfile, echo, impl):
 @pytest.mark.parametrize("impl", D_IMPLS)
 def test_truncated_handshake_then_eof(procs, keyfile, echo, impl):
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile))
     c.sock.sendall(os.urandom(spiped.NONCE_SIZE))
     assert len(recv_exact(c.sock, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
@@ -189,7 +184,7 @@ def test_truncated_handshake_then_eof(procs, keyfile, echo, impl):
 def test_dh_value_not_below_p(procs, keyfile, echo, impl):
     """y = p with a valid MAC is refused before the server sends its own y."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile))
     nonce_c = os.urandom(spiped.NONCE_SIZE)
     c.sock.sendall(nonce_c)
@@ -204,7 +199,7 @@ def test_dh_value_not_below_p(procs, keyfile, echo, impl):
 def test_wrong_key(procs, keyfile, otherkey, echo, impl):
     """A client with another key: dropped in the handshake, the target gets nothing."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     with connect(addr, timeout=10) as s:
         with pytest.raises(spiped.HandshakeError):
             spiped.handshake(s, key_of(otherkey), client=True, deadline=spiped.deadline_in(DROP_TIMEOUT))
@@ -218,13 +213,9 @@ def test_wrong_key(procs, keyfile, otherkey, echo, impl):
 def test_wrong_key_through_c_client(procs, keyfile, otherkey, echo, impl):
     """C spiped -e with the other key in front of our (or C's) -d."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
-    e_source = tcp_addr(free_port())
-    procs.daemon(IMPLS["c"]("-e", "-F", "-s", e_source, "-t", addr, "-k", otherkey), e_source)
-    send_and_expect_drop(e_source, b"secret data")
-    wait_target_idle(target)
-    assert target.total_received() == 0
-    assert_served(addr, key_of(keyfile), target)
+    e, d = procs.chain(target.addr, keyfile, e_impl="c", d_impl=impl, e_key=otherkey)
+    nothing_passes(e.addr, b"secret data", target)
+    assert_served(d.addr, key_of(keyfile), target)
 
 
 # -d side flags, -e side flags, which one refuses.
@@ -238,15 +229,11 @@ PFS_CLASHES = [("-g", "-f"), ("-f", "-g")]
 def test_require_pfs_against_fast(procs, keyfile, echo, d_impl, e_impl, d_flag, e_flag):
     """-g on one end and -f on the other: no connection, the target gets nothing."""
     target = echo()
-    addr = start_d(procs, d_impl, keyfile, target.addr, d_flag)
-    e_source = tcp_addr(free_port())
-    procs.daemon(IMPLS[e_impl]("-e", "-F", "-s", e_source, "-t", addr, "-k", keyfile,
-                               e_flag), e_source)
-    send_and_expect_drop(e_source, b"must not arrive")
-    wait_target_idle(target)
-    assert target.total_received() == 0
+    e, d = procs.chain(target.addr, keyfile, e_impl=e_impl, d_impl=d_impl, e_extra=(e_flag,),
+                       d_extra=(d_flag,))
+    nothing_passes(e.addr, b"must not arrive", target)
     # The -d end still serves a client whose handshake suits its flag.
-    sent, got = good_client(addr, key_of(keyfile), fast=(d_flag == "-f"))
+    sent, got = good_client(d.addr, key_of(keyfile), fast=(d_flag == "-f"))
     assert got == sent
 
 
@@ -254,7 +241,7 @@ def test_require_pfs_against_fast(procs, keyfile, echo, d_impl, e_impl, d_flag, 
 def test_handshake_timeout(procs, keyfile, echo, impl):
     """-o 1 and a silent client: our nonce at once, then closed after about 1 s."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr, "-o", "1")
+    addr = procs.spiped("-d", target.addr, keyfile, "-o", "1", impl=impl).addr
     with connect(addr, timeout=10) as s:
         started = time.monotonic()
         assert len(recv_exact(s, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
@@ -274,7 +261,7 @@ def test_handshake_timeout(procs, keyfile, echo, impl):
 def test_packet_builder_matches_sealer(procs, keyfile, echo):
     """The hand-made packets below are exactly what PacketSealer makes."""
     target = echo()
-    addr = start_d(procs, "ours", keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     sealer = spiped.PacketSealer(c.e_c, c.h_c)
     for payload in (b"x", os.urandom(1024)):
@@ -286,7 +273,7 @@ def test_packet_builder_matches_sealer(procs, keyfile, echo):
 @pytest.mark.parametrize("impl", D_IMPLS)
 def test_flipped_bit(procs, keyfile, echo, impl, where):
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     packet = bytearray(c.packet(b"hello, target"))
     bit = {"ciphertext": 3 * 8 + 5, "length-field": 1027 * 8, "mac": 1040 * 8 + 7}[where]
@@ -299,7 +286,7 @@ def test_flipped_bit(procs, keyfile, echo, impl, where):
 @pytest.mark.parametrize("impl", D_IMPLS)
 def test_bad_length_with_valid_mac(procs, keyfile, echo, impl, length):
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     c.sock.sendall(c.packet(b"" if length == 0 else b"A" * 1024, length=length))
     check_dropped_and_still_serving(c, addr, c.key, target)
@@ -313,7 +300,7 @@ def test_good_packet_then_bad_one(procs, keyfile, echo, impl):
     C 1.6.2 drops it too when both arrive in one segment.
     """
     target = echo(mode="sink")  # no echo data that could race the drop
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     good = c.packet(b"first")
     bad = bytearray(c.packet(b"second"))
@@ -345,7 +332,7 @@ def read_echo(client, opener, size):
 def test_replayed_packet(procs, keyfile, echo, impl):
     """The same valid packet sent twice: the copy carries the wrong number."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     packet = c.packet(b"only once")
     c.sock.sendall(packet)
@@ -361,7 +348,7 @@ def test_replayed_packet(procs, keyfile, echo, impl):
 def test_reflected_packet(procs, keyfile, echo, impl):
     """A packet the server sent, sent back to it: the directions have separate keys."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     c.sock.sendall(c.packet(b"ping"))
     reply = recv_exact(c.sock, spiped.PACKET)
@@ -379,7 +366,7 @@ def test_dh_value_zero_is_accepted(procs, keyfile, echo, impl):
     """y = 0 passes the y < p check (C does not reject it); the shared value is
     then 0 and both ends derive the same keys from it."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile))
     nonce_c = os.urandom(spiped.NONCE_SIZE)
     c.sock.sendall(nonce_c)
@@ -403,7 +390,7 @@ def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
     """Byte boundaries mean nothing: a handshake and packets dribbled out in
     7-byte writes are served normally."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     key = key_of(keyfile)
     s = connect(addr, timeout=10)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -436,7 +423,7 @@ def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
 def test_client_reset_mid_stream(procs, keyfile, echo, impl):
     """A client that vanishes with a reset while data flows costs only itself."""
     target = echo()
-    addr = start_d(procs, impl, keyfile, target.addr)
+    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
     c = RawClient(addr, key_of(keyfile)).handshake()
     data = os.urandom(2000)
     c.sock.sendall(c.packet(data[:1000]) + c.packet(data[1000:]))
@@ -482,7 +469,7 @@ def test_partial_packet_then_eof(procs, keyfile, impl):
     its reply still reaches the client."""
     target = AfterEofTarget()
     try:
-        addr = start_d(procs, impl, keyfile, target.addr)
+        addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
         c = RawClient(addr, key_of(keyfile)).handshake()
         c.sock.sendall(os.urandom(500))
         c.sock.shutdown(socket.SHUT_WR)
@@ -603,12 +590,6 @@ def plain_exchange(addr, data):
             raise AssertionError("no EOF within %ss" % DROP_TIMEOUT)
 
 
-def start_e(procs, impl, keyfile, target):
-    source = tcp_addr(free_port())
-    procs.daemon(IMPLS[impl]("-e", "-F", "-s", source, "-t", target, "-k", keyfile), source)
-    return source
-
-
 @pytest.mark.parametrize("mode", ["wrong-key", "bad-packet"])
 @pytest.mark.parametrize("impl", D_IMPLS)
 def test_encrypting_end_against_bad_server(procs, keyfile, otherkey, impl, mode):
@@ -616,7 +597,7 @@ def test_encrypting_end_against_bad_server(procs, keyfile, otherkey, impl, mode)
     plaintext client sees EOF with no data, and the next connection works."""
     server = FakeServer(key_of(keyfile), key_of(otherkey), [mode, "echo"])
     try:
-        source = start_e(procs, impl, keyfile, server.addr)
+        source = procs.spiped("-e", server.addr, keyfile, impl=impl).addr
         with connect(source, timeout=10) as s:
             s.sendall(b"must stay here")
             s.settimeout(DROP_TIMEOUT)
@@ -642,7 +623,7 @@ def test_encrypting_end_partial_packet_then_eof(procs, keyfile, otherkey, impl):
     data and EOF, while its own data still reaches the server."""
     server = FakeServer(key_of(keyfile), key_of(otherkey), ["partial"])
     try:
-        source = start_e(procs, impl, keyfile, server.addr)
+        source = procs.spiped("-e", server.addr, keyfile, impl=impl).addr
         assert plain_exchange(source, b"upstream") == b"before the stray bytes"
         assert server.wait(1)[0] == (0, "eof", b"upstream")
     finally:

@@ -9,13 +9,11 @@ import signal
 import stat
 import socket
 import subprocess
-import sys
 
 import pytest
 
-from conftest import (SPIPED_PY, address_listening, c_spiped, connect, exchange,
-                      free_port, need_c, ours, read_text, refused, rss_kib, tcp_addr,
-                      wait_for, wait_listening)
+from conftest import (SPIPED_PY, address_listening, connect, exchange, free_port, need_c, ours,
+                      read_text, refused, rss_kib, tcp_addr, wait_for, wait_listening)
 import spiped
 
 
@@ -42,30 +40,10 @@ def wait_log(path, needle, timeout=15.0):
     return text
 
 
-def start_config(procs, conf, err, *extra):
-    """Our spiped --config CONF -F with stderr to ERR (a path); waits for every source."""
-    f = open(err, "ab")
-    try:
-        p = procs.start(ours("--config", conf, "-F", *extra), stderr=f)
-    finally:
-        f.close()
-    for _, options in spiped.parse_config_file(conf):
-        wait_listening(options.source, p)
-    return p
-
-
-def c_decrypter(procs, target, key):
-    """C spiped -d on a fresh port forwarding to TARGET; its address."""
-    addr = tcp_addr(free_port())
-    procs.daemon(c_spiped("-d", "-F", "-s", addr, "-t", target, "-k", key), addr)
-    return addr
-
-
-def c_encrypter(procs, target, key):
-    """C spiped -e on a fresh port sealing to TARGET; its address."""
-    addr = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", addr, "-t", target, "-k", key), addr)
-    return addr
+def start_config(procs, conf, *extra):
+    """Our spiped --config CONF -F EXTRA as a Daemon, once every source listens."""
+    sources = [options.source for _, options in spiped.parse_config_file(conf)]
+    return procs.daemon(ours("--config", conf, "-F", *extra), *sources, name="config")
 
 
 # -- parsing and the difference (no processes) --------------------------------
@@ -198,7 +176,7 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
     target = echo()
     lines, entries = [], []
     for i in range(3):   # ours -e -> C -d -> echo; one with a unix source
-        far = c_decrypter(procs, target.addr, keyfile)
+        far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
         source = str(tmp_path / "e.sock") if i == 1 else tcp_addr(free_port())
         lines.append("-e -s %s -t %s -k %s%s" % (source, far, keyfile,
                                                  " --log-connections" if i == 0 else ""))
@@ -207,24 +185,21 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
         source = str(tmp_path / "d.sock") if i == 1 else tcp_addr(free_port())
         lines.append("-d -s %s -t %s -k %s -n 3" % (source, target.addr, keyfile))
     conf = write_config(tmp_path / "six.conf", lines)
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
-    single_source = tcp_addr(free_port())
-    single = procs.daemon(ours("-e", "-F", "-s", single_source, "-t", far, "-k", keyfile),
-                          single_source)
+    p = start_config(procs, conf)
+    single = procs.spiped("-e", far, keyfile)
     many_kib, one_kib = rss_kib(p.pid), rss_kib(single.pid)
     print("RSS after start: six tunnels %d KiB, one tunnel %d KiB" % (many_kib, one_kib))
     assert 0 < many_kib <= 1.5 * one_kib, (many_kib, one_kib)
 
     for line in lines[3:]:
-        entries.append(c_encrypter(procs, line.split()[2], keyfile))
+        entries.append(procs.spiped("-e", line.split()[2], keyfile, impl="c").addr)
     for n, entry in enumerate(entries):
         payload = os.urandom(100000 + n)
         assert exchange(entry, payload, timeout=30) == payload, "tunnel %d" % n
     assert len(target.received) == 6
 
     first = lines[0].split()[2]
-    text = wait_log(err, "%s: connection 1: closed: 100000 bytes in" % first)
+    text = wait_log(p.log, "%s: connection 1: closed: 100000 bytes in" % first)
     assert "%s: connection 1: accepted from" % first in text
     # The clients saw EOF; each tunnel's teardown may still be under way on a
     # loaded machine, so ask for statistics until every tunnel's newest line
@@ -233,16 +208,16 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
 
     def newest_stats():
         newest = {}
-        for text_line in read_text(err).splitlines():
+        for text_line in p.log_text().splitlines():
             for source in sources:
                 if "%s: stats:" % source in text_line:
                     newest[source] = text_line
         return newest
 
     def all_ended():
-        asked = sum(1 for l in read_text(err).splitlines() if ": stats:" in l)
+        asked = sum(1 for l in p.log_text().splitlines() if ": stats:" in l)
         p.send_signal(signal.SIGUSR1)
-        wait_for(lambda: sum(1 for l in read_text(err).splitlines() if ": stats:" in l)
+        wait_for(lambda: sum(1 for l in p.log_text().splitlines() if ": stats:" in l)
                  >= asked + len(sources), 5)
         newest = newest_stats()
         return all("live=0 total=1 " in newest.get(source, "") for source in sources)
@@ -258,17 +233,16 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
 @pytest.mark.timeout(120)
 def test_sighup_adds_removes_and_rekeys(procs, echo, keyfile, tmp_path):
     target = echo()
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     kb, kb_new = new_key(tmp_path / "kb"), new_key(tmp_path / "kb.new")
-    far_b = c_decrypter(procs, target.addr, kb_new)
+    far_b = procs.spiped("-d", target.addr, kb_new, impl="c").addr
     a, b, c = (tcp_addr(free_port()) for _ in range(3))
     unix = str(tmp_path / "gone.sock")
     line_a = "-e -s %s -t %s -k %s" % (a, far, keyfile)
     line_b = "-e -s %s -t %s -k %s" % (b, far_b, kb)
     line_u = "-e -s %s -t %s -k %s" % (unix, far, keyfile)
     conf = write_config(tmp_path / "t.conf", [line_a, line_b, line_u])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
 
     # B's key differs from its far end's: its connections are dropped.
     assert exchange(b, b"wrong key", timeout=20) == b""
@@ -285,7 +259,7 @@ def test_sighup_adds_removes_and_rekeys(procs, echo, keyfile, tmp_path):
     shutil.copyfile(kb_new, kb)
     write_config(conf, [line_b, "-e -s %s -t %s -k %s" % (c, far, keyfile)])
     p.send_signal(signal.SIGHUP)
-    wait_log(err, "%s reloaded: 1 added, 2 removed, 1 rekeyed, 0 replaced, 0 unchanged" % conf)
+    wait_log(p.log, "%s reloaded: 1 added, 2 removed, 1 rekeyed, 0 replaced, 0 unchanged" % conf)
     assert not address_listening(a) and refused(a)
     assert not os.path.exists(unix) and refused(unix)
     wait_listening(c, p)
@@ -310,20 +284,19 @@ def test_sighup_adds_removes_and_rekeys(procs, echo, keyfile, tmp_path):
 @pytest.mark.timeout(120)
 def test_sighup_replaces_a_changed_line_keeping_its_connections(procs, echo, keyfile, tmp_path):
     target = echo()
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     a = tcp_addr(free_port())
     conf = write_config(tmp_path / "r.conf", ["-e -s %s -t %s -k %s -n 1" % (a, far, keyfile)])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
     held = connect(a, timeout=30)
     held.sendall(b"first")
     assert held.recv(5) == b"first"
     # -n 1 is full: raise it; the held connection continues on the old server.
     write_config(conf, ["-e -s %s -t %s -k %s -n 2 --log-connections" % (a, far, keyfile)])
     p.send_signal(signal.SIGHUP)
-    wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
+    wait_log(p.log, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
     assert exchange(a, b"new server", timeout=20) == b"new server"
-    wait_log(err, "%s: connection 1: closed" % a)
+    wait_log(p.log, "%s: connection 1: closed" % a)
     held.sendall(b"second")
     held.shutdown(socket.SHUT_WR)
     assert held.recv(100) == b"second"
@@ -339,12 +312,11 @@ def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, 
     sock = str(tmp_path / "t.sock")
     line = "-e -s %s -t %s -k %s --socket-mode %s"
     conf = write_config(tmp_path / "m.conf", [line % (sock, tcp_addr(free_port()), keyfile, "600")])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     write_config(conf, [line % (sock, tcp_addr(free_port()), keyfile, "660")])
     p.send_signal(signal.SIGHUP)
-    wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced")
+    wait_log(p.log, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     # Swap a symlink in at the path; the next mode change must not chmod through it.
     victim = tmp_path / "victim"
@@ -354,7 +326,7 @@ def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, 
     os.symlink(str(victim), sock)
     write_config(conf, [line % (sock, tcp_addr(free_port()), keyfile, "666")])
     p.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: read_text(err).count("1 replaced") == 2, 15), read_text(err)
+    assert wait_for(lambda: p.log_text().count("1 replaced") == 2, 15), p.log_text()
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
@@ -369,18 +341,17 @@ def test_accept_key_on_a_tunnel_line_and_its_removal_at_reload(procs, echo, keyf
     a = tcp_addr(free_port())
     line = "-d -s %s -t %s -k %s" % (a, target.addr, keyfile)
     conf = write_config(tmp_path / "k.conf", [line + " --accept-key " + old])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
-    with_new, with_old = c_encrypter(procs, a, keyfile), c_encrypter(procs, a, old)
+    p = start_config(procs, conf)
+    with_new, with_old = procs.spiped("-e", a, keyfile, impl="c").addr, procs.spiped("-e", a, old, impl="c").addr
     assert exchange(with_new, b"new key", timeout=20) == b"new key"
     assert exchange(with_old, b"old key", timeout=20) == b"old key"
     write_config(conf, [line])
     p.send_signal(signal.SIGHUP)
-    wait_log(err, "reloaded: 0 added, 0 removed, 1 rekeyed, 0 replaced, 0 unchanged")
+    wait_log(p.log, "reloaded: 0 added, 0 removed, 1 rekeyed, 0 replaced, 0 unchanged")
     assert exchange(with_old, b"old key", timeout=20) == b""
     assert exchange(with_new, b"new key again", timeout=20) == b"new key again"
     p.send_signal(signal.SIGUSR1)
-    text = wait_log(err, "%s: stats:" % a)
+    text = wait_log(p.log, "%s: stats:" % a)
     assert "keys=%s=2,old.key=1" % os.path.basename(keyfile) in text
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
@@ -391,13 +362,13 @@ def test_accept_key_on_a_tunnel_line_and_its_removal_at_reload(procs, echo, keyf
 def test_proxy_protocol_on_a_tunnel_line(procs, echo, keyfile, tmp_path):
     """-e with --proxy-protocol 1: the C -d's target first reads a header naming our client."""
     target = echo(mode="sink")
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     port = free_port()
     a = tcp_addr(port)
     conf = write_config(tmp_path / "p.conf", [
         "-e -s %s -t %s -k %s --proxy-protocol 1" % (a, far, keyfile),
         "-e -s %s -t %s -k %s" % (tcp_addr(free_port()), far, keyfile)])
-    p = start_config(procs, conf, tmp_path / "err")
+    p = start_config(procs, conf)
     s = connect(a, timeout=20)
     client_port = s.getsockname()[1]
     s.sendall(b"after the header")
@@ -418,15 +389,14 @@ def test_proxy_protocol_on_a_tunnel_line(procs, echo, keyfile, tmp_path):
 def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, keyfile, tmp_path):
     """[127.0.0.1]:P rewritten as 127.0.0.1:P: the listener is handed over, not bound twice."""
     target = echo()
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     port = free_port()
     conf = write_config(tmp_path / "n.conf", ["-e -s [127.0.0.1]:%d -t %s -k %s"
                                               % (port, far, keyfile)])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
     write_config(conf, ["-e -s 127.0.0.1:%d -t %s -k %s" % (port, far, keyfile)])
     p.send_signal(signal.SIGHUP)
-    text = wait_log(err, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
+    text = wait_log(p.log, "reloaded: 0 added, 0 removed, 0 rekeyed, 1 replaced, 0 unchanged")
     assert "in use" not in text
     assert exchange(tcp_addr(port), b"same address", timeout=20) == b"same address"
     ended = "127.0.0.1:%d: stats: live=0 total=1 " % port
@@ -435,9 +405,9 @@ def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, key
         # The client may be done a moment before the daemon tore the
         # connection down: ask again until the line says so.
         p.send_signal(signal.SIGUSR1)
-        return wait_for(lambda: ended in read_text(err), 1.0)
+        return wait_for(lambda: ended in p.log_text(), 1.0)
 
-    assert wait_for(stats_show_it_ended, 15, step=0.2), read_text(err)
+    assert wait_for(stats_show_it_ended, 15, step=0.2), p.log_text()
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
 
@@ -446,23 +416,22 @@ def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, key
 @pytest.mark.timeout(60)
 def test_broken_file_at_reload_changes_nothing(procs, echo, keyfile, tmp_path):
     target = echo()
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     a, b = tcp_addr(free_port()), tcp_addr(free_port())
     line_a = "-e -s %s -t %s -k %s" % (a, far, keyfile)
     conf = write_config(tmp_path / "b.conf", [line_a])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
     # Line 4 (after the two header lines and line_a) names a missing key.
     write_config(conf, [line_a, "-e -s %s -t %s -k %s" % (b, far, tmp_path / "missing")])
     p.send_signal(signal.SIGHUP)
-    text = wait_log(err, "not reloaded; still serving as before")
+    text = wait_log(p.log, "not reloaded; still serving as before")
     assert "%s:4: Cannot open file: %s" % (conf, tmp_path / "missing") in text
     assert not address_listening(b)
     assert exchange(a, b"still here", timeout=20) == b"still here"
     write_config(conf, [line_a, "-F " + line_a.replace(a, b)])
     p.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: read_text(err).count("not reloaded") == 2, 15), read_text(err)
-    assert "%s:4: -F belongs on the command line" % conf in read_text(err)
+    assert wait_for(lambda: p.log_text().count("not reloaded") == 2, 15), p.log_text()
+    assert "%s:4: -F belongs on the command line" % conf in p.log_text()
     assert p.poll() is None
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
@@ -495,27 +464,6 @@ def test_missing_file_at_start(procs, tmp_path):
 
 # -- socket activation ---------------------------------------------------------
 
-# Put the sockets whose fds are in argv[1] (comma separated) on fds 3, 4, ...,
-# set LISTEN_PID to our own PID and exec argv[2:].
-LAUNCHER = r"""
-import os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",")]
-copies = [os.dup(fd) for fd in fds]
-for n, fd in enumerate(copies):
-    os.dup2(fd, 3 + n)
-    os.set_inheritable(3 + n, True)
-os.environ["LISTEN_FDS"] = str(len(fds))
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def launch(procs, sockets, args, **kw):
-    fds = [s.fileno() for s in sockets]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-    return procs.start([sys.executable, "-c", LAUNCHER, ",".join(map(str, fds)),
-                        sys.executable, SPIPED_PY, *args], env=env, pass_fds=fds, **kw)
-
 
 def listening_tcp():
     s = socket.socket()
@@ -528,13 +476,12 @@ def listening_tcp():
 @pytest.mark.timeout(60)
 def test_activation_sockets_serve_their_lines(procs, echo, keyfile, tmp_path):
     target = echo()
-    far = c_decrypter(procs, target.addr, keyfile)
+    far = procs.spiped("-d", target.addr, keyfile, impl="c").addr
     (s1, a1), (s2, a2) = listening_tcp(), listening_tcp()
     a3 = tcp_addr(free_port())
     conf = write_config(tmp_path / "a.conf", [
         "-e -s %s -t %s -k %s" % (a, far, keyfile) for a in (a2, a3, a1)])
-    with open(tmp_path / "err", "wb") as f:
-        p = launch(procs, [s1, s2], ["--config", conf, "-F"], stderr=f)
+    p = procs.activated(ours("--config", conf, "-F"), [s1, s2])
     s1.close()
     s2.close()
     wait_listening(a3, p)
@@ -547,13 +494,12 @@ def test_activation_sockets_serve_their_lines(procs, echo, keyfile, tmp_path):
 def test_activation_socket_matching_no_line_is_an_error(procs, keyfile, tmp_path):
     (s1, a1), (s2, a2) = listening_tcp(), listening_tcp()
     conf = write_config(tmp_path / "a.conf", ["-e -s %s -t [127.0.0.1]:1 -k %s" % (a1, keyfile)])
-    p = launch(procs, [s1, s2], ["--config", conf, "-F"], stderr=-1)
+    p = procs.activated(ours("--config", conf, "-F"), [s1, s2])
     s1.close()
     s2.close()
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 1
+    assert p.wait(timeout=30) == 1
     assert ("Inherited file descriptor 4 (%s) is the source of no tunnel in %s" % (a2, conf)
-            ).encode() in err
+            ) in p.log_text()
 
 
 # -- contrib -------------------------------------------------------------------
@@ -619,11 +565,10 @@ def test_empty_key_on_a_line_is_read_at_reload_as_at_start(tmp_path, procs):
     empty.chmod(0o600)
     addr = tcp_addr(free_port())
     conf = write_config(tmp_path / "c.conf", ["-e -s %s -t [127.0.0.1]:2 -k %s" % (addr, empty)])
-    err = str(tmp_path / "err")
-    p = start_config(procs, conf, err)
-    wait_log(err, "holds only 0 bytes")
+    p = start_config(procs, conf)
+    wait_log(p.log, "holds only 0 bytes")
     p.send_signal(signal.SIGHUP)
-    text = wait_log(err, "%s reloaded: 0 added, 0 removed, 0 rekeyed, 0 replaced, 1 unchanged"
+    text = wait_log(p.log, "%s reloaded: 0 added, 0 removed, 0 rekeyed, 0 replaced, 1 unchanged"
                     % conf)
     assert "not reloaded" not in text and "file is empty" not in text, text
     p.send_signal(signal.SIGTERM)
@@ -650,11 +595,10 @@ def test_config_emptied_at_reload_keeps_serving(tmp_path, procs, keyfile, echo):
     addr = tcp_addr(free_port())
     conf = write_config(tmp_path / "c.conf",
                         ["-d -s %s -t %s -k %s" % (addr, target.addr, keyfile)])
-    err = str(tmp_path / "err")
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
     write_config(conf, [])
     p.send_signal(signal.SIGHUP)
-    text = wait_log(err, "%s not reloaded; still serving as before" % conf)
+    text = wait_log(p.log, "%s not reloaded; still serving as before" % conf)
     assert "no tunnels" in text, text
     assert address_listening(addr) and p.poll() is None
     p.send_signal(signal.SIGTERM)
@@ -665,23 +609,20 @@ def test_log_label_prefixes_every_line(tmp_path, procs, keyfile, echo):
     """--log-label: one daemon's lines tell themselves apart; tunnel lines keep their source."""
     target = echo()
     addr = tcp_addr(free_port())
-    err = tmp_path / "err"
-    with open(err, "ab") as f:
-        p = procs.daemon(ours("-d", "-F", "-s", addr, "-t", target.addr, "-k", keyfile,
-                              "--log-connections", "--log-label", "smtp"), addr, stderr=f)
+    p = procs.spiped("-d", target.addr, keyfile, "--log-connections", "--log-label", "smtp",
+                     source=addr)
     exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
-    wait_log(str(err), "handshake failed")
-    lines = read_text(str(err)).splitlines()
+    wait_log(p.log, "handshake failed")
+    lines = p.log_text().splitlines()
     assert lines and all(line.startswith("spiped: smtp: ") for line in lines), lines
     assert "spiped: smtp: connection 1: accepted from" in lines[0], lines
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
     conf = write_config(tmp_path / "c.conf", ["-d -s %s -t %s -k %s --log-connections"
                                               % (addr, target.addr, keyfile)])
-    err2 = str(tmp_path / "err2")
-    p = start_config(procs, conf, err2, "--log-label", "all")
+    p = start_config(procs, conf, "--log-label", "all")
     exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
-    text = wait_log(err2, "handshake failed")
+    text = wait_log(p.log, "handshake failed")
     assert "spiped: all: %s: connection 1: accepted from" % addr in text, text
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0

@@ -21,11 +21,9 @@ import sys
 import pytest
 
 import spiped
-from conftest import (ROOT, IMPLS, Notify, TargetServer, connect, free_port, key_of, read_text,
+from conftest import (ROOT, Notify, TargetServer, connect, free_port, key_of, read_text,
                       recv_exact, need_c, tcp_addr, wait_closed, wait_for, wait_listening,
                       wrapped)
-
-
 
 
 
@@ -49,29 +47,9 @@ class HoldingTarget(TargetServer):
 
 
 @pytest.fixture
-def holding():
-    servers = []
-
-    def make():
-        s = HoldingTarget()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
-
-
-def start(procs, cmd, tmp_path, *args, **kw):
-    """A foreground daemon running CMD(ARGS); its stderr goes to a file. (proc, source, log)."""
-    source = tcp_addr(free_port())
-    log = tmp_path / "stderr.log"
-    err = open(log, "wb")
-    try:
-        proc = procs.daemon(cmd("-F", "-s", source, *args), source, stderr=err, **kw)
-    finally:
-        err.close()
-    return proc, source, str(log)
+def holding(closing):
+    """Makes HoldingTargets, closed after the test."""
+    return lambda: closing(HoldingTarget())
 
 
 # ---------------------------------------------------------------------------
@@ -96,15 +74,14 @@ def test_server_is_a_threading_mixin_server_without_a_pool():
 def test_drain_timeout_with_a_client_in_its_handshake(procs, tmp_path, keyfile, holding):
     """SIGTERM with --drain-timeout cuts a connection whose target is not dialled yet."""
     target = holding()
-    proc, source, log = start(procs, IMPLS["ours"], tmp_path, "-d", "-t", target.addr,
-                              "-k", keyfile, "-o", "30", "--drain-timeout", "0.5")
-    with connect(source) as s:
+    d = procs.spiped("-d", target.addr, keyfile, "-o", "30", "--drain-timeout", "0.5")
+    with connect(d.addr) as s:
         s.settimeout(10)
         assert len(s.recv(32)) == 32  # the daemon's nonce: the handshake is under way
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0, read_text(log)
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(timeout=10) == 0, d.log_text()
         assert wait_closed(s, 10) is not None
-    assert "Traceback" not in read_text(log)
+    assert "Traceback" not in d.log_text()
 
 
 # ---------------------------------------------------------------------------
@@ -113,16 +90,15 @@ def test_drain_timeout_with_a_client_in_its_handshake(procs, tmp_path, keyfile, 
 
 
 @pytest.mark.parametrize("impl", ["ours", pytest.param("c", marks=need_c)])
-def test_refused_target_drops_the_client_at_once(procs, tmp_path, keyfile, impl):
+def test_refused_target_drops_the_client_at_once(procs, keyfile, impl):
     """Long before -o: the connect to the target runs beside the handshake."""
     refused = tcp_addr(free_port())  # nothing listens there
-    proc, source, log = start(procs, IMPLS[impl], tmp_path, "-d", "-t", refused,
-                              "-k", keyfile, "-o", "30")
-    with connect(source) as s:
+    d = procs.spiped("-d", refused, keyfile, "-o", "30", impl=impl)
+    with connect(d.addr) as s:
         took = wait_closed(s, 20)  # the client sends nothing at all
     assert took is not None, "client still connected after 20 s"
     assert took < 5, "dropped only after %.1f s" % took
-    assert proc.poll() is None
+    assert d.poll() is None
 
 
 # ---------------------------------------------------------------------------
@@ -145,17 +121,16 @@ def test_wrong_key_clients_cost_no_exponentiation(procs, tmp_path, keyfile, othe
     """20 clients with the wrong key: no modular exponentiation at all; a good one: two."""
     target = holding()
     count = tmp_path / "count"
-    proc, source, log = start(procs, wrapped(tmp_path, COUNT_MODEXP), tmp_path,
-                              "-d", "-t", target.addr, "-k", keyfile, "-o", "30",
-                              env=dict(os.environ, MODEXP_COUNT=str(count)))
+    d = procs.spiped("-d", target.addr, keyfile, "-o", "30", impl=wrapped(tmp_path, COUNT_MODEXP),
+                     env=dict(os.environ, MODEXP_COUNT=str(count)))
     for _ in range(20):
-        with connect(source) as s:
+        with connect(d.addr) as s:
             with pytest.raises(spiped.HandshakeError):
                 spiped.handshake(s, key_of(otherkey), client=True, fast=True, deadline=spiped.deadline_in(10))
-    with connect(source) as s:
+    with connect(d.addr) as s:
         spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0, read_text(log)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0, d.log_text()
     # The good client: the daemon's own y, then the shared value.
     assert read_text(count) == "2"
 
@@ -180,13 +155,12 @@ def test_sigterm_while_the_loop_holds_its_lock(procs, tmp_path, keyfile, holding
     """A signal that lands while the accept loop holds Server.lock still drains and exits."""
     target = holding()
     held = tmp_path / "held"
-    proc, source, log = start(procs, wrapped(tmp_path, SLOW_FULL), tmp_path,
-                              "-d", "-t", target.addr, "-k", keyfile,
-                              env=dict(os.environ, LOCK_HELD=str(held)))
+    d = procs.spiped("-d", target.addr, keyfile, impl=wrapped(tmp_path, SLOW_FULL),
+                     env=dict(os.environ, LOCK_HELD=str(held)))
     before = read_text(held).count("held")
     assert wait_for(lambda: read_text(held).count("held") > before, 10)
-    proc.send_signal(signal.SIGTERM)  # lands while slow_full() holds the lock
-    assert proc.wait(timeout=10) == 0, read_text(log)
+    d.send_signal(signal.SIGTERM)  # lands while slow_full() holds the lock
+    assert d.wait(timeout=10) == 0, d.log_text()
 
 
 # ---------------------------------------------------------------------------
@@ -216,23 +190,23 @@ def test_sigterm_exit_waits_for_the_connections_lines(procs, tmp_path, keyfile, 
     notify = Notify(str(tmp_path / "notify"))
     notify.follow()  # read from the start: a full queue would drop STOPPING=1
     try:
-        proc, source, log = start(procs, wrapped(tmp_path, SLOW_EVENT), tmp_path,
-                                  "-d", "-t", target.addr, "-k", keyfile, "--log-connections",
-                                  *drain, env=dict(os.environ, NOTIFY_SOCKET=notify.env))
+        d = procs.spiped("-d", target.addr, keyfile, "--log-connections", *drain,
+                         impl=wrapped(tmp_path, SLOW_EVENT),
+                         env=dict(os.environ, NOTIFY_SOCKET=notify.env))
         clients = []
         for _ in range(4):
-            s = connect(source)
+            s = connect(d.addr)
             clients.append(s)
             _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
             assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
-        proc.send_signal(signal.SIGTERM)
+        d.send_signal(signal.SIGTERM)
         notify.wait_for_text("STOPPING=1")  # the drain has begun
         for s in clients:
             s.close()
-        assert proc.wait(timeout=20) == 0, read_text(log)
+        assert d.wait(timeout=20) == 0, d.log_text()
     finally:
         notify.close()
-    text = read_text(log)
+    text = d.log_text()
     assert text.count("closed:") + text.count("dropped (") == 4, text
     assert "Fatal Python error" not in text and "Traceback" not in text, text
 
@@ -253,18 +227,16 @@ def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile
                                                          where):
     """Both the client and the target see their connection end, and the error is logged."""
     target = holding()
-    cmd = wrapped(tmp_path, RAISE_IN % where)
-    proc, source, log = start(procs, cmd, tmp_path, "-d", "-t", target.addr, "-k", keyfile,
-                              "-o", "30")
-    with connect(source) as s:
+    d = procs.spiped("-d", target.addr, keyfile, "-o", "30", impl=wrapped(tmp_path, RAISE_IN % where))
+    with connect(d.addr) as s:
         sealer, _ = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
         s.sendall(sealer.seal(b"data for the target"))
         assert wait_closed(s, 10) is not None, "client still connected"
     assert wait_for(lambda: target.eofs == 1, 10), "target still connected"
-    text = read_text(log)
+    text = d.log_text()
     assert "internal error" in text and "ValueError: boom in the relay" in text, text
     # The daemon goes on serving.
-    assert proc.poll() is None
+    assert d.poll() is None
 
 
 # ---------------------------------------------------------------------------
@@ -281,13 +253,12 @@ def _keepalive_timers(port_filter):
 
 @pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
 @pytest.mark.parametrize("flags", [(), ("-j",)])
-def test_keepalive_on_both_sockets_unless_j(procs, tmp_path, keyfile, holding, flags):
+def test_keepalive_on_both_sockets_unless_j(procs, keyfile, holding, flags):
     target = holding()
-    proc, source, log = start(procs, IMPLS["ours"], tmp_path, "-d", "-t", target.addr,
-                              "-k", keyfile, *flags)
-    sport = source.rsplit(":", 1)[1]
+    d = procs.spiped("-d", target.addr, keyfile, *flags)
+    sport = d.addr.rsplit(":", 1)[1]
     tport = target.addr.rsplit(":", 1)[1]
-    with connect(source) as s:
+    with connect(d.addr) as s:
         spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
         assert wait_for(lambda: target.connections == 1, 10)
         accepted = _keepalive_timers("( sport = :%s )" % sport)
@@ -327,23 +298,21 @@ def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, tmp_path, keyfile,
     """As PID 1 SIGINT's default action would do nothing; the handler exits 0 at once."""
     target = holding()
     source = tcp_addr(free_port())
-    log = tmp_path / "stderr.log"
-    with open(log, "wb") as err:
-        outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
-                              os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
-                              "-t", target.addr, "-k", keyfile], source, stderr=err)
+    outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
+                          os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
+                          "-t", target.addr, "-k", keyfile], source)
     pid1 = _child_pid(outer.pid)
     try:
         with connect(source) as s:
             spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
             assert wait_for(lambda: target.connections == 1, 10)
             os.kill(pid1, signal.SIGINT)
-            assert outer.wait(timeout=10) == 0, read_text(log)
+            assert outer.wait(timeout=10) == 0, outer.log_text()
     finally:
         if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
             os.kill(pid1, signal.SIGKILL)
             outer.wait(timeout=10)
-    assert "Traceback" not in read_text(log)
+    assert "Traceback" not in outer.log_text()
 
 
 @pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
@@ -352,12 +321,9 @@ def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyf
     source's and --metrics' socket files removed."""
     target = holding()
     source, metrics = str(tmp_path / "source.sock"), str(tmp_path / "metrics.sock")
-    log = tmp_path / "stderr.log"
-    with open(log, "wb") as err:
-        outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
-                              os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
-                              "-t", target.addr, "-k", keyfile, "--metrics", metrics],
-                             source, stderr=err)
+    outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
+                          os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
+                          "-t", target.addr, "-k", keyfile, "--metrics", metrics], source)
     pid1 = _child_pid(outer.pid)
     try:
         wait_listening(metrics, outer)
@@ -368,10 +334,10 @@ def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyf
             assert wait_for(lambda: not os.path.lexists(source)), "the drain did not begin"
             assert outer.poll() is None
             os.kill(pid1, signal.SIGTERM)
-            assert outer.wait(timeout=10) == 0, read_text(log)
+            assert outer.wait(timeout=10) == 0, outer.log_text()
     finally:
         if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
             os.kill(pid1, signal.SIGKILL)
             outer.wait(timeout=10)
     assert not os.path.lexists(metrics)
-    assert "Traceback" not in read_text(log)
+    assert "Traceback" not in outer.log_text()
