@@ -9,6 +9,7 @@ only fixed spans of time are assert_stays()'s "nothing happens" checks.
 import hashlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -260,6 +261,11 @@ def refused(addr):
     except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
         return True
     return False
+
+
+def quiet(sock):
+    """True while nothing can be read from SOCK: no data, no end of stream."""
+    return not select.select([sock], [], [], 0)[0]
 
 
 def tcp_addr(port, host="127.0.0.1"):

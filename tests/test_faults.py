@@ -59,9 +59,10 @@ import time
 
 import pytest
 
-from conftest import (EchoServer, Notify, TargetServer, c_spiped, connect, drain, exchange,
-                      free_port, key_of, need_c, ours, recv_exact, rss_kib, sha, tcp_addr,
-                      thread_and_fd_count, wait_for)
+from conftest import (EchoServer, Notify, TargetServer, assert_stays, check_echo, clean_env,
+                      connect, cpu_seconds, drain, exchange, free_port, key_of, need_c, ours,
+                      recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count, wait_for,
+                      write_key)
 import spiped
 
 try:
@@ -363,17 +364,6 @@ class FaultTarget(TargetServer):
                 self.open -= 1
 
 
-def start_daemon(procs, tmp_path, mode, source, target, key, *extra, impl="ours", **kw):
-    """Start a foreground daemon with its stderr in a file (p.log)."""
-    build = ours if impl == "ours" else c_spiped
-    log = tmp_path / ("%s-%s-%s.log" % (impl, mode, source.rsplit(":", 1)[1]))
-    with open(log, "ab") as f:
-        p = procs.daemon(build("-" + mode, "-F", "-s", source, "-t", target, "-k", key, *extra),
-                         source, stderr=f, **kw)
-    p.log = log
-    return p
-
-
 _FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98}.get(platform.machine())
 
 
@@ -451,12 +441,6 @@ def assert_no_leak(pid, base, what, timeout=10.0):
                             "; ".join(detail)))
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def serve_good_d(addr, key, recorder, size=5000):
     """A valid client through -d: its plaintext must reach RECORDER intact."""
     data = os.urandom(size)
@@ -470,9 +454,7 @@ def serve_good_d(addr, key, recorder, size=5000):
 
 
 def good_exchange(addr, size=100000):
-    data = os.urandom(size)
-    got = exchange(addr, data, timeout=20)
-    assert sha(got) == sha(data), "good client: %d of %d bytes echoed intact" % (len(got), size)
+    check_echo(addr, os.urandom(size), timeout=20)
 
 
 # ---------------------------------------------------------------------------
@@ -626,7 +608,7 @@ def _compare_deliveries(expected, delivered, what, exact):
 
 @pytest.mark.timeout(900 if HEAVY else 150)
 @pytest.mark.parametrize("impl", ["ours", pytest.param("c", marks=need_c)])
-def test_fuzz_hostile_client_of_decrypter(procs, keyfile, tmp_path, impl):
+def test_fuzz_hostile_client_of_decrypter(procs, keyfile, impl):
     """Hostile clients of -d: each is dropped, only authentic data reaches the target.
 
     C -d gets a tenth of the cases: it checks the reference receiver above.
@@ -637,8 +619,8 @@ def test_fuzz_hostile_client_of_decrypter(procs, keyfile, tmp_path, impl):
     key = key_of(keyfile)
     recorder = Recorder()
     port = free_port()
-    d = start_daemon(procs, tmp_path, "d", tcp_addr(port), recorder.addr, keyfile,
-                     "-f", "-n", "0", "-o", HANDSHAKE_O, impl=impl)
+    d = procs.spiped("-d", recorder.addr, keyfile, "-f", "-n", "0", "-o", HANDSHAKE_O,
+                     source=tcp_addr(port), impl=impl)
     serve_good_d(tcp_addr(port), key, recorder)
     assert wait_for(recorder.idle, 5)
     baseline = Baseline(d.pid)
@@ -675,7 +657,7 @@ def test_fuzz_hostile_client_of_decrypter(procs, keyfile, tmp_path, impl):
         t.join(CASE_TIMEOUT * 3 + cases)
     elapsed = time.monotonic() - started
     assert not any(t.is_alive() for t in threads), _fuzz_report(errors, ["fuzz threads hung"])
-    assert d.poll() is None, "the daemon died: %s" % d.log.read_text()
+    assert d.poll() is None, "the daemon died: %s" % d.log_text()
     assert not errors, _fuzz_report(errors)
     assert_no_leak(d.pid, baseline, "-d after %d hostile clients" % cases)
     assert wait_for(recorder.idle, 20), "target connections still open"
@@ -688,7 +670,7 @@ def test_fuzz_hostile_client_of_decrypter(procs, keyfile, tmp_path, impl):
 
 @pytest.mark.timeout(600 if HEAVY else 120)
 @pytest.mark.parametrize("impl", ["ours", pytest.param("c", marks=need_c)])
-def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
+def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, impl):
     """A hostile server behind -e: -e drops it and forwards only authentic data.
 
     C -e gets a tenth of the cases: it checks the reference receiver above.
@@ -747,8 +729,8 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
 
     servers = Servers()
     port = free_port()
-    e = start_daemon(procs, tmp_path, "e", tcp_addr(port), servers.addr, keyfile,
-                     "-f", "-n", "0", "-o", HANDSHAKE_O, impl=impl)
+    e = procs.spiped("-e", servers.addr, keyfile, "-f", "-n", "0", "-o", HANDSHAKE_O,
+                     source=tcp_addr(port), impl=impl)
 
     def good_client():
         good_mode[0] = True
@@ -790,7 +772,7 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, tmp_path, impl):
         assert wait_for(lambda: len(expected) >= accepted[0] == made[0], 20), \
             _fuzz_report(errors, ["-e dialled %d times for %d clients; %d cases ended"
                                   % (accepted[0], made[0], len(expected))])
-        assert e.poll() is None, "the daemon died: %s" % e.log.read_text()
+        assert e.poll() is None, "the daemon died: %s" % e.log_text()
         mismatches = _compare_deliveries(expected, delivered, "a client of -e", impl == "ours")
         assert not errors and not mismatches, _fuzz_report(errors, mismatches)
         assert_no_leak(e.pid, baseline, "-e after %d hostile servers" % cases)
@@ -863,13 +845,13 @@ def _good_client_retrying(addr, key, recorder, deadline):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("impl", ["ours", pytest.param("c", marks=need_c)])
 @pytest.mark.parametrize("limit", ["10", "0"])
-def test_stalled_clients_do_not_block_a_good_one(procs, keyfile, tmp_path, limit, impl):
+def test_stalled_clients_do_not_block_a_good_one(procs, keyfile, limit, impl):
     """200 clients that send nothing (or one byte): -o 1 frees their slots in time."""
     key = key_of(keyfile)
     recorder = Recorder()
     addr = tcp_addr(free_port())
-    d = start_daemon(procs, tmp_path, "d", addr, recorder.addr, keyfile,
-                     "-f", "-n", limit, "-o", "1", impl=impl)
+    d = procs.spiped("-d", recorder.addr, keyfile, "-f", "-n", limit, "-o", "1", source=addr,
+                     impl=impl)
     serve_good_d(addr, key, recorder)
     assert wait_for(recorder.idle, 5)
     baseline = Baseline(d.pid)
@@ -947,7 +929,7 @@ def _slow_read(sock, size, digest, deadline):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("direction", ["to_target", "to_client"])
-def test_backpressure_bounds_memory(procs, keyfile, tmp_path, direction):
+def test_backpressure_bounds_memory(procs, keyfile, direction):
     """64 MiB towards a slow reader: no daemon buffers it (VmRSS < 100 MiB); all bytes arrive."""
     size = (256 if HEAVY else 64) * MiB
     data = random.Random(size).randbytes(size)
@@ -955,15 +937,13 @@ def test_backpressure_bounds_memory(procs, keyfile, tmp_path, direction):
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     listener.settimeout(10)
-    d_addr, e_addr = tcp_addr(free_port()), tcp_addr(free_port())
-    d = start_daemon(procs, tmp_path, "d", d_addr, tcp_addr(listener.getsockname()[1]), keyfile)
-    e = start_daemon(procs, tmp_path, "e", e_addr, d_addr, keyfile)
+    e, d = procs.chain(tcp_addr(listener.getsockname()[1]), keyfile)
     sampler = RssSampler([d.pid, e.pid])
     digest = hashlib.sha256()
     deadline = time.monotonic() + 60
     errors = []
     try:
-        client = connect(e_addr, timeout=20)
+        client = connect(e.addr, timeout=20)
         target, _ = listener.accept()
         target.settimeout(20)
         sender, reader = (client, target) if direction == "to_target" else (target, client)
@@ -1113,11 +1093,11 @@ def _blackhole():
 class Pair:
     """ours -e -> (ours or C) -d -> target, with baselines for leak checks."""
 
-    def __init__(self, procs, tmp_path, keyfile, target, d_impl="ours", e_impl="ours",
+    def __init__(self, procs, keyfile, target, d_impl="ours", e_impl="ours",
                  d_extra=(), e_extra=(), d_addr=None, env=None):
         """D_ADDR: where -e connects; -d is started there later if given.
         ENV: both daemons' environment (default: the test's)."""
-        self.procs, self.tmp_path, self.keyfile = procs, tmp_path, keyfile
+        self.procs, self.keyfile = procs, keyfile
         self.env = env
         self.d_addr = d_addr or tcp_addr(free_port())
         self.e_addr = tcp_addr(free_port())
@@ -1130,12 +1110,12 @@ class Pair:
         self.baselines = {}
 
     def start_d(self):
-        self.d = start_daemon(self.procs, self.tmp_path, "d", self.d_addr, self.target,
-                              self.keyfile, *self.d_extra, impl=self.d_impl, env=self.env)
+        self.d = self.procs.spiped("-d", self.target, self.keyfile, *self.d_extra,
+                                   source=self.d_addr, impl=self.d_impl, env=self.env)
 
     def start_e(self):
-        self.e = start_daemon(self.procs, self.tmp_path, "e", self.e_addr, self.d_addr,
-                              self.keyfile, *self.e_extra, impl=self.e_impl, env=self.env)
+        self.e = self.procs.spiped("-e", self.d_addr, self.keyfile, *self.e_extra,
+                                   source=self.e_addr, impl=self.e_impl, env=self.env)
 
     def ours(self):
         return [(n, p) for n, p, impl in (("-d", self.d, self.d_impl), ("-e", self.e, self.e_impl))
@@ -1151,7 +1131,7 @@ class Pair:
     def check_recovered(self, what):
         """Both alive, no thread or fd leaked, a good client is served."""
         for name, p in self.ours():
-            assert p.poll() is None, "%s died after %s: %s" % (name, what, p.log.read_text())
+            assert p.poll() is None, "%s died after %s: %s" % (name, what, p.log_text())
         for name, p in self.ours():
             if name in self.baselines:
                 assert_no_leak(p.pid, self.baselines[name], "%s after %s" % (name, what))
@@ -1160,10 +1140,10 @@ class Pair:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("plan", ["close_early", "reset"])
-def test_target_fails_mid_stream(procs, keyfile, tmp_path, plan):
+def test_target_fails_mid_stream(procs, keyfile, plan):
     """The target closes (or resets) during a transfer: the client sees the end, no hang."""
     target = FaultTarget(["echo", plan])  # the first one is the warm-up
-    pair = Pair(procs, tmp_path, keyfile, target.addr)
+    pair = Pair(procs, keyfile, target.addr)
     try:
         pair.snapshot()
         started = time.monotonic()
@@ -1179,10 +1159,10 @@ def test_target_fails_mid_stream(procs, keyfile, tmp_path, plan):
 
 
 @pytest.mark.timeout(60)
-def test_client_resets_mid_stream(procs, keyfile, tmp_path):
+def test_client_resets_mid_stream(procs, keyfile):
     """The plaintext client resets during a transfer: the target's connection ends too."""
     target = FaultTarget()
-    pair = Pair(procs, tmp_path, keyfile, target.addr)
+    pair = Pair(procs, keyfile, target.addr)
     try:
         pair.snapshot()
         t = Transfer(pair.e_addr, pause=0.01)
@@ -1198,10 +1178,10 @@ def test_client_resets_mid_stream(procs, keyfile, tmp_path):
 @need_c
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("victim", ["d", "e"])
-def test_c_peer_killed_mid_stream(procs, keyfile, tmp_path, victim):
+def test_c_peer_killed_mid_stream(procs, keyfile, victim):
     """SIGKILL the C end of a C/ours pair during a transfer: ours drops the connection."""
     target = FaultTarget()
-    pair = Pair(procs, tmp_path, keyfile, target.addr,
+    pair = Pair(procs, keyfile, target.addr,
                 d_impl="c" if victim == "d" else "ours", e_impl="c" if victim == "e" else "ours")
     try:
         pair.snapshot()
@@ -1226,13 +1206,13 @@ def test_c_peer_killed_mid_stream(procs, keyfile, tmp_path, victim):
         target.close()
 
 
-def _pair_with_bad_target(procs, tmp_path, keyfile, where, bad_addr, extra=()):
+def _pair_with_bad_target(procs, keyfile, where, bad_addr, extra=()):
     """where='e': ours -e -> BAD_ADDR (-d is started there afterwards);
     where='d': ours -e -> ours -d -> BAD_ADDR (echo started there afterwards)."""
     if where == "e":
-        return Pair(procs, tmp_path, keyfile, tcp_addr(free_port()), d_addr=bad_addr,
+        return Pair(procs, keyfile, tcp_addr(free_port()), d_addr=bad_addr,
                     e_extra=extra)
-    return Pair(procs, tmp_path, keyfile, bad_addr, d_extra=extra)
+    return Pair(procs, keyfile, bad_addr, d_extra=extra)
 
 
 def _repair(pair, where, bad_addr):
@@ -1246,10 +1226,10 @@ def _repair(pair, where, bad_addr):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["e", "d"])
-def test_target_refuses(procs, keyfile, tmp_path, where):
+def test_target_refuses(procs, keyfile, where):
     """Nothing listens at the target (of -e, or of -d): the client sees the end at once."""
     bad_addr = tcp_addr(free_port())
-    pair = _pair_with_bad_target(procs, tmp_path, keyfile, where, bad_addr)
+    pair = _pair_with_bad_target(procs, keyfile, where, bad_addr)
     for attempt in range(4):
         if attempt == 1:  # the first one started whatever threads a daemon keeps
             pair.snapshot(warm_up=False)
@@ -1268,12 +1248,12 @@ def test_target_refuses(procs, keyfile, tmp_path, where):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["e", "d"])
-def test_target_never_accepts(procs, keyfile, tmp_path, where):
+def test_target_never_accepts(procs, keyfile, where):
     """The target's backlog is full so connect() hangs: -o 1 drops the client in time."""
     hole, fillers = _blackhole()
     bad_addr = tcp_addr(hole.getsockname()[1])
     try:
-        pair = _pair_with_bad_target(procs, tmp_path, keyfile, where, bad_addr, ("-o", "1"))
+        pair = _pair_with_bad_target(procs, keyfile, where, bad_addr, ("-o", "1"))
         for attempt in range(2):
             if attempt == 1:
                 pair.snapshot(warm_up=False)
@@ -1308,7 +1288,7 @@ def _low_nofile():
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("runs_out_at", ["accept", "dial"])
-def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
+def test_descriptor_exhaustion(procs, keyfile, runs_out_at):
     """More clients than descriptors: no spinning, no death, one log line, recovery.
 
     ours -e starts with RLIMIT_NOFILE 40; the limit is then set (prlimit) so
@@ -1316,51 +1296,49 @@ def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
     socket() for the target.  Each live connection holds two descriptors.
     """
     echo = EchoServer()
-    d_addr, e_addr = tcp_addr(free_port()), tcp_addr(free_port())
-    start_daemon(procs, tmp_path, "d", d_addr, echo.addr, keyfile, "-n", "0")
-    e = start_daemon(procs, tmp_path, "e", e_addr, d_addr, keyfile, "-n", "0",
-                     "--log-connections", preexec_fn=_low_nofile)
+    d = procs.spiped("-d", echo.addr, keyfile, "-n", "0")
+    e = procs.spiped("-e", d.addr, keyfile, "-n", "0", "--log-connections", preexec_fn=_low_nofile)
     holders, extra = [], []
     try:
-        good_exchange(e_addr)
+        good_exchange(e.addr)
         baseline = Baseline(e.pid)
         spare = 40 - baseline.fds - (1 if runs_out_at == "dial" else 0)
         slots = spare // 2
         limit = baseline.fds + 2 * slots + (1 if runs_out_at == "dial" else 0)
         resource.prlimit(e.pid, resource.RLIMIT_NOFILE, (limit, limit))
         for i in range(slots):
-            s = connect(e_addr, timeout=10)
+            s = connect(e.addr, timeout=10)
             s.sendall(b"%d" % i)
             assert s.recv(100) == b"%d" % i, "holder %d not served" % i
             holders.append(s)
         assert thread_and_fd_count(e.pid)[1] == baseline.fds + 2 * slots
         for i in range(6):
-            s = connect(e_addr, timeout=10)
+            s = connect(e.addr, timeout=10)
             s.sendall(b"x%d" % i)
             extra.append(s)
         # Wait until the daemon has run into the limit: the accept error is
         # logged, or (dial) every extra client has had its target refused.
-        failed = "connect to %s failed: Too many open files" % d_addr
+        failed = "connect to %s failed: Too many open files" % d.addr
         if runs_out_at == "accept":
-            ran_out = lambda: ACCEPT_ERROR in e.log.read_text()
+            ran_out = lambda: ACCEPT_ERROR in e.log_text()
         else:
-            ran_out = lambda: e.log.read_text().count(failed) >= len(extra)
-        assert wait_for(ran_out, 10), "never ran out of descriptors: %s" % e.log.read_text()
+            ran_out = lambda: e.log_text().count(failed) >= len(extra)
+        assert wait_for(ran_out, 10), "never ran out of descriptors: %s" % e.log_text()
         cpu_before = cpu_seconds(e.pid)
-        logged_before = e.log.read_text().count(ACCEPT_ERROR)
-        time.sleep(2.0)  # what is tested: no spinning and no new lines while saturated
-        cpu = cpu_seconds(e.pid) - cpu_before
-        logged = e.log.read_text().count(ACCEPT_ERROR)
+        logged_before = e.log_text().count(ACCEPT_ERROR)
         # Once when it runs out, not once per retry.  Where each extra client
         # is accepted and dropped, the descriptor it briefly held can make
         # the next accept() fail too: at most once per client then.
         if runs_out_at == "accept":
-            assert logged_before == 1, e.log.read_text()
+            assert logged_before == 1, e.log_text()
         else:
-            assert logged_before <= len(extra), e.log.read_text()
-        assert logged == logged_before, "%d more lines %r while saturated" \
-            % (logged - logged_before, ACCEPT_ERROR)
-        assert e.poll() is None, "died: %s" % e.log.read_text()
+            assert logged_before <= len(extra), e.log_text()
+        # What is tested: for 2 s while saturated no new lines, and no spinning.
+        assert_stays(lambda: e.log_text().count(ACCEPT_ERROR) == logged_before, 2.0,
+                     what=lambda: "%d more lines %r while saturated"
+                     % (e.log_text().count(ACCEPT_ERROR) - logged_before, ACCEPT_ERROR))
+        cpu = cpu_seconds(e.pid) - cpu_before
+        assert e.poll() is None, "died: %s" % e.log_text()
         assert cpu < 0.5, "-e used %.2fs of CPU in 2s while out of descriptors" % cpu
         for s in extra:
             s.settimeout(0.2 if runs_out_at == "accept" else 5)
@@ -1394,14 +1372,14 @@ def test_descriptor_exhaustion(procs, keyfile, tmp_path, runs_out_at):
             s.close()
         # Descriptors come back as those connections finish tearing down.
         assert_no_leak(e.pid, baseline, "-e after descriptor exhaustion")
-        good_exchange(e_addr)
+        good_exchange(e.addr)
     finally:
         for s in holders + extra:
             s.close()
         echo.close()
     # Freeing descriptors one connection at a time may start a new episode
     # per waiting client, no more.
-    log = e.log.read_text()
+    log = e.log_text()
     complaints = log.count(ACCEPT_ERROR)
     assert complaints <= 1 + len(extra), "%r logged %d times" % (ACCEPT_ERROR, complaints)
     if runs_out_at == "dial":
@@ -1429,9 +1407,8 @@ def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
     echo = EchoServer()
     notify = Notify(str(tmp_path / "notify"))
     notify.follow()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
-    env["NOTIFY_SOCKET"] = notify.env
-    pair = Pair(procs, tmp_path, keyfile, echo.addr, d_extra=("-n", "0"), e_extra=("-n", "0"),
+    env = clean_env(NOTIFY_SOCKET=notify.env)
+    pair = Pair(procs, keyfile, echo.addr, d_extra=("-n", "0"), e_extra=("-n", "0"),
                 env=env)
     gate = threading.Event()
     try:
@@ -1453,7 +1430,7 @@ def test_sigterm_lets_live_transfers_finish(procs, keyfile, tmp_path, victim):
         assert all(bytes(t.received) == t.data for t in transfers)
         status = daemon.wait(10)
         exited = time.monotonic()
-        assert status == 0, "exit status %s after SIGTERM: %s" % (status, daemon.log.read_text())
+        assert status == 0, "exit status %s after SIGTERM: %s" % (status, daemon.log_text())
         assert exited - last < 3.0, "exited %.1fs after the last transfer" % (exited - last)
     finally:
         gate.set()
@@ -1485,9 +1462,8 @@ def test_key_material_never_logged(procs, tmp_path):
     key = os.urandom(24) + b"passphrase-" + os.urandom(12).hex().encode()
     other = os.urandom(24) + b"passphrase-" + os.urandom(12).hex().encode()
     keyfile, otherfile = tmp_path / "key", tmp_path / "otherkey"
-    for path, raw in ((keyfile, key), (otherfile, other)):
-        path.write_bytes(raw)
-        os.chmod(path, 0o600)
+    write_key(keyfile, key)
+    write_key(otherfile, other)
     before = os.stat(keyfile)
     echo = EchoServer()
     closed = tcp_addr(free_port())
@@ -1495,11 +1471,11 @@ def test_key_material_never_logged(procs, tmp_path):
     d_addr, e_addr, wrong_addr, refused_e, refused_d = (tcp_addr(free_port()) for _ in range(5))
     try:
         daemons = [
-            start_daemon(procs, tmp_path, "d", d_addr, echo.addr, str(keyfile), *logf),
-            start_daemon(procs, tmp_path, "e", e_addr, d_addr, str(keyfile), *logf),
-            start_daemon(procs, tmp_path, "e", wrong_addr, d_addr, str(otherfile), *logf),
-            start_daemon(procs, tmp_path, "e", refused_e, closed, str(keyfile), *logf),
-            start_daemon(procs, tmp_path, "d", refused_d, closed, str(keyfile), *logf),
+            procs.spiped("-d", echo.addr, str(keyfile), *logf, source=d_addr),
+            procs.spiped("-e", d_addr, str(keyfile), *logf, source=e_addr),
+            procs.spiped("-e", d_addr, str(otherfile), *logf, source=wrong_addr),
+            procs.spiped("-e", closed, str(keyfile), *logf, source=refused_e),
+            procs.spiped("-d", closed, str(keyfile), *logf, source=refused_d),
         ]
         good_exchange(e_addr)
         assert exchange(wrong_addr, b"hello", timeout=10) == b""
@@ -1529,13 +1505,13 @@ def test_key_material_never_logged(procs, tmp_path):
         for p in daemons:
             p.send_signal(signal.SIGUSR1)
         for p in daemons:
-            assert wait_for(lambda: "stats:" in p.log.read_text(), 5), p.log.read_text()
+            assert wait_for(lambda: "stats:" in p.log_text(), 5), p.log_text()
         for p in daemons:
             p.send_signal(signal.SIGTERM)
             assert p.wait(10) == 0
     finally:
         echo.close()
-    logs = {str(p.log): p.log.read_bytes() for p in daemons}
+    logs = {p.log: p.log_text().encode() for p in daemons}
     logs["start-up failure"] = failed.stderr + failed.stdout
     # The failures really happened and were logged.
     text = b"".join(logs.values()).decode(errors="replace")

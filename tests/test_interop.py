@@ -11,15 +11,15 @@ directions, end of stream included.
 import hashlib
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import (IMPLS, SPIPED_PY, TargetServer, connect, drain, free_port, have_ipv6,
-                      need_c, sha, tcp_addr, wait_for, wait_listening)
+import conftest
+from conftest import (SPIPED_PY, TargetServer, connect, drain, exchange, free_port, have_ipv6,
+                      need_c, sha, tcp_addr, wait_for)
 
 pytestmark = need_c
 
@@ -42,57 +42,9 @@ SIZES = [0, 1, 1023, 1024, 1025, 1 << 20, 16 << 20]
 # -- helpers -----------------------------------------------------------------
 
 
-def start_chain(procs, pair, key, target, e_flags=(), d_flags=(), e_source=None,
-                d_source=None):
-    """Start '-d' (to TARGET) then '-e' (to the -d); return the -e source address."""
-    e_impl, d_impl = pair
-    d_source = d_source or tcp_addr(free_port())
-    e_source = e_source or tcp_addr(free_port())
-    procs.daemon(IMPLS[d_impl]("-d", "-F", "-s", d_source, "-t", target,
-                               "-k", key, *d_flags), d_source)
-    procs.daemon(IMPLS[e_impl]("-e", "-F", "-s", e_source, "-t", d_source,
-                               "-k", key, *e_flags), e_source)
-    return e_source
-
-
-def roundtrip(addr, payload, timeout=30.0, sock=None):
-    """Send PAYLOAD to ADDR (or on SOCK) while reading, half-close, read to EOF.
-
-    Fails unless EOF arrives within TIMEOUT; returns the bytes read.
-    """
-    s = sock or connect(addr, timeout=timeout)
-    out = bytearray()
-    state = {"eof": False, "error": None}
-
-    def reader():
-        try:
-            while True:
-                d = s.recv(262144)
-                if not d:
-                    state["eof"] = True
-                    return
-                out.extend(d)
-        except OSError as e:
-            state["error"] = e
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    try:
-        if payload:
-            s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        t.join(timeout)
-    finally:
-        s.close()
-    assert not t.is_alive(), "no EOF from %s within %ss" % (addr, timeout)
-    assert state["eof"], "reading from %s failed: %r" % (addr, state["error"])
-    return bytes(out)
-
-
 def check_echo(addr, payload, timeout=30.0):
-    got = roundtrip(addr, payload, timeout)
-    assert len(got) == len(payload)
-    assert sha(got) == sha(payload)
+    """PAYLOAD comes back whole from ADDR, and then the end of the stream."""
+    conftest.check_echo(addr, payload, timeout, until_eof=True)
 
 
 class LateReplyTarget(TargetServer):
@@ -139,17 +91,9 @@ class LateReplyTarget(TargetServer):
 
 
 @pytest.fixture
-def late_target():
-    made = []
-
-    def make(addr=tcp_addr(0), **kw):
-        t = LateReplyTarget(addr, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
+def late_target(closing):
+    """Makes LateReplyTargets, closed after the test."""
+    return lambda addr=tcp_addr(0), **kw: closing(LateReplyTarget(addr, **kw))
 
 
 # -- payloads through every pairing and handshake flavour --------------------
@@ -162,12 +106,12 @@ def test_payload_sizes_both_directions(procs, keyfile, echo, pair, mode):
     """Every size goes out and comes back (echo) at the same time, intact."""
     e_flags, d_flags = MODES[mode]
     target = echo()
-    addr = start_chain(procs, pair, keyfile, target.addr, e_flags, d_flags)
+    e, _ = procs.chain(target.addr, keyfile, *pair, e_extra=e_flags, d_extra=d_flags)
     # 16 MiB for every mixed pair in every mode, and for the rest once (PFS).
     big = pair in MIXED or mode == "pfs"
     sizes = [n for n in SIZES if big or n < (16 << 20)]
     for size in sizes:
-        check_echo(addr, os.urandom(size))
+        check_echo(e.addr, os.urandom(size))
     assert target.connections == len(sizes)
     assert target.total_received() == sum(sizes)
 
@@ -176,18 +120,18 @@ def test_payload_sizes_both_directions(procs, keyfile, echo, pair, mode):
 def test_require_pfs_both_sides(procs, keyfile, echo, pair):
     """-g on both ends: a full Diffie-Hellman exchange passes both checks."""
     target = echo()
-    addr = start_chain(procs, pair, keyfile, target.addr, ("-g",), ("-g",))
+    e, _ = procs.chain(target.addr, keyfile, *pair, e_extra=("-g",), d_extra=("-g",))
     for size in (1, 5000):
-        check_echo(addr, os.urandom(size))
+        check_echo(e.addr, os.urandom(size))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 def test_half_close_late_reply(procs, keyfile, late_target, pair):
     """Client half-closes; the target sees EOF and its later reply still arrives."""
     target = late_target(delay=0.3)
-    addr = start_chain(procs, pair, keyfile, target.addr)
+    e, _ = procs.chain(target.addr, keyfile, *pair)
     payload = os.urandom(3000)
-    s = connect(addr, timeout=15)
+    s = connect(e.addr, timeout=15)
     try:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
@@ -217,9 +161,9 @@ def test_unix_sockets_everywhere(procs, keyfile, echo, pair, tmp_path):
     e_sock, d_sock, t_sock = (str(tmp_path / n) for n in ("e.sock", "d.sock", "t.sock"))
     assert len(t_sock) < 100, "tmp_path too long for a unix socket"
     target = echo(t_sock)
-    addr = start_chain(procs, pair, keyfile, t_sock, e_source=e_sock, d_source=d_sock)
+    e, _ = procs.chain(t_sock, keyfile, *pair, e_source=e_sock, d_source=d_sock)
     for size in (0, 1025, 200000):
-        check_echo(addr, os.urandom(size))
+        check_echo(e.addr, os.urandom(size))
     assert target.total_received() == 1025 + 200000
 
 
@@ -229,9 +173,9 @@ def test_ipv6_loopback(procs, keyfile, echo, pair):
     target = echo(tcp_addr(0, "::1"))
     e_source = tcp_addr(free_port("::1"), "::1")
     d_source = tcp_addr(free_port("::1"), "::1")
-    addr = start_chain(procs, pair, keyfile, target.addr, e_source=e_source, d_source=d_source)
+    e, _ = procs.chain(target.addr, keyfile, *pair, e_source=e_source, d_source=d_source)
     for size in (1, 70000):
-        check_echo(addr, os.urandom(size))
+        check_echo(e.addr, os.urandom(size))
     assert all(peer[0] == "::1" for peer in target.peers)
 
 
@@ -242,9 +186,9 @@ def test_hostname_port_form(procs, keyfile, echo, pair):
     port = int(target.addr.rsplit(":", 1)[1])
     e_source = "localhost:%d" % free_port()
     d_source = "localhost:%d" % free_port()
-    addr = start_chain(procs, pair, keyfile, "localhost:%d" % port,
-                       e_source=e_source, d_source=d_source)
-    check_echo(addr, os.urandom(5000))
+    e, _ = procs.chain("localhost:%d" % port, keyfile, *pair, e_source=e_source,
+                       d_source=d_source)
+    check_echo(e.addr, os.urandom(5000))
 
 
 # -- concurrency -------------------------------------------------------------
@@ -263,7 +207,7 @@ def test_fifty_concurrent_connections(procs, keyfile, echo, pair):
     """
     count = 50
     target = echo()
-    addr = start_chain(procs, pair, keyfile, target.addr)
+    e, _ = procs.chain(target.addr, keyfile, *pair)
     payloads = [os.urandom(65536) for _ in range(count)]
     results = [None] * count
     pending = threading.BoundedSemaphore(5)
@@ -272,14 +216,14 @@ def test_fifty_concurrent_connections(procs, keyfile, echo, pair):
     def one(i):
         try:
             with pending:
-                s = connect(addr, timeout=40)
+                s = connect(e.addr, timeout=40)
                 s.sendall(payloads[i][:1])
                 first = s.recv(1)
             all_up.wait()
-            results[i] = first + roundtrip(addr, payloads[i][1:], timeout=40, sock=s)
-        except BaseException as e:  # reported below
+            results[i] = first + exchange(e.addr, payloads[i][1:], 40, sock=s, until_eof=True)
+        except BaseException as error:  # reported below
             all_up.abort()
-            results[i] = e
+            results[i] = error
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
     for t in threads:
@@ -304,8 +248,8 @@ def test_empty_key_file(procs, echo, pair, tmp_path):
     empty.write_bytes(b"")
     os.chmod(empty, 0o600)
     target = echo()
-    addr = start_chain(procs, pair, str(empty), target.addr)
-    check_echo(addr, os.urandom(3000))
+    e, _ = procs.chain(target.addr, str(empty), *pair)
+    check_echo(e.addr, os.urandom(3000))
 
 
 @pytest.mark.parametrize("side", ["e", "d"])
@@ -316,22 +260,14 @@ def test_key_on_stdin(procs, echo, tmp_path, side):
     keyfile.write_bytes(secret)
     os.chmod(keyfile, 0o600)
     target = echo()
-    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
-    stdin_key = ("-k", "-")
-    file_key = ("-k", str(keyfile))
-    d_cmd = IMPLS["ours" if side == "d" else "c"](
-        "-d", "-F", "-s", d_source, "-t", target.addr, *(stdin_key if side == "d" else file_key))
-    e_cmd = IMPLS["ours" if side == "e" else "c"](
-        "-e", "-F", "-s", e_source, "-t", d_source, *(stdin_key if side == "e" else file_key))
-    for cmd, source, ours_here in ((d_cmd, d_source, side == "d"), (e_cmd, e_source, side == "e")):
-        if ours_here:
-            p = procs.start(cmd, stdin=subprocess.PIPE)
-            p.stdin.write(secret)
-            p.stdin.close()
-            wait_listening(source, p)
-        else:
-            procs.daemon(cmd, source)
-    check_echo(e_source, os.urandom(2000))
+
+    def start(mode, to):
+        if mode == "-" + side:
+            return procs.spiped(mode, to, "-", input=secret)
+        return procs.spiped(mode, to, str(keyfile), impl="c")
+
+    e = start("-e", start("-d", target.addr).addr)
+    check_echo(e.addr, os.urandom(2000))
 
 
 # -- target with several addresses -------------------------------------------
@@ -350,6 +286,13 @@ socket.getaddrinfo = fake
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
+
+
+def resolving(tmp_path):
+    """The command line maker (for Procs.spiped's IMPL) of ours under RESOLVER_WRAPPER."""
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(RESOLVER_WRAPPER)
+    return lambda *args: [sys.executable, str(wrapper), SPIPED_PY, *args]
 
 
 def _refused(host, port):
@@ -375,8 +318,8 @@ def test_localhost_first_address_refused(procs, keyfile, echo, impl):
     t_port = int(target.addr.rsplit(":", 1)[1])
     assert _refused("::1", t_port)
     pair = (impl, impl)
-    addr = start_chain(procs, pair, keyfile, "localhost:%d" % t_port)
-    check_echo(addr, os.urandom(4000), timeout=15)
+    e, _ = procs.chain("localhost:%d" % t_port, keyfile, *pair)
+    check_echo(e.addr, os.urandom(4000), timeout=15)
     assert target.connections == 1
 
 
@@ -391,21 +334,15 @@ def test_first_target_address_refused(procs, keyfile, echo, tmp_path, side):
     127.0.0.1 (C cannot be given such a resolver; its own -t list order is
     what the C test would exercise).
     """
-    wrapper = tmp_path / "wrap.py"
-    wrapper.write_text(RESOLVER_WRAPPER)
+    multi = resolving(tmp_path)
     target = echo()
     t_port = int(target.addr.rsplit(":", 1)[1])
-    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
-    d_port = int(d_source.rsplit(":", 1)[1])
-    d_target = "multi.invalid:%d" % t_port if side == "d" else target.addr
-    e_target = "multi.invalid:%d" % d_port if side == "e" else d_source
-    d_cmd = [sys.executable, str(wrapper), SPIPED_PY, "-d", "-F", "-s", d_source,
-             "-t", d_target, "-k", keyfile]
-    e_cmd = [sys.executable, str(wrapper), SPIPED_PY, "-e", "-F", "-s", e_source,
-             "-t", e_target, "-k", keyfile]
-    procs.daemon(d_cmd, d_source)
-    procs.daemon(e_cmd, e_source)
+    d = procs.spiped("-d", "multi.invalid:%d" % t_port if side == "d" else target.addr, keyfile,
+                     impl=multi)
+    d_port = int(d.addr.rsplit(":", 1)[1])
+    e = procs.spiped("-e", "multi.invalid:%d" % d_port if side == "e" else d.addr, keyfile,
+                     impl=multi)
     assert _refused("::1", d_port if side == "e" else t_port)
     for size in (1, 4000):
-        check_echo(e_source, os.urandom(size), timeout=15)
+        check_echo(e.addr, os.urandom(size), timeout=15)
     assert target.connections == 2

@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from conftest import (TargetServer, c_spiped, connect, free_port, need_c, ours, tcp_addr,
-                      wait_for)
+from conftest import TargetServer, connect, need_c, wait_for
 from test_faults import Baseline, assert_no_leak
 
 HEAVY = os.environ.get("SPIPED_HEAVY") == "1"
@@ -28,19 +27,12 @@ CONCURRENT = 100
 PER_CONNECTION = (4 << 20) if HEAVY else (1 << 20)
 
 
-def start_pair(procs, tmp_path, keyfile, target, e_impl="ours", d_impl="ours", extra=()):
-    """e -> d -> TARGET; returns (e_addr, [(name, proc) of ours])."""
-    d_addr, e_addr = tcp_addr(free_port()), tcp_addr(free_port())
-    started = []
-    for mode, impl, source, dest in (("d", d_impl, d_addr, target), ("e", e_impl, e_addr, d_addr)):
-        build = ours if impl == "ours" else c_spiped
-        with open(tmp_path / ("%s-%s.log" % (impl, mode)), "ab") as log:
-            p = procs.daemon(build("-" + mode, "-F", "-n", "0", "-s", source, "-t", dest,
-                                   "-k", keyfile, *extra), source, stderr=log)
-        p.log = tmp_path / ("%s-%s.log" % (impl, mode))
-        if impl == "ours":
-            started.append(("-" + mode, p))
-    return e_addr, started
+def start_pair(procs, keyfile, target, e_impl="ours", d_impl="ours", extra=()):
+    """e -> d -> TARGET, both with -n 0 and EXTRA; returns (e_addr, [(name, daemon) of ours])."""
+    both = ("-n", "0", *extra)
+    e, d = procs.chain(target, keyfile, e_impl, d_impl, e_extra=both, d_extra=both)
+    return e.addr, [(name, p) for name, p, impl in (("-d", d, d_impl), ("-e", e, e_impl))
+                    if impl == "ours"]
 
 
 class Echo(TargetServer):
@@ -127,12 +119,11 @@ PAIRS = [
 
 @pytest.mark.timeout(300 if HEAVY else 90)
 @pytest.mark.parametrize("e_impl,d_impl", PAIRS)
-def test_sequential_connections(procs, keyfile, tmp_path, e_impl, d_impl):
+def test_sequential_connections(procs, keyfile, e_impl, d_impl):
     """1000 short echo connections one after another (-f on both ends): all intact."""
     echo = Echo()
     try:
-        e_addr, watched = start_pair(procs, tmp_path, keyfile, echo.addr, e_impl, d_impl,
-                                     extra=("-f",))
+        e_addr, watched = start_pair(procs, keyfile, echo.addr, e_impl, d_impl, extra=("-f",))
         rng = random.Random(SEQUENTIAL)
         transfer(e_addr, b"warm-up")
         baselines = {name: Baseline(p.pid) for name, p in watched}
@@ -159,11 +150,11 @@ def test_sequential_connections(procs, keyfile, tmp_path, e_impl, d_impl):
 
 @pytest.mark.timeout(600 if HEAVY else 120)
 @pytest.mark.parametrize("e_impl,d_impl", PAIRS)
-def test_concurrent_bulk_transfers(procs, keyfile, tmp_path, e_impl, d_impl):
+def test_concurrent_bulk_transfers(procs, keyfile, e_impl, d_impl):
     """100 connections at once, each echoing its own random data: all intact."""
     echo = Echo()
     try:
-        e_addr, watched = start_pair(procs, tmp_path, keyfile, echo.addr, e_impl, d_impl)
+        e_addr, watched = start_pair(procs, keyfile, echo.addr, e_impl, d_impl)
         transfer(e_addr, b"warm-up")
         baselines = {name: Baseline(p.pid) for name, p in watched}
         payloads = [random.Random(i).randbytes(PER_CONNECTION) for i in range(CONCURRENT)]
