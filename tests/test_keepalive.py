@@ -9,20 +9,12 @@ import time
 
 import pytest
 
-from conftest import ours, c_spiped, need_c, tcp_addr, free_port, wait_for, recv_exact
+from conftest import need_c, ours, recv_exact, unavailable
 
 import spiped
 
-REQUIRED = os.environ.get("CI") == "true"
 TIMERS = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
-
-
-def unavailable(why):
-    """Skip with WHY, or fail under CI=true, where the tool must be there."""
-    if REQUIRED:
-        pytest.fail("%s (required with CI=true)" % why, pytrace=False)
-    pytest.skip(why)
 
 
 def timers(sock):
@@ -83,15 +75,9 @@ def test_linux_copies_the_timers_to_accepted_sockets():
 
 
 def _tunnel(procs, keyfile, echo, times, *extra):
-    """Ours -e --keepalive TIMES -> C -d -> echo; (our process, source, C's port)."""
-    target = echo()
-    c_port = free_port()
-    procs.daemon(c_spiped("-d", "-s", tcp_addr(c_port), "-t", target.addr, "-k", keyfile, "-F"),
-                 tcp_addr(c_port))
-    source = tcp_addr(free_port())
-    daemon = procs.daemon(ours("-e", "-s", source, "-t", tcp_addr(c_port), "-k", keyfile, "-F",
-                               "--keepalive", times, *extra), source)
-    return daemon, source, c_port
+    """Ours -e --keepalive TIMES -> C -d -> echo; (our -e, its source, C's port)."""
+    e, d = procs.chain(echo().addr, keyfile, "ours", "c", e_extra=("--keepalive", times, *extra))
+    return e, e.addr, int(d.addr.rsplit(":", 1)[1])
 
 
 def _held(source):
@@ -216,7 +202,7 @@ def test_a_dead_peer_ends_the_connection(procs, keyfile, echo):
     assert 2 <= elapsed <= 10, elapsed  # IDLE 1 + INTERVAL 1 x COUNT 2, about 3 s
     daemon.kill()
     daemon.wait(timeout=10)
-    log = daemon.stderr.read().decode()
+    log = daemon.log_text()
     assert re.search(r"connection 1: dropped \(Connection timed out\)", log), log
 
 

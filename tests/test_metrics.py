@@ -18,21 +18,11 @@ import urllib.request
 import pytest
 
 import spiped
-from conftest import (connect, drain, exchange, free_port, need_c, ours, c_spiped, recv_exact,
-                      refused, wait_closed, wrapped,
-                      tcp_addr, wait_for, wait_listening)
+from conftest import (connect, drain, exchange, free_port, need_c, ours, recv_exact, refused,
+                      tcp_addr, unavailable, wait_closed, wait_for, wait_listening, wrapped)
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
-REQUIRED = os.environ.get("CI") == "true"   # as in tests/test_integration.py
-
-
-
-def unavailable(why):
-    """Skip with WHY, or fail where the tools are required (CI=true)."""
-    if REQUIRED:
-        pytest.fail("%s (required here: CI=true)" % why, pytrace=False)
-    pytest.skip(why)
 
 
 def need_binary(path):
@@ -85,23 +75,16 @@ def metric(addr, name, tunnel=None, **labels):
     return samples(addr).get((name, key))
 
 
-def chain(procs, keyfile, echo, metrics, cmd=ours, extra=(), client_key=None):
-    """C spiped -e -> CMD -d --metrics METRICS -> echo; (entry address, our process)."""
-    target = echo()
-    middle = tcp_addr(free_port())
-    p = procs.daemon(cmd("-d", "-F", "-s", middle, "-t", target.addr, "-k", keyfile,
-                         "--metrics", metrics, *extra), middle)
-    wait_listening(metrics, p)
-    entry = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", entry, "-t", middle, "-k", client_key or keyfile),
-                 entry)
-    return entry, middle, p
+def chain(procs, keyfile, echo, metrics, impl="ours"):
+    """C spiped -e -> IMPL -d --metrics METRICS -> echo; (entry address, -d's address, our -d)."""
+    e, d = procs.chain(echo().addr, keyfile, "c", impl, d_extra=("--metrics", metrics))
+    wait_listening(metrics, d)
+    return e.addr, d.addr, d
 
 
 def c_front(procs, keyfile, to):
-    entry = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", entry, "-t", to, "-k", keyfile), entry)
-    return entry
+    """C spiped -e with KEYFILE in front of TO; its address."""
+    return procs.spiped("-e", to, keyfile, impl="c").addr
 
 
 def threads_of(pid):
@@ -242,17 +225,16 @@ def test_prometheus_scrapes_the_connection_count(procs, keyfile, echo, tmp_path)
                       "scrape_configs:\n  - job_name: spiped\n    static_configs:\n"
                       "      - targets: ['127.0.0.1:%d']\n" % port)
     web = free_port()
-    with open(tmp_path / "prometheus.log", "wb") as err:
-        prom = procs.start([PROMETHEUS, "--config.file=%s" % config,
-                            "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
-                            "--web.listen-address=127.0.0.1:%d" % web], stderr=err,
-                           cwd=str(tmp_path))
+    prom = procs.daemon([PROMETHEUS, "--config.file=%s" % config,
+                         "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
+                         "--web.listen-address=127.0.0.1:%d" % web], cwd=str(tmp_path),
+                        name="prometheus")
     try:
         seen = wait_for(lambda: _prometheus_value(web, "spiped_connections_total") == [2.0]
                         or prom.poll() is not None, timeout=30, step=0.5)
-        assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert prom.poll() is None, prom.log_text()[-3000:]
         assert seen, (_prometheus_value(web, "spiped_connections_total"),
-                      (tmp_path / "prometheus.log").read_text()[-3000:])
+                      prom.log_text()[-3000:])
         assert _prometheus_value(web, 'spiped_bytes_total{direction="in"}') == [3010.0]
         assert _prometheus_value(web, 'up{job="spiped"}') == [1.0]
     finally:
@@ -271,9 +253,8 @@ def test_counters_move_by_exactly_what_was_done(procs, keyfile, otherkey, echo, 
     conf.write_text("-d -s %s -t %s -k %s\n-d -s %s -t %s -k %s\n"
                     % (good, good_target.addr, keyfile, refused, tcp_addr(free_port()), keyfile))
     metrics = tcp_addr(free_port())
-    p = procs.start(ours("--config", str(conf), "-F", "--metrics", metrics))
-    for addr in (good, refused, metrics):
-        wait_listening(addr, p)
+    p = procs.daemon(ours("--config", str(conf), "-F", "--metrics", metrics), good, refused,
+                     metrics)
     entry, wrong, dead = (c_front(procs, keyfile, good), c_front(procs, otherkey, good),
                           c_front(procs, keyfile, refused))
     payloads = [b"1" * 1, b"2" * 1024, b"3" * 70001]
@@ -347,9 +328,9 @@ def test_healthz_is_503_while_draining(procs, keyfile, echo):
 def test_a_scrape_is_answered_while_silent_sockets_are_open(procs, keyfile, echo, tmp_path):
     """20 sockets that say nothing keep no scraper waiting and take no thread;
     each is still cut at its deadline."""
-    cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 4.0")
+    impl = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 4.0")
     metrics = str(tmp_path / "metrics.sock")
-    entry, _, p = chain(procs, keyfile, echo, metrics, cmd=cmd)
+    entry, _, p = chain(procs, keyfile, echo, metrics, impl)
     assert http_get(metrics, "/healthz")[0] == 200
     baseline = settled_threads(p.pid)
     silent = [connect(metrics) for _ in range(20)]
@@ -416,9 +397,9 @@ def _trickle_until_cut(sock, data, every, limit):
 @need_c
 def test_a_trickling_scraper_is_cut_at_the_deadline(procs, keyfile, echo, tmp_path):
     """Each byte comes well within the socket timeout; the whole request still ends."""
-    cmd = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 2.0")
+    impl = wrapped(tmp_path, "spiped.METRICS_TIMEOUT = 2.0")
     metrics = tcp_addr(free_port())
-    entry, _, p = chain(procs, keyfile, echo, metrics, cmd=cmd)
+    entry, _, p = chain(procs, keyfile, echo, metrics, impl)
     sock = connect(metrics)
     try:
         cut = _trickle_until_cut(sock, b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 100,
@@ -433,8 +414,7 @@ def test_a_trickling_scraper_is_cut_at_the_deadline(procs, keyfile, echo, tmp_pa
 def test_a_head_longer_than_the_limit_gets_400(procs, keyfile, tmp_path):
     metrics = tcp_addr(free_port())
     source = str(tmp_path / "source.sock")
-    p = procs.daemon(ours("-d", "-F", "-s", source, "-t", "[127.0.0.1]:1", "-k", keyfile,
-                          "--metrics", metrics), source)
+    p = procs.spiped("-d", "[127.0.0.1]:1", keyfile, "--metrics", metrics, source=source)
     wait_listening(metrics, p)
     line = b"GET /healthz HTTP/1.0\r\nX-Long: "
     fits = line + b"a" * (spiped.METRICS_HEAD_MAX - len(line) - 4) + b"\r\n\r\n"
@@ -491,9 +471,7 @@ def test_metrics_with_config_on_a_unix_socket(procs, keyfile, tmp_path):
     conf.write_text("".join("-e -s %s -t [127.0.0.1]:1 -k %s\n" % (s, keyfile)
                             for s in sources))
     metrics = str(tmp_path / "m.sock")
-    p = procs.start(ours("--config", str(conf), "-F", "--metrics", metrics))
-    for addr in sources + [metrics]:
-        wait_listening(addr, p)
+    p = procs.daemon(ours("--config", str(conf), "-F", "--metrics", metrics), *sources, metrics)
     found = samples(metrics)
     for source in sources:
         assert found["spiped_connections_total", (("tunnel", source),)] == 0

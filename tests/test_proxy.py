@@ -15,8 +15,8 @@ import threading
 import pytest
 
 import spiped
-from conftest import (C_SPIPE, TargetServer, c_spiped, connect, free_port, have_ipv6, need_c,
-                      ours, ours_spipe, tcp_addr, wait_for)
+from conftest import (C_SPIPE, TargetServer, connect, free_port, have_ipv6, need_c, ours,
+                      ours_spipe, tcp_addr, unavailable, wait_for)
 
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")  # version 2 signature, 12 bytes
 
@@ -128,16 +128,9 @@ class Recorder(TargetServer):
 
 
 @pytest.fixture
-def recorder():
-    servers = []
-
-    def make(addr=None):
-        servers.append(Recorder(addr))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
+def recorder(closing):
+    """Makes Recorders, closed after the test."""
+    return lambda addr=None: closing(Recorder(addr))
 
 
 def port_of(addr):
@@ -201,24 +194,19 @@ def local_ports_towards(pid, remote_port):
     return ports
 
 
-def start_e_chain(procs, keyfile, target, version, e_source, tmp_path, extra=()):
-    """Our -e --proxy-protocol VERSION on E_SOURCE -> C -d -> TARGET (an address); its log."""
-    d_source = tcp_addr(free_port())
-    procs.daemon(c_spiped("-d", "-F", "-s", d_source, "-t", target, "-k", keyfile), d_source)
-    log = tmp_path / "e.log"
-    procs.daemon(ours("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile,
-                      "--proxy-protocol", str(version), *extra), e_source,
-                 stderr=open(log, "wb"))
-    return log
+def start_e_chain(procs, keyfile, target, version, e_source, extra=()):
+    """Our -e --proxy-protocol VERSION on E_SOURCE -> C -d -> TARGET (an address); our -e."""
+    e, _ = procs.chain(target, keyfile, "ours", "c", e_source=e_source,
+                       e_extra=("--proxy-protocol", str(version), *extra))
+    return e
 
 
 @need_c
 @pytest.mark.parametrize("version", [1, 2])
-def test_e_header_names_the_client_through_c_d(procs, keyfile, recorder, tmp_path, version):
+def test_e_header_names_the_client_through_c_d(procs, keyfile, recorder, version):
     target = recorder()
     e_source = tcp_addr(free_port())
-    log = start_e_chain(procs, keyfile, target.addr, version, e_source, tmp_path,
-                        ("--log-connections",))
+    e = start_e_chain(procs, keyfile, target.addr, version, e_source, ("--log-connections",))
     payloads = [os.urandom(n) for n in (1, 300000, 5000)]
     for i, payload in enumerate(payloads):
         sock = connect(e_source)
@@ -229,16 +217,16 @@ def test_e_header_names_the_client_through_c_d(procs, keyfile, recorder, tmp_pat
         assert target.received(i) == header + payload
         # The header counts in the statistics like the data behind it.
         line = "connection %d: closed: %d bytes in, 4 bytes out" % (i + 1, len(header) + len(payload))
-        assert wait_for(lambda: line in log.read_text()), log.read_text()
+        assert wait_for(lambda: line in e.log_text()), e.log_text()
 
 
 @need_c
 @pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback")
 @pytest.mark.parametrize("version", [1, 2])
-def test_e_header_ipv6_client(procs, keyfile, recorder, tmp_path, version):
+def test_e_header_ipv6_client(procs, keyfile, recorder, version):
     target = recorder()
     e_source = tcp_addr(free_port("::1"), "::1")
-    start_e_chain(procs, keyfile, target.addr, version, e_source, tmp_path)
+    start_e_chain(procs, keyfile, target.addr, version, e_source)
     sock = connect(e_source)
     client_port = sock.getsockname()[1]
     assert send_all(sock, b"over six") == b"done"
@@ -251,7 +239,7 @@ def test_e_header_ipv6_client(procs, keyfile, recorder, tmp_path, version):
 def test_e_header_unix_client(procs, keyfile, recorder, tmp_path, version):
     target = recorder()
     e_source = str(tmp_path / "e.sock")
-    start_e_chain(procs, keyfile, target.addr, version, e_source, tmp_path)
+    start_e_chain(procs, keyfile, target.addr, version, e_source)
     assert send_all(connect(e_source), b"local") == b"done"
     if version == 1:
         header = b"PROXY UNKNOWN\r\n"
@@ -265,12 +253,10 @@ def test_e_header_unix_client(procs, keyfile, recorder, tmp_path, version):
 @pytest.mark.parametrize("version", [1, 2])
 def test_d_header_names_the_e_host(procs, keyfile, recorder, version):
     target = recorder()
-    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
-                      "--proxy-protocol", str(version)), d_source)
-    c_e = procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile),
-                       e_source)
-    sock = connect(e_source)
+    c_e, d = procs.chain(target.addr, keyfile, "c", "ours",
+                         d_extra=("--proxy-protocol", str(version)))
+    d_source = d.addr
+    sock = connect(c_e.addr)
     client_port = sock.getsockname()[1]
     sock.sendall(b"first")
     assert wait_for(lambda: (target.received() or b"").endswith(b"first"))
@@ -292,11 +278,10 @@ def test_d_header_names_the_e_host(procs, keyfile, recorder, version):
 @need_c
 def test_d_header_unix_source(procs, keyfile, recorder, tmp_path):
     target = recorder()
-    d_source, e_source = str(tmp_path / "d.sock"), tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
-                      "--proxy-protocol", "2"), d_source)
-    procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile), e_source)
-    assert send_all(connect(e_source), b"x") == b"done"
+    d_source = str(tmp_path / "d.sock")
+    e, _ = procs.chain(target.addr, keyfile, "c", "ours", d_source=d_source,
+                       d_extra=("--proxy-protocol", "2"))
+    assert send_all(connect(e.addr), b"x") == b"done"
     path = d_source.encode()
     assert target.received() == (SIG + bytes.fromhex("21 31 00d8") + bytes(108)
                                  + path + bytes(108 - len(path)) + b"x")
@@ -339,8 +324,7 @@ class Nginx:
         self.addr = tcp_addr(port)
         self.access_log = folder / "access.log"
         procs.daemon([NGINX, "-p", "%s/" % folder, "-c", str(conf),
-                      "-e", str(folder / "error.log")], self.addr,
-                     stderr=open(folder / "stderr", "wb"))
+                      "-e", str(folder / "error.log")], self.addr, name="nginx")
 
     def logged(self, line):
         """True once LINE is in the access log."""
@@ -353,9 +337,7 @@ class Nginx:
 @pytest.fixture
 def nginx(procs, tmp_path):
     if NGINX is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is missing: .ci/run installs the Debian package nginx-light")
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+        unavailable("nginx is not installed (apt-get install nginx-light; .ci/run installs it)")
     return Nginx(procs, tmp_path / "nginx")
 
 
@@ -367,11 +349,11 @@ def http_get(sock, path):
 @need_c
 @pytest.mark.parametrize("version, host", [(1, "127.0.0.1"), (2, "127.0.0.1"), (1, "::1"),
                                            (2, "::1")])
-def test_nginx_logs_the_client_of_our_e(procs, keyfile, nginx, tmp_path, version, host):
+def test_nginx_logs_the_client_of_our_e(procs, keyfile, nginx, version, host):
     if ":" in host and not have_ipv6():
         pytest.skip("no IPv6 loopback")
     e_source = tcp_addr(free_port(host), host)
-    start_e_chain(procs, keyfile, nginx.addr, version, e_source, tmp_path)
+    start_e_chain(procs, keyfile, nginx.addr, version, e_source)
     for n in range(2):
         sock = connect(e_source)
         client_port = sock.getsockname()[1]
@@ -382,12 +364,9 @@ def test_nginx_logs_the_client_of_our_e(procs, keyfile, nginx, tmp_path, version
 
 @need_c
 def test_nginx_logs_the_c_e_host_of_our_d(procs, keyfile, nginx):
-    d_source, e_source = tcp_addr(free_port()), tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", nginx.addr, "-k", keyfile,
-                      "--proxy-protocol", "2"), d_source)
-    c_e = procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", keyfile),
-                       e_source)
-    sock = connect(e_source)
+    c_e, d = procs.chain(nginx.addr, keyfile, "c", "ours", d_extra=("--proxy-protocol", "2"))
+    d_source = d.addr
+    sock = connect(c_e.addr)
     sock.sendall(b"GET /from-c HTTP/1.0\r\n")  # the request stays open meanwhile
     ports = wait_for(lambda: local_ports_towards(c_e.pid, port_of(d_source)))
     assert len(ports) == 1
@@ -455,8 +434,7 @@ def scan(addr, how):
 
 def keyless_clients(procs, d_source, otherkey, count):
     """COUNT clients without the right key: wrong-key spipe and spiped -e, raw scanners."""
-    e_source = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", e_source, "-t", d_source, "-k", otherkey), e_source)
+    e_source = procs.spiped("-e", d_source, otherkey, impl="c").addr
     kinds = ["spipe", "spiped-e", "connect-close", "garbage-handshake", "garbage"]
     spipes, threads = [], []
     for i in range(count):
@@ -480,17 +458,15 @@ def keyless_clients(procs, d_source, otherkey, count):
 
 @need_c
 def test_connect_after_auth_keyless_clients_never_reach_the_target(
-        procs, keyfile, otherkey, echo, tmp_path):
+        procs, keyfile, otherkey, echo):
     target = echo()
-    d_source = tcp_addr(free_port())
-    log = tmp_path / "d.log"
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile, "-o", "3",
-                      "--connect-after-auth", "--log-connections"), d_source,
-                 stderr=open(log, "wb"))
+    d = procs.spiped("-d", target.addr, keyfile, "-o", "3", "--connect-after-auth",
+                     "--log-connections")
+    d_source = d.addr
     keyless_clients(procs, d_source, otherkey, 40)
     # Every one of the 40 has been through the -d and failed its handshake.
-    assert wait_for(lambda: log.read_text().count("handshake failed") == 40, timeout=30), \
-        log.read_text()
+    assert wait_for(lambda: d.log_text().count("handshake failed") == 40, timeout=30), \
+        d.log_text()
     assert target.connections == 0
     r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"with the key",
                        capture_output=True, timeout=30)
@@ -503,8 +479,7 @@ def test_without_connect_after_auth_keyless_clients_reach_the_target(
         procs, keyfile, otherkey, echo):
     """The control: C's behaviour, a target connection for every client."""
     target = echo()
-    d_source = tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile), d_source)
+    d_source = procs.spiped("-d", target.addr, keyfile).addr
     keyless_clients(procs, d_source, otherkey, 10)
     assert wait_for(lambda: target.connections == 10), target.connections
 
@@ -512,9 +487,8 @@ def test_without_connect_after_auth_keyless_clients_reach_the_target(
 @need_c
 def test_connect_after_auth_with_proxy_header(procs, keyfile, recorder):
     target = recorder()
-    d_source = tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", target.addr, "-k", keyfile,
-                      "--connect-after-auth", "--proxy-protocol", "1"), d_source)
+    d_source = procs.spiped("-d", target.addr, keyfile, "--connect-after-auth",
+                            "--proxy-protocol", "1").addr
     r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"hi",
                        capture_output=True, timeout=30)
     assert (r.returncode, r.stdout) == (0, b"done")
@@ -524,9 +498,7 @@ def test_connect_after_auth_with_proxy_header(procs, keyfile, recorder):
 
 @need_c
 def test_connect_after_auth_refused_target_drops_the_client(procs, keyfile):
-    d_source = tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-s", d_source, "-t", tcp_addr(free_port()), "-k", keyfile,
-                      "--connect-after-auth"), d_source)
+    d_source = procs.spiped("-d", tcp_addr(free_port()), keyfile, "--connect-after-auth").addr
     r = subprocess.run([C_SPIPE, "-t", d_source, "-k", keyfile], input=b"hi",
                        capture_output=True, timeout=30)
     assert r.returncode == 1 and r.stdout == b""
