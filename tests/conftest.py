@@ -210,6 +210,12 @@ def recv_exact(sock, size):
     return bytes(buf)
 
 
+def echoed(sock, data):
+    """Send DATA on the connected SOCK and read as many bytes back (an echo at the far end)."""
+    sock.sendall(data)
+    return recv_exact(sock, len(data))
+
+
 def drain(sock, limit=1 << 22):
     """Read until EOF; (bytes, 'eof' | 'reset' | 'timeout' | 'too much')."""
     got = bytearray()
@@ -345,10 +351,6 @@ class Daemon:
     def kill(self):
         self.proc.kill()
 
-    @property
-    def stderr(self):  # TRANSITIONAL
-        return open(self.log, "rb")
-
 
 class Procs:
     """Processes started by one test; all killed by PID and reaped at the end.
@@ -380,12 +382,8 @@ class Procs:
         log = os.path.join(self.folder, "%s.%d.log" % (name, len(self.procs) + 1))
         if input is not None:
             kw["stdin"] = subprocess.PIPE
-        if "stderr" in kw:  # TRANSITIONAL: a caller's own file
-            log = kw["stderr"].name
-            proc = self.start(cmd, **kw)
-        else:
-            with open(log, "wb") as err:
-                proc = self.start(cmd, stderr=err, **kw)
+        with open(log, "wb") as err:
+            proc = self.start(cmd, stderr=err, **kw)
         if input is not None:
             threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
         daemon = Daemon(proc, listening[0] if listening else None, log)
@@ -505,19 +503,18 @@ class DatagramListener:
     def wait_for_text(self, text, timeout=10.0, since=0, proc=None):
         """The first line from .lines[SINCE] on that matches TEXT, read until it comes.
 
-        Fails after TIMEOUT seconds, or as soon as PROC has exited without
-        sending it.
+        Fails after TIMEOUT seconds, or as soon as PROC (a Daemon) has
+        exited without sending it.
         """
         def matching():
-            exited = proc is not None and proc.poll() is not None
+            status = None if proc is None else proc.poll()
             found = next((l for l in self.lines[since:] if self.matches(l, text)), None)
             if found is None and self.reader is None:
                 self._read(time.monotonic() + 0.05)
                 found = next((l for l in self.lines[since:] if self.matches(l, text)), None)
-            if found is None and exited:
-                err = proc.stderr.read() if proc.stderr else ""
+            if found is None and status is not None:
                 raise AssertionError("exited with %s before sending %r (got %r): %s"
-                                     % (proc.returncode, text, self.lines, err))
+                                     % (status, text, self.lines, proc.log_text()))
             return found
         line = wait_for(matching, timeout, step=0 if self.reader is None else 0.02)
         if line is None:

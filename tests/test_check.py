@@ -3,9 +3,7 @@ import os
 import socket
 import subprocess
 
-import pytest
-
-from conftest import ours, tcp_addr, free_port, wait_listening
+from conftest import free_port, ours, tcp_addr
 
 import spiped
 
@@ -110,8 +108,7 @@ def test_check_unix_source_live_other_or_stale(tmp_path, keyfile, procs):
     p = check("-F", *tunnel(str(other), target, keyfile))
     assert p.returncode == 1 and "exists and is not a socket; not removing it" in p.stderr
     live = str(tmp_path / "live.sock")
-    server = procs.start(ours("-F", *tunnel(live, target, keyfile)))
-    wait_listening(live, server)
+    procs.daemon(ours("-F", *tunnel(live, target, keyfile)), live)
     p = check("-F", *tunnel(live, target, keyfile))
     assert p.returncode == 1 and "in use by a running process" in p.stderr
     stale = str(tmp_path / "stale.sock")

@@ -39,6 +39,8 @@ from conftest import (
     free_port,
     have_ipv6,
     need_c,
+    pid_gone,
+    proc_ids,
     tcp_addr,
     wait_for,
 )
@@ -790,15 +792,7 @@ def test_unknown_user_in_daemon(impl, ctx):
     assert result.returncode == 0
     with open(pidfile) as f:
         pid = int(f.read())
-    assert wait_for(lambda: not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), 5)
-
-
-def _is_zombie(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    assert wait_for(lambda: pid_gone(pid), 5)
 
 
 # ---------------------------------------------------------------------------
@@ -821,17 +815,6 @@ def _ids():
 IDS = _ids()
 need_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges with -u needs root")
 need_ids = pytest.mark.skipif(IDS is None, reason="no nobody user or nogroup group")
-
-
-def proc_ids(pid):
-    """(uids, gids, groups) of PID, each a list of ints, from /proc."""
-    found = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("Uid", "Gid", "Groups"):
-                found[key] = [int(v) for v in value.split()]
-    return found["Uid"], found["Gid"], found["Groups"]
 
 
 DROP_SPECS = [
@@ -866,7 +849,7 @@ def test_u_drops_privileges(impl, spec_id, spec, want_uid, want_gid, procs, tmp_
     # The drop follows listen(); give it a moment.
     wait_for(lambda: proc_ids(p.pid) == want, 5)
     got = proc_ids(p.pid)
-    assert p.poll() is None, p.stderr.read()
+    assert p.poll() is None, p.log_text()
     assert got == want
 
 

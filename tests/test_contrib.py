@@ -16,12 +16,11 @@ import socket
 import stat
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from conftest import (ROOT, SPIPED_PY, Notify, connect, exchange, free_port, ours, read_text,
-                      recv_exact, tcp_addr, wait_for, wait_listening)
+                      recv_exact, tcp_addr, wait_for, wait_listening, write_key)
 
 CONTRIB = os.path.join(ROOT, "contrib")
 DOCKER = os.path.join(CONTRIB, "docker")
@@ -293,9 +292,7 @@ def test_healthcheck_unhealthy_without_listening_socket(standin):
 
 
 def test_healthcheck_recognises_our_spiped(procs, keyfile, tmp_path):
-    source = str(tmp_path / "hc.sock")
-    daemon = procs.daemon(ours("-d", "-s", source, "-t", tcp_addr(free_port()),
-                               "-k", keyfile, "-F"), source)
+    daemon = procs.spiped("-d", tcp_addr(free_port()), keyfile, source=str(tmp_path / "hc.sock"))
     h = healthcheck(str(daemon.pid))
     assert h.returncode == 0, h.stdout
     assert "is listening" in h.stdout
@@ -306,8 +303,7 @@ def test_healthcheck_counts_the_tunnels_of_a_config(procs, keyfile, tmp_path):
     first, second = str(tmp_path / "one.sock"), tcp_addr(free_port())
     conf = tmp_path / "t.conf"
     conf.write_text("# two tunnels\n" + line % first + line % second)
-    daemon = procs.daemon(ours("--config", str(conf), "-F"), first)
-    wait_listening(second, daemon)
+    daemon = procs.daemon(ours("--config", str(conf), "-F"), first, second)
     h = healthcheck(str(daemon.pid))
     assert h.returncode == 0, h.stdout
     assert "is listening (2 of 2 tunnels)" in h.stdout
@@ -324,15 +320,12 @@ def test_healthcheck_unhealthy_while_draining(procs, keyfile, echo, tmp_path, ki
     target = echo()
     source = tcp_addr(free_port()) if kind == "tcp" else str(tmp_path / "hc.sock")
     metrics = str(tmp_path / "metrics.sock")
-    daemon = procs.daemon(ours("-d", "-s", source, "-t", target.addr, "-k", keyfile, "-F",
-                               "--metrics", metrics), source)
+    daemon = procs.spiped("-d", target.addr, keyfile, "--metrics", metrics, source=source)
     wait_listening(metrics, daemon)
     h = healthcheck(str(daemon.pid))
     assert h.returncode == 0, h.stdout
     assert "is listening" in h.stdout
-    entry = tcp_addr(free_port())
-    procs.daemon(ours("-e", "-s", entry, "-t", source, "-k", keyfile, "-F"), entry)
-    held = connect(entry)
+    held = connect(procs.spiped("-e", source, keyfile).addr)
     held.sendall(b"held")
     assert recv_exact(held, 4) == b"held"
     daemon.send_signal(signal.SIGTERM)
@@ -550,10 +543,8 @@ def test_systemd_analyze_security_rating(tmp_path):
 
 
 @pytest.fixture
-def notify(tmp_path):
-    n = Notify(str(tmp_path / "notify"))
-    yield n
-    n.close()
+def notify(tmp_path, closing):
+    return closing(Notify(str(tmp_path / "notify")))
 
 
 def service_command(tmp_path, keyfile, **overrides):
@@ -587,23 +578,12 @@ def test_service_command_line_runs_our_spiped(tmp_path, keyfile, procs, echo, no
     assert cmd[2:4] == ["-d", "-s"] and cmd[-4:] == ["-n", "200", "-o", "10"]
     daemon = procs.daemon(cmd, source, env=env)
     notify.wait_for_text("READY=1", timeout=15.0, proc=daemon)
-    client = tcp_addr(free_port())
-    procs.daemon(ours("-e", "-s", client, "-t", source, "-k", keyfile, "-F"), client)
+    client = procs.spiped("-e", source, keyfile).addr
     assert exchange(client, b"through the unit's command line") == b"through the unit's command line"
     notify.wait_for_text("WATCHDOG=1", timeout=15.0, proc=daemon)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0
     notify.wait_for_text("STOPPING=1", timeout=15.0)
-
-
-# Puts the descriptor argv[1] at fd 3, sets LISTEN_PID/LISTEN_FDS for this
-# very process, and execs the rest of argv, so spiped finds what systemd
-# would pass it.
-ACTIVATE = """import os, sys
-os.dup2(int(sys.argv[1]), 3)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 
 def test_socket_unit_activation_runs_our_spiped(tmp_path, keyfile, procs, echo, notify):
@@ -621,11 +601,9 @@ def test_socket_unit_activation_runs_our_spiped(tmp_path, keyfile, procs, echo, 
     listener.listen(16)
     try:
         # As systemd does: the socket as fd 3, LISTEN_PID naming the process itself.
-        wrapper = [sys.executable, "-c", ACTIVATE, str(listener.fileno()), *cmd]
-        daemon = procs.start(wrapper, env=env, pass_fds=(listener.fileno(),))
+        daemon = procs.activated(cmd, [listener], env=env)
         notify.wait_for_text("READY=1", timeout=15.0, proc=daemon)
-        client = tcp_addr(free_port())
-        procs.daemon(ours("-e", "-s", client, "-t", path, "-k", keyfile, "-F"), client)
+        client = procs.spiped("-e", path, keyfile).addr
         assert exchange(client, b"socket activated") == b"socket activated"
         assert not os.path.exists(not_bound)
         assert mode_of(path) == 0o660
@@ -743,8 +721,7 @@ def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
 def rc_key(tmp_path):
     """A good key for OpenRC checks: 32 bytes, mode 0600, owned by the test's user."""
     key = tmp_path / "smtp.key"
-    key.write_bytes(os.urandom(32))
-    os.chmod(key, 0o600)
+    write_key(key)
     return key
 
 

@@ -24,17 +24,19 @@ from conftest import (
     IMPLS,
     SPIPED_PY,
     address_listening,
+    assert_stays,
     c_spiped,
     connect,
+    echoed,
     exchange,
     free_port,
     have_ipv6,
     need_c,
-    ours,
+    pid_gone,
+    proc_ids,
     read_text,
     tcp_addr,
     wait_for,
-    wait_listening,
 )
 import spiped
 
@@ -46,19 +48,6 @@ NONCE = 32  # what a -d daemon sends first on every accepted connection
 
 
 # -- helpers ----------------------------------------------------------------
-
-
-def _proc_state(pid):
-    """The one-letter state of PID, or None when it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid):
-    return _proc_state(pid) not in (None, "Z", "X")
 
 
 def _cmdline(pid):
@@ -124,7 +113,7 @@ class Daemons:
             except OSError:
                 pass
         for pid in pids:
-            wait_for(lambda: not alive(pid), 5)
+            wait_for(lambda: pid_gone(pid), 5)
 
 
 @pytest.fixture
@@ -166,7 +155,7 @@ def check_daemon(parent, pidfile):
     assert re.fullmatch(rb"[0-9]+", raw), "pidfile content %r" % raw
     pid = int(raw)
     assert pid != parent
-    assert alive(pid)
+    assert not pid_gone(pid)
     assert SPIPED_PY in _cmdline(pid) or C_SPIPED in _cmdline(pid)
     return pid
 
@@ -291,7 +280,7 @@ def test_D_daemonizes_before_resolving(impl, daemons, cwd, keyfile):
     assert wait_for(two_lines, 3.5, step=0.1), read_text(err)
     lines = read_text(err).splitlines()
     assert all(line.startswith(pattern) for line in lines), lines
-    assert alive(pid)
+    assert not pid_gone(pid)
     assert not address_listening(source)
 
 
@@ -300,27 +289,11 @@ def test_D_daemonizes_before_resolving(impl, daemons, cwd, keyfile):
 
 @pytest.fixture
 def relay(procs, keyfile, echo):
-    """Factory: IMPL in -e (foreground) -> C spiped -d -> echo; returns (proc, source)."""
-    def make(impl, *extra):
-        target = echo()
-        middle = tcp_addr(free_port())
-        procs.daemon(c_spiped("-d", "-F", "-s", middle, "-t", target.addr, "-k", keyfile), middle)
-        source = tcp_addr(free_port())
-        proc = procs.daemon(base_cmd(impl, "-e", "-F", "-s", source, "-t", middle,
-                                     "-k", keyfile, *extra), source)
-        return proc, source
+    """Factory: IMPL in -e (foreground) -> C spiped -d -> echo; returns (-e, its source)."""
+    def make(impl):
+        e, _ = procs.chain(echo().addr, keyfile, impl, "c")
+        return e, e.addr
     return make
-
-
-def roundtrip(sock, data):
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 def not_served(addr):
@@ -353,11 +326,11 @@ def wait_draining(source):
 def test_sigterm_drains_live_connection(impl, relay):
     proc, source = relay(impl)
     with connect(source, timeout=5) as live:
-        assert roundtrip(live, b"before") == b"before"
+        assert echoed(live, b"before") == b"before"
         proc.send_signal(signal.SIGTERM)
         assert wait_draining(source), "still serving new connections after SIGTERM"
         assert proc.poll() is None, "exited with a live connection"
-        assert roundtrip(live, b"after the signal") == b"after the signal"
+        assert echoed(live, b"after the signal") == b"after the signal"
         assert not_served(source)
         assert proc.poll() is None
         live.shutdown(socket.SHUT_WR)
@@ -377,7 +350,7 @@ def test_sigterm_idle_exits_zero(impl, relay):
 def test_second_sigterm_kills(impl, relay):
     proc, source = relay(impl)
     with connect(source, timeout=5) as live:
-        assert roundtrip(live, b"x") == b"x"
+        assert echoed(live, b"x") == b"x"
         proc.send_signal(signal.SIGTERM)
         assert wait_draining(source), "still serving new connections after SIGTERM"
         assert proc.poll() is None
@@ -389,7 +362,7 @@ def test_second_sigterm_kills(impl, relay):
 def test_sigint_kills_by_signal(impl, relay):
     proc, source = relay(impl)
     with connect(source, timeout=5) as live:
-        assert roundtrip(live, b"x") == b"x"
+        assert echoed(live, b"x") == b"x"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=2) == -signal.SIGINT
 
@@ -415,27 +388,23 @@ def test_syslog_after_daemonizing(impl, daemons, cwd, keyfile, echo, devlog):
             devlog.wait_for_text(LIMIT_WARNING, 3)
         else:
             # The warning goes to a syslog we cannot read; what is tested is
-            # that nothing reaches stderr meanwhile, so give it half a second.
-            time.sleep(0.5)
+            # that nothing reaches stderr meanwhile, so watch it half a second.
+            assert_stays(lambda: read_text(err) == "", 0.5, what=lambda: read_text(err))
     assert read_text(err) == ""
     assert read_text(out) == ""
 
 
 @pytest.mark.parametrize("impl", IMPL_IDS)
-def test_syslog_with_F_keeps_stderr(impl, procs, tmp_path, keyfile, echo, devlog):
+def test_syslog_with_F_keeps_stderr(impl, procs, keyfile, echo, devlog):
     target = echo()
-    source = tcp_addr(free_port())
-    err = tmp_path / "stderr"
-    with open(err, "wb") as fe:
-        procs.daemon(base_cmd(impl, "-d", "-F", "--syslog", "-n", "1", "-s", source,
-                              "-t", target.addr, "-k", keyfile), source, stderr=fe)
-    with connect(source, timeout=5) as s:
+    d = procs.spiped("-d", target.addr, keyfile, "--syslog", "-n", "1", impl=impl)
+    with connect(d.addr, timeout=5) as s:
         assert len(s.recv(NONCE)) > 0
-        assert wait_for(lambda: LIMIT_WARNING in read_text(err), 3, step=0.05)
+        assert wait_for(lambda: LIMIT_WARNING in d.log_text(), 3, step=0.05)
         if devlog is not None:
             got = devlog.collect(0.3)
             assert not any(LIMIT_WARNING in m for m in got), got
-    assert read_text(err) == "spiped: %s\n" % LIMIT_WARNING
+    assert d.log_text() == "spiped: %s\n" % LIMIT_WARNING
 
 
 # -- -b, -k -, -v ------------------------------------------------------------
@@ -443,9 +412,7 @@ def test_syslog_with_F_keeps_stderr(impl, procs, tmp_path, keyfile, echo, devlog
 
 def test_bind_address_ours(procs, keyfile, echo):
     target = echo()
-    source = tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-b", "127.0.0.2", "-s", source, "-t", target.addr,
-                      "-k", keyfile), source)
+    source = procs.spiped("-d", target.addr, keyfile, "-b", "127.0.0.2").addr
     r = subprocess.run([C_SPIPE, "-t", source, "-k", keyfile], input=b"from 127.0.0.2",
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"from 127.0.0.2", b"")
@@ -457,9 +424,7 @@ def test_bind_address_bare_ipv6_with_port(procs, keyfile, echo):
     """-b ::1:PORT is the host ::1 and the port PORT (split at the last ':')."""
     target = echo("[::1]:0")
     port = free_port("::1")
-    source = tcp_addr(free_port())
-    procs.daemon(ours("-d", "-F", "-b", "::1:%d" % port, "-s", source, "-t", target.addr,
-                      "-k", keyfile), source)
+    source = procs.spiped("-d", target.addr, keyfile, "-b", "::1:%d" % port).addr
     r = subprocess.run([C_SPIPE, "-t", source, "-k", keyfile], input=b"from ::1",
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"from ::1", b"")
@@ -481,14 +446,8 @@ def test_key_from_stdin(procs, tmp_path, echo):
     keyfile.write_bytes(key)
     os.chmod(keyfile, 0o600)
     target = echo()
-    source = tcp_addr(free_port())
-    proc = procs.start(ours("-d", "-F", "-s", source, "-t", target.addr, "-k", "-"),
-                       stdin=subprocess.PIPE)
-    proc.stdin.write(key)
-    proc.stdin.close()
-    wait_listening(source, proc)
-    middle = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", middle, "-t", source, "-k", str(keyfile)), middle)
+    source = procs.spiped("-d", target.addr, "-", input=key).addr
+    middle = procs.spiped("-e", source, str(keyfile), impl="c").addr
     payload = os.urandom(5000)
     assert exchange(middle, payload, timeout=10) == payload
     # And the same key with its newline dropped is a different key.
@@ -512,16 +471,6 @@ def test_version(impl):
 # -- -u in a daemon ----------------------------------------------------------
 
 
-def _status_ids(pid):
-    ids = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("Uid", "Gid", "Groups"):
-                ids[key] = value.split()
-    return ids
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="-u needs root")
 def test_daemon_drops_to_nobody(daemons, cwd, keyfile, echo):
     nobody = pwd.getpwnam("nobody")
@@ -537,11 +486,11 @@ def test_daemon_drops_to_nobody(daemons, cwd, keyfile, echo):
         assert status == 0, (impl, read_text(err))
         assert len(nonce) == NONCE, impl
         pid = check_daemon(parent, pidfile)
-        seen[impl] = _status_ids(pid)
-        assert seen[impl]["Uid"] == [str(nobody.pw_uid)] * 4, (impl, seen[impl])
+        seen[impl] = uids, gids, groups = proc_ids(pid)
+        assert uids == [nobody.pw_uid] * 4, (impl, seen[impl])
         # A user alone keeps the group the daemon started with (as C
         # does); supplementary groups are cleared.
-        assert seen[impl]["Gid"] == [str(os.getgid())] * 4, (impl, seen[impl])
-        assert seen[impl]["Groups"] == [], (impl, seen[impl])
+        assert gids == [os.getgid()] * 4, (impl, seen[impl])
+        assert groups == [], (impl, seen[impl])
         assert read_text(err) == "", impl
     assert seen["ours"] == seen["c"]

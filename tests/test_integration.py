@@ -36,7 +36,8 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, EchoServer, address_listening, exchange, free_port, tcp_addr
+from conftest import (ROOT, EchoServer, address_listening, assert_stays, check_echo, exchange,
+                      free_port, tcp_addr, unavailable, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -47,14 +48,6 @@ PROJECT_FILES = ("spiped.py", "keygen.py", "contrib")
 
 
 # ---------------------------------------------------------------- helpers
-
-def unavailable(why):
-    """Skip with WHY, or fail where the integration tests are required."""
-    if os.environ.get("CI") == "true" or os.environ.get("SPIPED_REQUIRE_INTEGRATION") == "1":
-        pytest.fail("%s (required here: CI=true or SPIPED_REQUIRE_INTEGRATION=1)" % why,
-                    pytrace=False)
-    pytest.skip(why)
-
 
 def inside_nspawn():
     """True inside a systemd-nspawn container (tests/fresh-machine.sh runs the
@@ -100,20 +93,15 @@ def run(cmd, timeout=120, check=True, **kw):
 
 
 def wait_until(condition, timeout, what):
-    """Poll CONDITION until it returns something true; fail after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "%s: not within %.0f s" % (what, timeout)
-        time.sleep(0.2)
+    """CONDITION's value once it is true; fail after TIMEOUT seconds, saying WHAT."""
+    value = wait_for(condition, timeout, step=0.2)
+    assert value, "%s: not within %.0f s" % (what, timeout)
+    return value
 
 
-def roundtrip(addr, size=200000):
-    payload = os.urandom(size)
-    got = exchange(addr, payload)
-    assert got == payload, "%d of %d bytes came back through %s" % (len(got), size, addr)
+def echoes(addr, size=200000):
+    """SIZE random bytes come back whole through ADDR (the echo behind the tunnel)."""
+    check_echo(addr, os.urandom(size))
 
 
 def free_low_port():
@@ -406,7 +394,9 @@ def image(podman_works, slim_rootfs, workdir):
 
 @pytest.fixture
 def containers():
-    """Names for containers; each is removed (rm -f) at the end of the test."""
+    """Names for containers; all are removed (rm -f) at the end of the test, the
+    last named first (podman refuses to remove a container whose network
+    another still shares), and one left behind fails the test."""
     names = []
 
     def name(what):
@@ -414,8 +404,11 @@ def containers():
         return names[-1]
 
     yield name
-    for n in names:
+    for n in reversed(names):
         run(["podman", "rm", "-f", "-t", "0", n], check=False)
+    listed = run(["podman", "ps", "-a", "--format", "{{.Names}}"], check=False).stdout.split()
+    left = [n for n in names if n in listed]
+    assert not left, "containers left behind: %s" % left
 
 
 def podman_key(image, workdir):
@@ -471,7 +464,7 @@ def test_image_tunnel_on_host_network(image, workdir, containers, echo_target):
          "-v", "%s:/spiped/key:ro" % keydir, image, "-e", "-s", enc, "-t", dec])
     wait_healthy(d)
     wait_healthy(e)
-    roundtrip(enc, 1000000)
+    echoes(enc, 1000000)
     stop_quickly(e)
     stop_quickly(d)
 
@@ -500,7 +493,7 @@ def test_image_tunnel_through_published_port(image, workdir, containers):
          "-v", "%s:/spiped/key:ro" % keydir, image, "-e", "-s", enc, "-t", tcp_addr(published)])
     wait_healthy(d)
     wait_healthy(e)
-    roundtrip(enc, 1000000)
+    echoes(enc, 1000000)
     stop_quickly(d)
 
 
@@ -566,9 +559,9 @@ def test_systemd_tunnels_ready_and_status(systemd_box, systemd_tunnels):
     s = show(box, "spiped@smtp.service", "ActiveState", "SubState", "StatusText", "NRestarts", "Type")
     assert (s["Type"], s["ActiveState"], s["SubState"]) == ("notify", "active", "running")
     assert s["StatusText"], "spiped sent no STATUS="
-    roundtrip(t["enc"], 1000000)                  # socket-activated TCP
-    roundtrip(t["encu"])                          # the template's unix socket
-    roundtrip(t["low"])                           # a port below 1024 through the socket unit
+    echoes(t["enc"], 1000000)                  # socket-activated TCP
+    echoes(t["encu"])                          # the template's unix socket
+    echoes(t["low"])                           # a port below 1024 through the socket unit
     for name in ("enc", "encu", "low"):
         s = show(box, "spiped@%s.service" % name, "ActiveState", "StatusText")
         assert s["ActiveState"] == "active" and s["StatusText"], (name, s)
@@ -619,16 +612,17 @@ def test_systemd_sandbox_sigsys_and_watchdog(systemd_box, systemd_tunnels):
            % (os.path.dirname(dropin), dropin))
     try:
         assert show(box, "spiped@smtp.service", "WatchdogUSec")["WatchdogUSec"] == "3s"
-        roundtrip(t["enc"], 2000000)
-        roundtrip(t["encu"])
-        roundtrip(t["low"])
-        started = time.monotonic()
-        while time.monotonic() - started < 12:    # four watchdog periods
+        echoes(t["enc"], 2000000)
+        echoes(t["encu"])
+        echoes(t["low"])
+
+        def both_running():  # the assertion names a unit that is not
             for name in ("smtp", "enc"):
                 s = show(box, "spiped@%s.service" % name, "ActiveState", "NRestarts")
                 assert s == {"ActiveState": "active", "NRestarts": "0"}, (name, s)
-            time.sleep(1)
-        roundtrip(t["enc"])
+            return True
+        assert_stays(both_running, 12, step=1)    # four watchdog periods
+        echoes(t["enc"])
         journal = box.sh("journalctl -b --no-pager -u 'spiped@*'").stdout
         bad = [l for l in journal.splitlines()
                if re.search(r"SIGSYS|status=31|[Ww]atchdog timeout|not permitted|code=killed|core", l)]
@@ -757,7 +751,7 @@ def test_openrc_tunnel_and_warnings_in_syslog(openrc_box, openrc_tunnels):
     # returned; the state must settle at "started".
     wait_until(lambda: "started" in box.sh("rc-service spiped.smtp status", check=False).stdout,
                30, "spiped.smtp started")
-    roundtrip(t["enc"], 1000000)
+    echoes(t["enc"], 1000000)
     # spiped -d warned at start that its key is group-readable; the warning
     # and the -e end's --log-connections lines reach syslog with their tags.
     wait_until(lambda: t["syslog"].find("spiped.smtpd", "readable by group"), 30,

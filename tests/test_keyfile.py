@@ -2,38 +2,28 @@
 import hashlib
 import io
 import os
-import subprocess
-import threading
 
 import pytest
 
-from conftest import (c_spiped, exchange, free_port, need_c, ours, rss_kib, tcp_addr,
-                      wait_listening)
+from conftest import exchange, free_port, need_c, rss_kib, tcp_addr, write_key
 import spiped
-
-
-def _key(tmp_path, data, mode=0o600, name="key"):
-    path = tmp_path / name
-    path.write_bytes(data)
-    os.chmod(path, mode)
-    return str(path)
 
 
 def test_good_key_is_quiet(tmp_path, capsys):
     data = os.urandom(32)
-    assert spiped.read_key(_key(tmp_path, data)) == hashlib.sha256(data).digest()
+    assert spiped.read_key(write_key(tmp_path / "key", data)) == hashlib.sha256(data).digest()
     assert capsys.readouterr().err == ""
 
 
 def test_readable_by_others_warns(tmp_path, capsys):
-    path = _key(tmp_path, os.urandom(32), 0o644)
+    path = write_key(tmp_path / "key", os.urandom(32), 0o644)
     spiped.read_key(path)
     err = capsys.readouterr().err
     assert err == "spiped: WARNING: key file %s is readable by group or others (chmod 600 it)\n" % path
 
 
 def test_short_key_warns_but_works(tmp_path, capsys):
-    path = _key(tmp_path, b"x" * 16)
+    path = write_key(tmp_path / "key", b"x" * 16)
     assert spiped.read_key(path) == hashlib.sha256(b"x" * 16).digest()
     assert "holds only 16 bytes" in capsys.readouterr().err
 
@@ -49,7 +39,7 @@ def test_empty_stdin_warns_as_an_empty_file_does(tmp_path, capsys):
     assert spiped.read_key("-", stdin=io.BytesIO(b"")) == hashlib.sha256(b"").digest()
     assert capsys.readouterr().err == ("spiped: WARNING: the key from stdin holds only 0 bytes;"
                                        " 32 random bytes are recommended\n")
-    spiped.read_key(_key(tmp_path, b""))
+    spiped.read_key(write_key(tmp_path / "key", b""))
     assert "holds only 0 bytes; 32 random bytes are recommended" in capsys.readouterr().err
 
 
@@ -67,15 +57,11 @@ def test_missing_and_directory_give_c_messages(tmp_path):
 
 def test_daemon_warns_and_serves(procs, tmp_path):
     """The warning is printed at start-up and the daemon still runs."""
-    path = _key(tmp_path, os.urandom(32), 0o640)
-    src = tcp_addr(free_port())
-    err = tmp_path / "err"
-    with open(err, "wb") as f:
-        p = procs.daemon(ours("-d", "-F", "-s", src, "-t", tcp_addr(free_port()), "-k", path),
-                         src, stderr=f)
+    path = write_key(tmp_path / "key", os.urandom(32), 0o640)
+    p = procs.spiped("-d", tcp_addr(free_port()), path)
     assert p.poll() is None
-    assert err.read_text() == ("spiped: WARNING: key file %s is readable by group or others"
-                               " (chmod 600 it)\n" % path)
+    assert p.log_text() == ("spiped: WARNING: key file %s is readable by group or others"
+                            " (chmod 600 it)\n" % path)
 
 
 # -- long keys: hashed while read, memory stays flat --------------------------
@@ -99,16 +85,6 @@ def _big_key(tmp_path):
     return str(path)
 
 
-def _feed(pipe, path):
-    """Copy the file at PATH into PIPE a MiB at a time, then close it."""
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                pipe.write(chunk)
-    finally:
-        pipe.close()
-
-
 @need_c
 @pytest.mark.parametrize("how", ["file", "stdin"])
 def test_long_key_hashed_in_flat_memory(procs, tmp_path, echo, how):
@@ -116,19 +92,14 @@ def test_long_key_hashed_in_flat_memory(procs, tmp_path, echo, how):
     and it derives C's K from the same bytes: a tunnel C -e -> ours -d works."""
     path = _big_key(tmp_path)
     target = echo()
-    d_src, e_src = tcp_addr(free_port()), tcp_addr(free_port())
     if how == "file":
-        d = procs.daemon(ours("-d", "-F", "-s", d_src, "-t", target.addr, "-k", path), d_src)
-    else:
-        d = procs.start(ours("-d", "-F", "-s", d_src, "-t", target.addr, "-k", "-"),
-                        stdin=subprocess.PIPE)
-        feeder = threading.Thread(target=_feed, args=(d.stdin, path), daemon=True)
-        feeder.start()
-        wait_listening(d_src, d, timeout=60)
-        feeder.join(10)
+        d = procs.spiped("-d", target.addr, path)
+    else:  # piped to -k - a MiB at a time
+        with open(path, "rb") as key:
+            d = procs.spiped("-d", target.addr, "-", input=key, timeout=60)
     peak = rss_kib(d.pid, "VmHWM")
     assert 0 < peak < PEAK_LIMIT_KIB, "peak RSS %d KiB while reading a %d MiB key" % (
         peak, BIG_KEY >> 20)
-    procs.daemon(c_spiped("-e", "-F", "-s", e_src, "-t", d_src, "-k", path), e_src)
+    e = procs.spiped("-e", d.addr, path, impl="c")
     payload = os.urandom(100000)
-    assert exchange(e_src, payload, timeout=30) == payload
+    assert exchange(e.addr, payload, timeout=30) == payload

@@ -14,8 +14,8 @@ import time
 import pytest
 
 import spiped
-from conftest import (C_SPIPE, Notify, connect, c_spiped, exchange, need_c, ours, read_text,
-                      tcp_addr, free_port, recv_exact, wait_for, wait_listening)
+from conftest import (C_SPIPE, Notify, connect, exchange, free_port, need_c, ours, recv_exact,
+                      tcp_addr, wait_for, write_key)
 
 # -- the handshake with a key ring ------------------------------------------
 
@@ -123,37 +123,22 @@ def test_match_key_checks_garbage_after_the_mac():
 # -- the daemon: ours -d with several keys, C clients ------------------------
 
 
-def make_key(tmp_path, name):
-    path = tmp_path / name
-    path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o600)
-    return str(path)
-
-
 class KeyDaemon:
-    """Our spiped -d -k NEW --accept-key OLD... in front of an echo target; log in a file."""
+    """Our spiped -d -k NEW --accept-key OLD... in front of an echo target; log in a file.
 
-    def __init__(self, procs, tmp_path, echo, key, accept=(), extra=(), input=None, **kw):
+    INPUT: the key for -k - (NEW is "-" then).
+    """
+
+    def __init__(self, procs, echo, key, accept=(), input=None, **kw):
         self.procs = procs
-        self.tmp_path = tmp_path
         self.target = echo()
-        self.addr = tcp_addr(free_port())
-        self.log = str(tmp_path / "d.log")
-        cmd = ours("-d", "-F", "-s", self.addr, "-t", self.target.addr, "-k", key,
-                   "--log-connections", *extra)
-        for path in accept:
-            cmd += ["--accept-key", path]
-        with open(self.log, "wb") as f:
-            if input is None:
-                self.proc = procs.daemon(cmd, self.addr, stderr=f, **kw)
-            else:  # the key on stdin (-k -)
-                self.proc = procs.start(cmd, stderr=f, **kw)
-                self.proc.stdin.write(input)
-                self.proc.stdin.close()
-                wait_listening(self.addr, self.proc)
+        accepted = [arg for path in accept for arg in ("--accept-key", path)]
+        self.proc = procs.spiped("-d", self.target.addr, key, "--log-connections", *accepted,
+                                 input=input, **kw)
+        self.addr = self.proc.addr
 
     def text(self):
-        return read_text(self.log)
+        return self.proc.log_text()
 
     def wait_log(self, pred, timeout=15):
         assert wait_for(lambda: pred(self.text()), timeout), self.text()
@@ -161,10 +146,7 @@ class KeyDaemon:
 
     def encryptor(self, key, fast=False):
         """A C spiped -e in front of us using KEY; its plaintext address."""
-        addr = tcp_addr(free_port())
-        self.procs.daemon(c_spiped("-e", "-F", "-s", addr, "-t", self.addr, "-k", key,
-                                   *(["-f"] if fast else [])), addr)
-        return addr
+        return self.procs.spiped("-e", self.addr, key, *(["-f"] if fast else []), impl="c").addr
 
     def reload(self, pred):
         """SIGHUP, then wait until the log has one more reload line satisfying PRED."""
@@ -207,8 +189,8 @@ def spipe_served(daemon, key, fast=False):
 @need_c
 @pytest.mark.parametrize("fast", [False, True], ids=["pfs", "fast"])
 def test_c_clients_with_either_accepted_key(procs, tmp_path, echo, fast):
-    new, old, third = (make_key(tmp_path, n) for n in ("new.key", "old.key", "third.key"))
-    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    new, old, third = (write_key(tmp_path / n) for n in ("new.key", "old.key", "third.key"))
+    d = KeyDaemon(procs, echo, new, [old])
     assert served(d.encryptor(new, fast))
     assert served(d.encryptor(old, fast))
     assert spipe_served(d, new, fast) and spipe_served(d, old, fast)
@@ -223,11 +205,11 @@ def test_c_clients_with_either_accepted_key(procs, tmp_path, echo, fast):
 
 @need_c
 def test_sighup_rotates_the_key_and_live_connections_keep_theirs(procs, tmp_path, echo):
-    new, old = make_key(tmp_path, "new.key"), make_key(tmp_path, "old.key")
+    new, old = write_key(tmp_path / "new.key"), write_key(tmp_path / "old.key")
     replaced = str(tmp_path / "replaced.key")
     with open(new, "rb") as f, open(replaced, "wb") as g:
         g.write(f.read())
-    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    d = KeyDaemon(procs, echo, new, [old])
     through_replaced = d.encryptor(replaced)   # the -k key before the reload
     live = connect(through_replaced, timeout=20)
     first = os.urandom(200000)
@@ -259,11 +241,11 @@ def test_sighup_rotates_the_key_and_live_connections_keep_theirs(procs, tmp_path
 @need_c
 @pytest.mark.parametrize("damage", ["missing", "directory"])
 def test_failed_reload_keeps_the_keys_in_use(procs, tmp_path, echo, damage):
-    new, old = make_key(tmp_path, "new.key"), make_key(tmp_path, "old.key")
+    new, old = write_key(tmp_path / "new.key"), write_key(tmp_path / "old.key")
     saved_old = str(tmp_path / "saved-old.key")
     with open(old, "rb") as f, open(saved_old, "wb") as g:
         g.write(f.read())
-    d = KeyDaemon(procs, tmp_path, echo, new, [old])
+    d = KeyDaemon(procs, echo, new, [old])
     os.unlink(old)
     if damage == "directory":
         os.mkdir(old)
@@ -281,8 +263,8 @@ def test_failed_reload_keeps_the_keys_in_use(procs, tmp_path, echo, damage):
 @need_c
 def test_reload_reads_an_empty_key_as_the_start_does(procs, tmp_path, echo):
     """An empty file is a key (SHA256 of nothing) with C's warning, at a reload as at the start."""
-    key = make_key(tmp_path, "k.key")
-    d = KeyDaemon(procs, tmp_path, echo, key)
+    key = write_key(tmp_path / "k.key")
+    d = KeyDaemon(procs, echo, key)
     open(key, "wb").close()
     line = d.reload(lambda l: "reloaded 1 key" in l)
     assert "Key reload failed" not in d.text(), d.text()
@@ -321,11 +303,11 @@ def test_missing_accept_key_at_start_is_fatal_with_c_lines(tmp_path, keyfile):
 
 
 def test_reload_tells_systemd_reloading_then_ready(procs, tmp_path, echo):
-    key = make_key(tmp_path, "new.key")
+    key = write_key(tmp_path / "new.key")
     listener = Notify(str(tmp_path / "notify"))
     try:
         env = dict(os.environ, NOTIFY_SOCKET=listener.env)
-        d = KeyDaemon(procs, tmp_path, echo, key, env=env)
+        d = KeyDaemon(procs, echo, key, env=env)
         listener.wait_for_text("READY=1", 15)
         start = len(listener.lines)
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -345,13 +327,11 @@ def test_reload_keeps_the_stdin_key_and_says_so(procs, tmp_path, echo):
     secret = os.urandom(32)
     same = tmp_path / "same.key"
     same.write_bytes(secret)
-    old = make_key(tmp_path, "old.key")
-    d = KeyDaemon(procs, tmp_path, echo, "-", [old], stdin=subprocess.PIPE, input=secret)
+    old = write_key(tmp_path / "old.key")
+    d = KeyDaemon(procs, echo, "-", [old], input=secret)
     line = d.reload(lambda l: "reloaded 2 keys" in l)
     assert "stdin" in line, line
-    client = tcp_addr(free_port())
-    procs.daemon(ours("-e", "-F", "-s", client, "-t", d.addr, "-k", str(same)), client)
-    assert served(client)
+    assert served(procs.spiped("-e", d.addr, str(same)).addr)
     d.wait_log(lambda t: "key stdin" in t)
 
 
@@ -366,28 +346,22 @@ def _children(pid):
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare(1)")
 def test_sighup_reloads_as_pid_1(procs, tmp_path, echo):
     """In a PID namespace (as in a container) SIGHUP reloads too; it does not kill."""
-    key = make_key(tmp_path, "new.key")
+    key = write_key(tmp_path / "new.key")
     target = echo()
-    addr = tcp_addr(free_port())
-    log = str(tmp_path / "pid1.log")
     probe = subprocess.run(["unshare", "-fp", "--mount-proc", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("cannot make a PID namespace here: %r" % probe.stderr)
-    with open(log, "wb") as f:
-        wrapper = procs.daemon(["unshare", "-fp", "--mount-proc"]
-                               + ours("-d", "-F", "-s", addr, "-t", target.addr, "-k", key),
-                               addr, stderr=f)
+    in_namespace = lambda *args: ["unshare", "-fp", "--mount-proc", *ours(*args)]
+    wrapper = procs.spiped("-d", target.addr, key, impl=in_namespace)
     assert wait_for(lambda: _children(wrapper.pid))
     pid = _children(wrapper.pid)[0]
     try:
-        assert wait_for(lambda: catches(pid, signal.SIGHUP)), read_text(log)
-        assert wait_for(lambda: "Docker signal-handling bug" in read_text(log))  # it is PID 1
+        assert wait_for(lambda: catches(pid, signal.SIGHUP)), wrapper.log_text()
+        assert wait_for(lambda: "Docker signal-handling bug" in wrapper.log_text())  # it is PID 1
         os.kill(pid, signal.SIGHUP)
-        assert wait_for(lambda: "reloaded 1 key" in read_text(log)), read_text(log)
+        assert wait_for(lambda: "reloaded 1 key" in wrapper.log_text()), wrapper.log_text()
         assert wrapper.poll() is None
-        client = tcp_addr(free_port())
-        procs.daemon(ours("-e", "-F", "-s", client, "-t", addr, "-k", key), client)
-        assert served(client)
+        assert served(procs.spiped("-e", wrapper.addr, key).addr)
     finally:
         # unshare does not pass signals on: end the namespace's PID 1 itself
         # (which ends the namespace), then unshare exits and is reaped.
@@ -396,15 +370,11 @@ def test_sighup_reloads_as_pid_1(procs, tmp_path, echo):
 
 
 def test_log_connections_on_e_names_the_k_file(procs, tmp_path, echo):
-    key = make_key(tmp_path, "tunnel.key")
-    d = KeyDaemon(procs, tmp_path, echo, key)
-    client = tcp_addr(free_port())
-    log = str(tmp_path / "e.log")
-    with open(log, "wb") as f:
-        procs.daemon(ours("-e", "-F", "-s", client, "-t", d.addr, "-k", key,
-                          "--log-connections"), client, stderr=f)
-    assert served(client)
-    assert wait_for(lambda: "connection 1: key tunnel.key" in read_text(log)), read_text(log)
+    key = write_key(tmp_path / "tunnel.key")
+    d = KeyDaemon(procs, echo, key)
+    e = procs.spiped("-e", d.addr, key, "--log-connections")
+    assert served(e.addr)
+    assert wait_for(lambda: "connection 1: key tunnel.key" in e.log_text()), e.log_text()
 
 
 # -- service definitions: reload is SIGHUP ------------------------------------

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, pid_gone
 
 README = os.path.join(ROOT, "README.md")
 SOURCES = ("[127.0.0.1]:8025", "[127.0.0.1]:8026")
@@ -127,15 +127,6 @@ def pid_of(folder, source):
         return int(f.read())
 
 
-def gone(pid):
-    """True once PID has exited (an unreaped zombie counts as exited)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.fixture
 def folder(tmp_path):
     """A folder with the stand-ins; whatever they left running is killed at the end."""
@@ -146,7 +137,7 @@ def folder(tmp_path):
     started = []
     yield tmp_path, started
     for pid in started:
-        if not gone(pid):
+        if not pid_gone(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -207,7 +198,7 @@ def test_stop_lines_stop_daemons_and_wait_until_gone(folder, shell, term):
     p = run_script(shell, tmp, stop_lines())
     took = time.monotonic() - began
     assert_reached_end(p, shell)
-    assert all(gone(pid) for pid in pids), "still running after the stop lines: %s" % pids
+    assert all(pid_gone(pid) for pid in pids), "still running after the stop lines: %s" % pids
     if term == "linger":
         assert took >= 0.5, "the stop lines returned after %.2f s, before the daemons exited" % took
 
@@ -229,7 +220,7 @@ def test_install_and_run_block_twice_under_set_e(folder, shell):
         runs.append([pid_of(tmp, s) for s in SOURCES])
         started.extend(runs[-1])
     assert not set(runs[0]) & set(runs[1])
-    assert all(gone(pid) for pid in runs[0]), "the first run's daemons still run: %s" % runs[0]
-    assert not any(gone(pid) for pid in runs[1]), "the second run's daemons are not running"
+    assert all(pid_gone(pid) for pid in runs[0]), "the first run's daemons still run: %s" % runs[0]
+    assert not any(pid_gone(pid) for pid in runs[1]), "the second run's daemons are not running"
     assert (tmp / "keygen.calls").read_text() == "keyfile\n", "the key was made again"
     assert len((tmp / "apt-get.calls").read_text().splitlines()) == 4

@@ -20,11 +20,9 @@ from conftest import (
     SPIPED_PY,
     TargetServer,
     address_listening,
-    c_spiped,
     exchange,
     free_port,
     need_c,
-    ours,
     ours_spipe,
     sha,
     tcp_addr,
@@ -33,7 +31,6 @@ import spiped
 
 RUN_TIMEOUT = 60
 SPIPES = {"ours": ours_spipe, "c": lambda *a: [C_SPIPE, *a]}
-SERVERS = {"ours": ours, "c": c_spiped}
 
 # (spipe, spiped -d) pairs: each of ours against C, and ours alone.
 PAIRS = [
@@ -47,11 +44,7 @@ BOTH = [pytest.param("c", marks=need_c), "ours"]
 @pytest.fixture
 def decrypter(procs, keyfile):
     """Factory: start IMPL's `spiped -d -F` in front of TARGET; its address."""
-    def make(impl, target):
-        source = tcp_addr(free_port())
-        procs.daemon(SERVERS[impl]("-d", "-F", "-s", source, "-t", target, "-k", keyfile), source)
-        return source
-    return make
+    return lambda impl, target: procs.spiped("-d", target, keyfile, impl=impl).addr
 
 
 class ScriptedTarget(TargetServer):
@@ -90,17 +83,9 @@ class ScriptedTarget(TargetServer):
 
 
 @pytest.fixture
-def scripted():
-    targets = []
-
-    def make(script):
-        t = ScriptedTarget(script)
-        targets.append(t)
-        return t
-
-    yield make
-    for t in targets:
-        t.close()
+def scripted(closing):
+    """Makes ScriptedTargets, closed after the test."""
+    return lambda script: closing(ScriptedTarget(script))
 
 
 def run_spipe(cmd, stdin_path, stdout_path, timeout=RUN_TIMEOUT, **kw):
@@ -380,14 +365,10 @@ def test_copied_file_alone_works(procs, lone_copy, keyfile, echo):
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (v.returncode, v.stdout, v.stderr.decode()) == (0, b"", "spiped %s\n" % spiped.__version__)
     target = echo()
-    middle = tcp_addr(free_port())
-    source = tcp_addr(free_port())
-    procs.daemon([sys.executable, script, "-d", "-F", "-s", middle, "-t", target.addr,
-                  "-k", keyfile], middle, cwd=str(lone_copy))
-    procs.daemon([sys.executable, script, "-e", "-F", "-s", source, "-t", middle,
-                  "-k", keyfile], source, cwd=str(lone_copy))
+    copy = lambda *args: [sys.executable, script, *args]
+    e, _ = procs.chain(target.addr, keyfile, copy, copy, cwd=str(lone_copy))
     payload = os.urandom(100000)
-    assert exchange(source, payload, timeout=20) == payload
+    assert exchange(e.addr, payload, timeout=20) == payload
 
 
 def _cryptodome_hidden():

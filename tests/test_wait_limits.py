@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from conftest import (connect, exchange, free_port, ours, ours_spipe, read_text, recv_exact,
-                      tcp_addr, terminate, wait_for, wrapped)
+from conftest import (assert_stays, connect, cpu_seconds, echoed, exchange, ours_spipe,
+                      read_text, terminate, thread_and_fd_count, wait_for, wrapped)
 
 RUN_TIMEOUT = 30
 
@@ -23,75 +23,39 @@ RUN_TIMEOUT = 30
 HUGE = ["2147484", "1e9", "1e10", "1e300"]
 
 
-def roundtrip(sock, data):
-    sock.sendall(data)
-    return recv_exact(sock, len(data))
-
-
 @pytest.fixture
-def tunnel(procs, keyfile, echo, tmp_path):
-    """Factory: ours -e -> ours -d -> echo, both with EXTRA.
-
-    Returns (-e source, -d source, both stderr files, the -e process).
-    """
-    def make(*extra):
-        target = echo()
-        logs, sources = [], []
-        for mode in ("-d", "-e"):
-            source = tcp_addr(free_port())
-            log = tmp_path / ("err%s" % mode)
-            with open(log, "wb") as f:
-                p = procs.daemon(ours(mode, "-F", "-s", source,
-                                      "-t", sources[0] if sources else target.addr,
-                                      "-k", keyfile, *extra), source, stderr=f)
-            sources.append(source)
-            logs.append(log)
-        return sources[1], sources[0], logs, p
-    return make
+def tunnel(procs, keyfile, echo):
+    """Factory: ours -e -> ours -d -> echo, both with EXTRA; the two Daemons (e, d)."""
+    return lambda *extra: procs.chain(echo().addr, keyfile, e_extra=extra, d_extra=extra)
 
 
 @pytest.mark.parametrize("seconds", HUGE)
 def test_huge_o_connects_end_to_end(tunnel, keyfile, seconds):
-    e_source, d_source, logs, _ = tunnel("-o", seconds)
+    e, d = tunnel("-o", seconds)
     payload = os.urandom(100_000)
-    assert exchange(e_source, payload, timeout=RUN_TIMEOUT) == payload
-    r = subprocess.run(ours_spipe("-o", seconds, "-t", d_source, "-k", keyfile), input=b"spipe",
+    assert exchange(e.addr, payload, timeout=RUN_TIMEOUT) == payload
+    r = subprocess.run(ours_spipe("-o", seconds, "-t", d.addr, "-k", keyfile), input=b"spipe",
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (r.returncode, r.stdout, r.stderr) == (0, b"spipe", b"")
-    assert [read_text(log) for log in logs] == ["", ""]
+    assert [e.log_text(), d.log_text()] == ["", ""]
 
 
 def threads(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("Threads:"))
+    return thread_and_fd_count(pid)[0]
 
 
 @pytest.mark.parametrize("seconds", HUGE)
-def test_huge_r_keeps_the_re_resolver(procs, keyfile, echo, tmp_path, seconds):
+def test_huge_r_keeps_the_re_resolver(procs, keyfile, echo, seconds):
     """The re-resolver thread lives on (as many threads as with the default -r)."""
     target = echo()
-    started = []
-    for extra in (("-r", seconds), ()):
-        source = tcp_addr(free_port())
-        log = tmp_path / ("err%d" % len(started))
-        with open(log, "wb") as f:
-            p = procs.daemon(ours("-d", "-F", "-s", source, "-t", target.addr,
-                                  "-k", keyfile, *extra), source, stderr=f)
-        started.append((p, source, log))
-    (p, source, log), (twin, _, _) = started
-    r = subprocess.run(ours_spipe("-t", source, "-k", keyfile), input=b"served",
+    p = procs.spiped("-d", target.addr, keyfile, "-r", seconds)
+    twin = procs.spiped("-d", target.addr, keyfile)
+    r = subprocess.run(ours_spipe("-t", p.addr, "-k", keyfile), input=b"served",
                        capture_output=True, timeout=RUN_TIMEOUT)
     assert (r.returncode, r.stdout) == (0, b"served"), r.stderr
     assert wait_for(lambda: threads(p.pid) == threads(twin.pid)), (threads(p.pid), threads(twin.pid))
     assert terminate(p) == 0
-    assert read_text(log) == ""
-
-
-def cpu_seconds(pid):
-    """User and system CPU time PID has used, from /proc/PID/stat."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert p.log_text() == ""
 
 
 # "moving.invalid" resolves to 127.0.0.1 and the port in PORTFILE; each
@@ -115,13 +79,11 @@ def test_tiny_r_does_not_spin(procs, keyfile, echo, tmp_path):
     first, second = echo(), echo()
     portfile, calls = tmp_path / "port", tmp_path / "calls"
     portfile.write_text(first.addr.rsplit(":", 1)[1])
-    spiped = wrapped(tmp_path, MOVING % (str(calls), str(portfile)))
-    source = tcp_addr(free_port())
-    with open(tmp_path / "err", "wb") as f:
-        p = procs.daemon(spiped("-d", "-F", "-r", "1e-300", "-s", source,
-                                "-t", "moving.invalid:0", "-k", keyfile), source, stderr=f)
+    p = procs.spiped("-d", "moving.invalid:0", keyfile, "-r", "1e-300",
+                     impl=wrapped(tmp_path, MOVING % (str(calls), str(portfile))))
+    source = p.addr
     before, looked_up = cpu_seconds(p.pid), len(read_text(calls).splitlines())
-    assert not wait_for(lambda: p.poll() is not None, timeout=2.0)  # a window of about 2 s
+    assert_stays(lambda: p.poll() is None, 2.0)  # a window of about 2 s
     used, looked_up = cpu_seconds(p.pid) - before, len(read_text(calls).splitlines()) - looked_up
     assert used < 0.25, "%.2f s of CPU in about 2 s" % used  # a busy loop takes one core
     assert looked_up <= 5, "%d look-ups in about 2 s" % looked_up
@@ -134,17 +96,17 @@ def test_tiny_r_does_not_spin(procs, keyfile, echo, tmp_path):
         return r.stdout == b"moved" and second.connections > 0
     assert wait_for(served_by_second, timeout=20)
     assert terminate(p) == 0
-    assert read_text(tmp_path / "err") == ""
+    assert p.log_text() == ""
 
 
 @pytest.mark.parametrize("seconds", HUGE + ["inf"])
 def test_huge_drain_timeout_drains(tunnel, seconds):
     """SIGTERM with --drain-timeout huge: the live connection is served to its end."""
-    e_source, _, logs, e = tunnel("--drain-timeout", seconds)
-    with connect(e_source, timeout=RUN_TIMEOUT) as s:
-        assert roundtrip(s, b"before") == b"before"
+    e, d = tunnel("--drain-timeout", seconds)
+    with connect(e.addr, timeout=RUN_TIMEOUT) as s:
+        assert echoed(s, b"before") == b"before"
         e.send_signal(signal.SIGTERM)
-        assert not wait_for(lambda: e.poll() is not None, timeout=1.0)  # draining, not gone
-        assert roundtrip(s, b"while draining") == b"while draining"
+        assert_stays(lambda: e.poll() is None, 1.0, what="gone instead of draining")
+        assert echoed(s, b"while draining") == b"while draining"
     assert e.wait(timeout=RUN_TIMEOUT) == 0
-    assert [read_text(log) for log in logs] == ["", ""]
+    assert [e.log_text(), d.log_text()] == ["", ""]
