@@ -210,6 +210,25 @@ def recv_exact(sock, size):
     return bytes(buf)
 
 
+def recv_all(sock, reset_ends=False):
+    """All bytes from SOCK up to its EOF.
+
+    RESET_ENDS: a reset ends the stream too; otherwise an error (a timeout
+    among them) propagates.
+    """
+    data = bytearray()
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        if not reset_ends:
+            raise
+    return bytes(data)
+
+
 def echoed(sock, data):
     """Send DATA on the connected SOCK and read as many bytes back (an echo at the far end)."""
     sock.sendall(data)
@@ -430,7 +449,8 @@ class Procs:
         return self.daemon(launcher, name="activated", env=clean_env() if env is None else env,
                            pass_fds=fds, **kw)
 
-    def kill_all(self):
+    def close(self):
+        """Kill (SIGKILL) each process still running, then reap them all."""
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -573,13 +593,6 @@ def devlog():
 
 
 @pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
-
-
-@pytest.fixture
 def closing():
     """keep(THING) -> THING: everything kept is closed after the test, the last kept first.
 
@@ -592,8 +605,20 @@ def closing():
         return thing
 
     yield keep
+    failed = None
     for thing in reversed(kept):
-        thing.close()
+        try:
+            thing.close()
+        except Exception as e:  # the others are closed all the same
+            failed = failed or e
+    if failed is not None:
+        raise failed
+
+
+@pytest.fixture
+def procs(tmp_path, closing):
+    """The test's Procs: what it starts is killed and reaped after the test."""
+    return closing(Procs(tmp_path))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import TargetServer, connect, drain, key_of, need_c, recv_exact, wait_for
+from conftest import TargetServer, connect, drain, key_of, need_c, recv_all, recv_exact, wait_for
 import spiped
 
 try:
@@ -56,6 +56,15 @@ class RawClient:
         self.sent = 0
         return self
 
+    def hello(self, y):
+        """Swap nonces, then send Y with a valid MAC; (nonce_c, nonce_s, the server's MAC key)."""
+        nonce_c = os.urandom(spiped.NONCE_SIZE)
+        self.sock.sendall(nonce_c)
+        nonce_s = recv_exact(self.sock, spiped.NONCE_SIZE)
+        mac_c, mac_s = spiped.dhmac_keys(self.key, nonce_c, nonce_s)
+        self.sock.sendall(y + spiped.hmac_sha256(mac_c, y))
+        return nonce_c, nonce_s, mac_s
+
     def packet(self, payload, length=None):
         """A packet with a valid MAC whose length field is LENGTH (default: the
         payload's), built with AES-CTR and HMAC directly, not with spiped."""
@@ -73,22 +82,15 @@ class RawClient:
         """The server must close (EOF or reset) within DROP_TIMEOUT; returns
         any bytes that came first (there should be none)."""
         self.sock.settimeout(DROP_TIMEOUT)
-        got = bytearray()
         started = time.monotonic()
         try:
-            while True:
-                d = self.sock.recv(65536)
-                if not d:
-                    break
-                got += d
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+            got = recv_all(self.sock, reset_ends=True)
         except socket.timeout:
             raise AssertionError("connection not dropped within %ss" % DROP_TIMEOUT)
         finally:
             self.sock.close()
         assert time.monotonic() - started < DROP_TIMEOUT
-        return bytes(got)
+        return got
 
 
 def good_client(addr, key, payload=None, fast=False):
@@ -100,14 +102,9 @@ def good_client(addr, key, payload=None, fast=False):
         s.settimeout(10)
         s.sendall(sealer.seal(payload))
         s.shutdown(socket.SHUT_WR)
-        wire = bytearray()
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            wire += d
+        wire = recv_all(s)
     assert len(wire) % spiped.PACKET == 0
-    return payload, opener.open(bytes(wire))
+    return payload, opener.open(wire)
 
 
 def assert_served(addr, key, target, before=0):
@@ -146,6 +143,16 @@ def wait_target_idle(target, timeout=5.0, accepted=0):
         raise AssertionError("target connections still open")
 
 
+@pytest.fixture
+def decrypter(procs, keyfile, echo):
+    """start(IMPL, *FLAGS, mode="echo"): IMPL's -d FLAGS -k KEYFILE in front of a
+    new EchoServer(mode=MODE); (its address, the target)."""
+    def start(impl, *flags, mode="echo"):
+        target = echo(mode=mode)
+        return procs.spiped("-d", target.addr, keyfile, *flags, impl=impl).addr, target
+    return start
+
+
 def check_dropped_and_still_serving(client, addr, key, target):
     """CLIENT's connection is dropped with nothing forwarded; the next one works."""
     assert client.expect_drop() == b""
@@ -158,9 +165,8 @@ def check_dropped_and_still_serving(client, addr, key, target):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_garbage_instead_of_handshake(procs, keyfile, echo, impl):
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+def test_garbage_instead_of_handshake(decrypter, keyfile, impl):
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile))
     c.sock.sendall(os.urandom(spiped.NONCE_SIZE + spiped.DH_MESSAGE))
     # The server's nonce comes at once; its DH message must never come.
@@ -169,9 +175,8 @@ def test_garbage_instead_of_handshake(procs, keyfile, echo, impl):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_truncated_handshake_then_eof(procs, keyfile, echo, impl):
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+def test_truncated_handshake_then_eof(decrypter, keyfile, impl):
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile))
     c.sock.sendall(os.urandom(spiped.NONCE_SIZE))
     assert len(recv_exact(c.sock, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
@@ -181,25 +186,18 @@ def test_truncated_handshake_then_eof(procs, keyfile, echo, impl):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_dh_value_not_below_p(procs, keyfile, echo, impl):
+def test_dh_value_not_below_p(decrypter, keyfile, impl):
     """y = p with a valid MAC is refused before the server sends its own y."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile))
-    nonce_c = os.urandom(spiped.NONCE_SIZE)
-    c.sock.sendall(nonce_c)
-    nonce_s = recv_exact(c.sock, spiped.NONCE_SIZE)
-    mac_c, _ = spiped.dhmac_keys(c.key, nonce_c, nonce_s)
-    y = spiped.DH_PRIME_BYTES
-    c.sock.sendall(y + spiped.hmac_sha256(mac_c, y))
+    c.hello(spiped.DH_PRIME_BYTES)
     check_dropped_and_still_serving(c, addr, c.key, target)
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_wrong_key(procs, keyfile, otherkey, echo, impl):
+def test_wrong_key(decrypter, keyfile, otherkey, impl):
     """A client with another key: dropped in the handshake, the target gets nothing."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     with connect(addr, timeout=10) as s:
         with pytest.raises(spiped.HandshakeError):
             spiped.handshake(s, key_of(otherkey), client=True, deadline=spiped.deadline_in(DROP_TIMEOUT))
@@ -238,10 +236,9 @@ def test_require_pfs_against_fast(procs, keyfile, echo, d_impl, e_impl, d_flag, 
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_handshake_timeout(procs, keyfile, echo, impl):
+def test_handshake_timeout(decrypter, keyfile, impl):
     """-o 1 and a silent client: our nonce at once, then closed after about 1 s."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, "-o", "1", impl=impl).addr
+    addr, target = decrypter(impl, "-o", "1")
     with connect(addr, timeout=10) as s:
         started = time.monotonic()
         assert len(recv_exact(s, spiped.NONCE_SIZE)) == spiped.NONCE_SIZE
@@ -258,10 +255,9 @@ def test_handshake_timeout(procs, keyfile, echo, impl):
 # -- packets after a good handshake ------------------------------------------
 
 
-def test_packet_builder_matches_sealer(procs, keyfile, echo):
+def test_packet_builder_matches_sealer(decrypter, keyfile):
     """The hand-made packets below are exactly what PacketSealer makes."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile).addr
+    addr, target = decrypter("ours")
     c = RawClient(addr, key_of(keyfile)).handshake()
     sealer = spiped.PacketSealer(c.e_c, c.h_c)
     for payload in (b"x", os.urandom(1024)):
@@ -271,9 +267,8 @@ def test_packet_builder_matches_sealer(procs, keyfile, echo):
 
 @pytest.mark.parametrize("where", ["ciphertext", "length-field", "mac"])
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_flipped_bit(procs, keyfile, echo, impl, where):
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+def test_flipped_bit(decrypter, keyfile, impl, where):
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile)).handshake()
     packet = bytearray(c.packet(b"hello, target"))
     bit = {"ciphertext": 3 * 8 + 5, "length-field": 1027 * 8, "mac": 1040 * 8 + 7}[where]
@@ -284,23 +279,21 @@ def test_flipped_bit(procs, keyfile, echo, impl, where):
 
 @pytest.mark.parametrize("length", [0, 1025, 0xFFFFFFFF])
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_bad_length_with_valid_mac(procs, keyfile, echo, impl, length):
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+def test_bad_length_with_valid_mac(decrypter, keyfile, impl, length):
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile)).handshake()
     c.sock.sendall(c.packet(b"" if length == 0 else b"A" * 1024, length=length))
     check_dropped_and_still_serving(c, addr, c.key, target)
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_good_packet_then_bad_one(procs, keyfile, echo, impl):
+def test_good_packet_then_bad_one(decrypter, keyfile, impl):
     """Nothing from the bad packet or after it reaches the target.
 
     The good packet before it may or may not be forwarded: ours forwards it;
     C 1.6.2 drops it too when both arrive in one segment.
     """
-    target = echo(mode="sink")  # no echo data that could race the drop
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl, mode="sink")  # no echo data that could race the drop
     c = RawClient(addr, key_of(keyfile)).handshake()
     good = c.packet(b"first")
     bad = bytearray(c.packet(b"second"))
@@ -329,10 +322,9 @@ def read_echo(client, opener, size):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_replayed_packet(procs, keyfile, echo, impl):
+def test_replayed_packet(decrypter, keyfile, impl):
     """The same valid packet sent twice: the copy carries the wrong number."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile)).handshake()
     packet = c.packet(b"only once")
     c.sock.sendall(packet)
@@ -345,10 +337,9 @@ def test_replayed_packet(procs, keyfile, echo, impl):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_reflected_packet(procs, keyfile, echo, impl):
+def test_reflected_packet(decrypter, keyfile, impl):
     """A packet the server sent, sent back to it: the directions have separate keys."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile)).handshake()
     c.sock.sendall(c.packet(b"ping"))
     reply = recv_exact(c.sock, spiped.PACKET)
@@ -362,35 +353,28 @@ def test_reflected_packet(procs, keyfile, echo, impl):
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_dh_value_zero_is_accepted(procs, keyfile, echo, impl):
+def test_dh_value_zero_is_accepted(decrypter, keyfile, impl):
     """y = 0 passes the y < p check (C does not reject it); the shared value is
     then 0 and both ends derive the same keys from it."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile))
-    nonce_c = os.urandom(spiped.NONCE_SIZE)
-    c.sock.sendall(nonce_c)
-    nonce_s = recv_exact(c.sock, spiped.NONCE_SIZE)
-    mac_c, mac_s = spiped.dhmac_keys(c.key, nonce_c, nonce_s)
-    y = bytes(spiped.DH_SIZE)
-    c.sock.sendall(y + spiped.hmac_sha256(mac_c, y))
+    nonce_c, nonce_s, mac_s = c.hello(bytes(spiped.DH_SIZE))
     spiped.check_dh_message(recv_exact(c.sock, spiped.DH_MESSAGE), mac_s, False)
     c.e_c, c.h_c, c.e_s, c.h_s = spiped.traffic_keys(c.key, nonce_c, nonce_s,
                                                      bytes(spiped.DH_SIZE))
     c.sent = 0
     c.sock.sendall(c.packet(b"zero"))
     c.sock.shutdown(socket.SHUT_WR)
-    wire = read_to_eof(c.sock)
+    wire = recv_all(c.sock, reset_ends=True)
     c.sock.close()
     assert spiped.PacketOpener(c.e_s, c.h_s).open(wire) == b"zero"
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
+def test_handshake_and_packets_in_tiny_pieces(decrypter, keyfile, impl):
     """Byte boundaries mean nothing: a handshake and packets dribbled out in
     7-byte writes are served normally."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     key = key_of(keyfile)
     s = connect(addr, timeout=10)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -413,17 +397,16 @@ def test_handshake_and_packets_in_tiny_pieces(procs, keyfile, echo, impl):
         payload = os.urandom(2500)
         dribble(spiped.PacketSealer(e_c, h_c).seal(payload))
         s.shutdown(socket.SHUT_WR)
-        wire = read_to_eof(s)
+        wire = recv_all(s, reset_ends=True)
     finally:
         s.close()
     assert spiped.PacketOpener(e_s, h_s).open(wire) == payload
 
 
 @pytest.mark.parametrize("impl", D_IMPLS)
-def test_client_reset_mid_stream(procs, keyfile, echo, impl):
+def test_client_reset_mid_stream(decrypter, keyfile, impl):
     """A client that vanishes with a reset while data flows costs only itself."""
-    target = echo()
-    addr = procs.spiped("-d", target.addr, keyfile, impl=impl).addr
+    addr, target = decrypter(impl)
     c = RawClient(addr, key_of(keyfile)).handshake()
     data = os.urandom(2000)
     c.sock.sendall(c.packet(data[:1000]) + c.packet(data[1000:]))
@@ -473,36 +456,17 @@ def test_partial_packet_then_eof(procs, keyfile, impl):
         c = RawClient(addr, key_of(keyfile)).handshake()
         c.sock.sendall(os.urandom(500))
         c.sock.shutdown(socket.SHUT_WR)
-        wire = bytearray()
-        while True:
-            d = c.sock.recv(65536)
-            if not d:
-                break
-            wire += d
+        wire = recv_all(c.sock)
         c.sock.close()
         assert target.done.wait(10)
         assert target.result == (b"", True)
         opener = spiped.PacketOpener(c.e_s, c.h_s)
-        assert opener.open(bytes(wire)) == AfterEofTarget.REPLY
+        assert opener.open(wire) == AfterEofTarget.REPLY
     finally:
         target.close()
 
 
 # -- the -e end facing a bad server ------------------------------------------
-
-
-def read_to_eof(sock):
-    """All bytes until EOF; a reset counts as the end too."""
-    buf = bytearray()
-    try:
-        while True:
-            d = sock.recv(65536)
-            if not d:
-                break
-            buf += d
-    except ConnectionResetError:
-        pass
-    return bytes(buf)
 
 
 class FakeServer(TargetServer):
@@ -542,7 +506,7 @@ class FakeServer(TargetServer):
                     _, mac_s = spiped.dhmac_keys(self.wrong_key, nonce_c, nonce_s)
                     _, y = spiped.dh_keypair(False)
                     c.sendall(y + spiped.hmac_sha256(mac_s, y))
-                    got, outcome = read_to_eof(c), "closed"
+                    got, outcome = recv_all(c, reset_ends=True), "closed"
                 else:
                     sealer, opener = spiped.handshake(c, self.key, client=False, deadline=spiped.deadline_in(10))
                     c.settimeout(10)
@@ -550,14 +514,14 @@ class FakeServer(TargetServer):
                         packet = bytearray(sealer.seal(b"forged"))
                         packet[100] ^= 0x08
                         c.sendall(packet)
-                        got, outcome = read_to_eof(c), "closed"
+                        got, outcome = recv_all(c, reset_ends=True), "closed"
                     elif mode == "partial":
                         c.sendall(sealer.seal(b"before the stray bytes") + os.urandom(500))
                         c.shutdown(socket.SHUT_WR)
-                        wire = read_to_eof(c)
+                        wire = recv_all(c, reset_ends=True)
                         got, outcome = opener.open(wire), "eof"
                     else:
-                        wire = read_to_eof(c)
+                        wire = recv_all(c, reset_ends=True)
                         data = opener.open(wire[:len(wire) - len(wire) % spiped.PACKET])
                         c.sendall(sealer.seal(data))
                         c.shutdown(socket.SHUT_WR)
@@ -585,7 +549,7 @@ def plain_exchange(addr, data):
         s.shutdown(socket.SHUT_WR)
         s.settimeout(DROP_TIMEOUT)
         try:
-            return read_to_eof(s)
+            return recv_all(s, reset_ends=True)
         except socket.timeout:
             raise AssertionError("no EOF within %ss" % DROP_TIMEOUT)
 
@@ -602,7 +566,7 @@ def test_encrypting_end_against_bad_server(procs, keyfile, otherkey, impl, mode)
             s.sendall(b"must stay here")
             s.settimeout(DROP_TIMEOUT)
             try:
-                assert read_to_eof(s) == b""
+                assert recv_all(s, reset_ends=True) == b""
             except socket.timeout:
                 raise AssertionError("-e did not drop the connection")
         # With the wrong key no packet may be sent; after a forged packet the

@@ -155,6 +155,11 @@ def base(*more):
     return BASE + more
 
 
+def bad_target(name, target, why):
+    """Case NAME: -t TARGET fails with WHY, then spiped's "Error resolving" line."""
+    return Case(name, ("-e", "-F") + S + ("-t", target) + K, unresolvable(target, why))
+
+
 # ---------------------------------------------------------------------------
 # spiped: command lines
 
@@ -273,25 +278,17 @@ SPIPED_CASES = [
     # Addresses.
     Case("source-no-port", ("-e", "-F", "-s", "nonsense") + T + K,
          unresolvable("nonsense", "Address must contain port number: nonsense")),
-    Case("target-no-port", ("-e", "-F") + S + ("-t", "nonsense") + K,
-         unresolvable("nonsense", "Address must contain port number: nonsense")),
-    Case("target-bad-ipv4", ("-e", "-F") + S + ("-t", "[999.1.1.1]:1") + K,
-         unresolvable("[999.1.1.1]:1", "Error parsing IP address: 999.1.1.1")),
-    Case("target-bad-ipv6", ("-e", "-F") + S + ("-t", "[::g]:1") + K,
-         unresolvable("[::g]:1", "Error parsing IP address: ::g")),
-    Case("target-port-0", ("-e", "-F") + S + ("-t", "[127.0.0.1]:0") + K,
-         unresolvable("[127.0.0.1]:0", "Invalid port number: 0")),
-    Case("target-port-65536", ("-e", "-F") + S + ("-t", "[127.0.0.1]:65536") + K,
-         unresolvable("[127.0.0.1]:65536", "Invalid port number: 65536")),
-    Case("target-port-5x", ("-e", "-F") + S + ("-t", "[127.0.0.1]:5x") + K,
-         unresolvable("[127.0.0.1]:5x", "Invalid port number: 5x")),
-    Case("target-unclosed-bracket", ("-e", "-F") + S + ("-t", "[::1:80") + K,
-         unresolvable("[::1:80", "Invalid [IP address]: [::1")),
+    bad_target("target-no-port", "nonsense", "Address must contain port number: nonsense"),
+    bad_target("target-bad-ipv4", "[999.1.1.1]:1", "Error parsing IP address: 999.1.1.1"),
+    bad_target("target-bad-ipv6", "[::g]:1", "Error parsing IP address: ::g"),
+    bad_target("target-port-0", "[127.0.0.1]:0", "Invalid port number: 0"),
+    bad_target("target-port-65536", "[127.0.0.1]:65536", "Invalid port number: 65536"),
+    bad_target("target-port-5x", "[127.0.0.1]:5x", "Invalid port number: 5x"),
+    bad_target("target-unclosed-bracket", "[::1:80", "Invalid [IP address]: [::1"),
     Case("source-unix-path-108", ("-e", "-F", "-s", "{long108}") + T + K,
          unresolvable("{long108}", "socket path too long: {long108}")),
-    Case("target-unresolvable", ("-e", "-F") + S + ("-t", "nonexistent.invalid:80") + K,
-         unresolvable("nonexistent.invalid:80",
-                      re.compile(r"spiped: Error looking up nonexistent\.invalid: " + DNS_FAIL))),
+    bad_target("target-unresolvable", "nonexistent.invalid:80",
+               re.compile(r"spiped: Error looking up nonexistent\.invalid: " + DNS_FAIL)),
     # Empty addresses and a missing host: see ADDRESS_CASES below.
     # Binding.
     # Ours adds a line saying why it left the file alone (it removes only

@@ -13,7 +13,8 @@ import subprocess
 import pytest
 
 from conftest import (SPIPED_PY, address_listening, connect, exchange, free_port, need_c, ours,
-                      read_text, refused, rss_kib, tcp_addr, wait_for, wait_listening)
+                      read_text, recv_all, refused, rss_kib, tcp_addr, terminate, wait_for,
+                      wait_listening)
 import spiped
 
 
@@ -223,8 +224,7 @@ def test_six_tunnels_carry_data_and_rss(procs, echo, keyfile, tmp_path):
         return all("live=0 total=1 " in newest.get(source, "") for source in sources)
 
     assert wait_for(all_ended, 20, step=0.2), newest_stats()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
     assert not os.path.exists(str(tmp_path / "e.sock"))
     assert not os.path.exists(str(tmp_path / "d.sock"))
 
@@ -268,16 +268,11 @@ def test_sighup_adds_removes_and_rekeys(procs, echo, keyfile, tmp_path):
 
     s.sendall(payload[100000:])
     s.shutdown(socket.SHUT_WR)
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        got += d
+    got += recv_all(s)
     s.close()
     assert bytes(got) == payload
     assert p.poll() is None
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @need_c
@@ -301,8 +296,7 @@ def test_sighup_replaces_a_changed_line_keeping_its_connections(procs, echo, key
     held.shutdown(socket.SHUT_WR)
     assert held.recv(100) == b"second"
     held.close()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, tmp_path):
@@ -328,8 +322,7 @@ def test_sighup_socket_mode_change_never_follows_a_swapped_path(procs, keyfile, 
     p.send_signal(signal.SIGHUP)
     assert wait_for(lambda: p.log_text().count("1 replaced") == 2, 15), p.log_text()
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @need_c
@@ -342,7 +335,8 @@ def test_accept_key_on_a_tunnel_line_and_its_removal_at_reload(procs, echo, keyf
     line = "-d -s %s -t %s -k %s" % (a, target.addr, keyfile)
     conf = write_config(tmp_path / "k.conf", [line + " --accept-key " + old])
     p = start_config(procs, conf)
-    with_new, with_old = procs.spiped("-e", a, keyfile, impl="c").addr, procs.spiped("-e", a, old, impl="c").addr
+    with_new = procs.spiped("-e", a, keyfile, impl="c").addr
+    with_old = procs.spiped("-e", a, old, impl="c").addr
     assert exchange(with_new, b"new key", timeout=20) == b"new key"
     assert exchange(with_old, b"old key", timeout=20) == b"old key"
     write_config(conf, [line])
@@ -353,8 +347,7 @@ def test_accept_key_on_a_tunnel_line_and_its_removal_at_reload(procs, echo, keyf
     p.send_signal(signal.SIGUSR1)
     text = wait_log(p.log, "%s: stats:" % a)
     assert "keys=%s=2,old.key=1" % os.path.basename(keyfile) in text
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @need_c
@@ -380,8 +373,7 @@ def test_proxy_protocol_on_a_tunnel_line(procs, echo, keyfile, tmp_path):
     assert wait_for(lambda: target.received, 20)
     assert target.received[0] == (b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\nafter the header"
                                   % (client_port, port))
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @need_c
@@ -408,8 +400,7 @@ def test_sighup_new_source_text_for_the_same_address_takes_over(procs, echo, key
         return wait_for(lambda: ended in p.log_text(), 1.0)
 
     assert wait_for(stats_show_it_ended, 15, step=0.2), p.log_text()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @need_c
@@ -433,8 +424,7 @@ def test_broken_file_at_reload_changes_nothing(procs, echo, keyfile, tmp_path):
     assert wait_for(lambda: p.log_text().count("not reloaded") == 2, 15), p.log_text()
     assert "%s:4: -F belongs on the command line" % conf in p.log_text()
     assert p.poll() is None
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @pytest.mark.parametrize("bad, why", [
@@ -487,8 +477,7 @@ def test_activation_sockets_serve_their_lines(procs, echo, keyfile, tmp_path):
     wait_listening(a3, p)
     for a in (a1, a2, a3):
         assert exchange(a, b"via " + a.encode(), timeout=20) == b"via " + a.encode()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 def test_activation_socket_matching_no_line_is_an_error(procs, keyfile, tmp_path):
@@ -571,8 +560,7 @@ def test_empty_key_on_a_line_is_read_at_reload_as_at_start(tmp_path, procs):
     text = wait_log(p.log, "%s reloaded: 0 added, 0 removed, 0 rekeyed, 0 replaced, 1 unchanged"
                     % conf)
     assert "not reloaded" not in text and "file is empty" not in text, text
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n\n   \n"], ids=["empty", "comments"])
@@ -601,8 +589,7 @@ def test_config_emptied_at_reload_keeps_serving(tmp_path, procs, keyfile, echo):
     text = wait_log(p.log, "%s not reloaded; still serving as before" % conf)
     assert "no tunnels" in text, text
     assert address_listening(addr) and p.poll() is None
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
 
 
 def test_log_label_prefixes_every_line(tmp_path, procs, keyfile, echo):
@@ -616,16 +603,14 @@ def test_log_label_prefixes_every_line(tmp_path, procs, keyfile, echo):
     lines = p.log_text().splitlines()
     assert lines and all(line.startswith("spiped: smtp: ") for line in lines), lines
     assert "spiped: smtp: connection 1: accepted from" in lines[0], lines
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
     conf = write_config(tmp_path / "c.conf", ["-d -s %s -t %s -k %s --log-connections"
                                               % (addr, target.addr, keyfile)])
     p = start_config(procs, conf, "--log-label", "all")
     exchange(addr, b"no key", timeout=20)  # our nonce comes back, then the end
     text = wait_log(p.log, "handshake failed")
     assert "spiped: all: %s: connection 1: accepted from" % addr in text, text
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=20) == 0
+    assert terminate(p, timeout=20) == 0
     bad = write_config(tmp_path / "bad.conf", ["-d -s %s -t %s -k %s --log-label x"
                                                % (addr, target.addr, keyfile)])
     with pytest.raises(spiped.SpipedError) as e:

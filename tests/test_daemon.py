@@ -8,6 +8,7 @@ names (checked against its command line first, so a recycled PID is
 never hit); a daemon that wrote no pidfile is found by the scratch
 directory on its command line.
 """
+import contextlib
 import os
 import pwd
 import re
@@ -93,7 +94,8 @@ class Daemons:
         cmd = _cmdline(pid)
         return self.marker in cmd and (SPIPED_PY in cmd or C_SPIPED in cmd)
 
-    def kill_all(self):
+    def close(self):
+        """Kill every daemon of the test (SIGKILL) and wait until each is gone."""
         pids = set()
         for path in self.pidfiles:
             try:
@@ -117,10 +119,8 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.kill_all()
+def daemons(tmp_path, closing):
+    return closing(Daemons(tmp_path))
 
 
 @pytest.fixture
@@ -322,13 +322,21 @@ def wait_draining(source):
     return wait_for(lambda: not_served(source), 4 * C_SIGNAL_POLL, step=0)
 
 
+@contextlib.contextmanager
+def draining(proc, source, first):
+    """A connection to SOURCE that carried FIRST, held while PROC's drain
+    after a SIGTERM has begun; yields it."""
+    with connect(source, timeout=5) as live:
+        assert echoed(live, first) == first
+        proc.send_signal(signal.SIGTERM)
+        assert wait_draining(source), "still serving new connections after SIGTERM"
+        yield live
+
+
 @pytest.mark.parametrize("impl", IMPL_IDS)
 def test_sigterm_drains_live_connection(impl, relay):
     proc, source = relay(impl)
-    with connect(source, timeout=5) as live:
-        assert echoed(live, b"before") == b"before"
-        proc.send_signal(signal.SIGTERM)
-        assert wait_draining(source), "still serving new connections after SIGTERM"
+    with draining(proc, source, b"before") as live:
         assert proc.poll() is None, "exited with a live connection"
         assert echoed(live, b"after the signal") == b"after the signal"
         assert not_served(source)
@@ -349,10 +357,7 @@ def test_sigterm_idle_exits_zero(impl, relay):
 @pytest.mark.parametrize("impl", IMPL_IDS)
 def test_second_sigterm_kills(impl, relay):
     proc, source = relay(impl)
-    with connect(source, timeout=5) as live:
-        assert echoed(live, b"x") == b"x"
-        proc.send_signal(signal.SIGTERM)
-        assert wait_draining(source), "still serving new connections after SIGTERM"
+    with draining(proc, source, b"x"):
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=2) == -signal.SIGTERM

@@ -61,7 +61,7 @@ import pytest
 
 from conftest import (EchoServer, Notify, TargetServer, assert_stays, check_echo, clean_env,
                       connect, cpu_seconds, drain, exchange, free_port, key_of, need_c, ours,
-                      recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count, wait_for,
+                      quiet, recv_exact, rss_kib, sha, tcp_addr, thread_and_fd_count, wait_for,
                       write_key)
 import spiped
 
@@ -482,6 +482,22 @@ def _ends(sock, half_closed):
     return got, how, None
 
 
+def _stream_case(sock, rng, kind, keys, other, foreign, sent_back):
+    """Send a mutated stream of KIND sealed with KEYS on SOCK (see hostile_stream).
+
+    Returns (the plaintext a correct receiver delivers, why the outcome is
+    not acceptable or None); SENT_BACK says it when bytes came back.
+    """
+    wire = hostile_stream(rng, kind, keys, other, foreign)
+    expected, must_drop = reference_open(keys, wire)
+    assert must_drop or kind in MAY_BE_VALID, "fuzzer made a valid %s stream" % kind
+    send_quietly(sock, wire, half_close=not must_drop)
+    got, how, bad = _ends(sock, not must_drop)
+    if got:
+        bad = sent_back % len(got)
+    return expected, bad
+
+
 def _d_case(port, key, index, foreign):
     """One hostile client of -d; (kind, expected plaintext at the target, keys, error)."""
     rng = random.Random("%d:d:%d" % (FUZZ_SEED, index))
@@ -507,13 +523,8 @@ def _d_case(port, key, index, foreign):
                 bad = "the daemon answered a bad DH message with %d bytes" % len(got)
         else:
             keys = client_handshake(s, key)
-            wire = hostile_stream(rng, kind, keys.up, keys.down, foreign or keys.down)
-            expected, must_drop = reference_open(keys.up, wire)
-            assert must_drop or kind in MAY_BE_VALID, "fuzzer made a valid %s stream" % kind
-            send_quietly(s, wire, half_close=not must_drop)
-            got, how, bad = _ends(s, not must_drop)
-            if got:
-                bad = "the daemon sent %d bytes back" % len(got)
+            expected, bad = _stream_case(s, rng, kind, keys.up, keys.down, foreign or keys.down,
+                                         "the daemon sent %d bytes back")
     error = bad and "case %d (%s): %s" % (index, kind, bad)
     return kind, expected, keys, error
 
@@ -552,17 +563,27 @@ def _e_case(conn, key, index, foreign, clients_expected):
                     conn.sendall(ONE + mac(dk[32:], ONE))
                     keys = Keys(key, nonce_c, nonce)
                     foreign[0], foreign[1] = foreign[1], keys.up
-                    wire = hostile_stream(rng, kind, keys.down, keys.up, foreign[0] or keys.up)
-                    expected, must_drop = reference_open(keys.down, wire)
-                    assert must_drop or kind in MAY_BE_VALID, "fuzzer made a valid %s stream" % kind
-                    send_quietly(conn, wire, half_close=not must_drop)
-                    got, how, bad = _ends(conn, not must_drop)
-                    if got:
-                        bad = "-e sent %d bytes (its client sends nothing)" % len(got)
+                    expected, bad = _stream_case(conn, rng, kind, keys.down, keys.up,
+                                                 foreign[0] or keys.up,
+                                                 "-e sent %d bytes (its client sends nothing)")
         except (OSError, EOFError, AssertionError) as e:
             bad = "handshake with -e failed: %r" % (e,)
     clients_expected.append((expected, "case %d (%s)" % (index, kind)))
     return bad and "case %d (%s): %s" % (index, kind, bad)
+
+
+def _run_fuzz_threads(work, cases):
+    """Run WORK in FUZZ_THREADS threads, each joined with time for CASES cases.
+
+    Returns (seconds taken, whether any thread still runs).
+    """
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(FUZZ_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(CASE_TIMEOUT * 3 + cases)
+    return time.monotonic() - started, any(t.is_alive() for t in threads)
 
 
 def _fuzz_report(errors, extra=()):
@@ -649,14 +670,8 @@ def test_fuzz_hostile_client_of_decrypter(procs, keyfile, impl):
                 if error:
                     errors.append(error)
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(FUZZ_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(CASE_TIMEOUT * 3 + cases)
-    elapsed = time.monotonic() - started
-    assert not any(t.is_alive() for t in threads), _fuzz_report(errors, ["fuzz threads hung"])
+    elapsed, hung = _run_fuzz_threads(worker, cases)
+    assert not hung, _fuzz_report(errors, ["fuzz threads hung"])
     assert d.poll() is None, "the daemon died: %s" % d.log_text()
     assert not errors, _fuzz_report(errors)
     assert_no_leak(d.pid, baseline, "-d after %d hostile clients" % cases)
@@ -761,14 +776,8 @@ def test_fuzz_hostile_server_behind_encrypter(procs, keyfile, impl):
                     if how not in ("eof", "reset"):
                         errors.append("client of -e: connection not closed: %s" % how)
 
-        started = time.monotonic()
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(FUZZ_THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(CASE_TIMEOUT * 3 + cases)
-        elapsed = time.monotonic() - started
-        assert not any(t.is_alive() for t in threads), _fuzz_report(errors, ["clients hung"])
+        elapsed, hung = _run_fuzz_threads(client, cases)
+        assert not hung, _fuzz_report(errors, ["clients hung"])
         assert wait_for(lambda: len(expected) >= accepted[0] == made[0], 20), \
             _fuzz_report(errors, ["-e dialled %d times for %d clients; %d cases ended"
                                   % (accepted[0], made[0], len(expected))])
@@ -1340,17 +1349,18 @@ def test_descriptor_exhaustion(procs, keyfile, runs_out_at):
         cpu = cpu_seconds(e.pid) - cpu_before
         assert e.poll() is None, "died: %s" % e.log_text()
         assert cpu < 0.5, "-e used %.2fs of CPU in 2s while out of descriptors" % cpu
-        for s in extra:
-            s.settimeout(0.2 if runs_out_at == "accept" else 5)
-            try:
-                got = s.recv(100)
-            except socket.timeout:
-                got = None
-            except OSError:
-                got = b""
-            if runs_out_at == "accept":
-                assert got is None, "a client beyond the limit got %r" % got
-            else:
+        if runs_out_at == "accept":  # not accepted, so nothing comes, not even the end
+            assert_stays(lambda: all(quiet(s) for s in extra), 0.2,
+                         what="a client beyond the limit got an answer")
+        else:
+            for s in extra:
+                s.settimeout(5)
+                try:
+                    got = s.recv(100)
+                except socket.timeout:
+                    got = None
+                except OSError:
+                    got = b""
                 assert got == b"", "a client that could not be dialled got %r" % got
         for s in holders:
             s.close()

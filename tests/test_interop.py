@@ -19,7 +19,7 @@ import pytest
 
 import conftest
 from conftest import (SPIPED_PY, TargetServer, connect, drain, exchange, free_port, have_ipv6,
-                      need_c, sha, tcp_addr, wait_for)
+                      need_c, recv_all, sha, tcp_addr, wait_for)
 
 pytestmark = need_c
 
@@ -135,20 +135,15 @@ def test_half_close_late_reply(procs, keyfile, late_target, pair):
     try:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        got = bytearray()
         started = time.monotonic()
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
+        got = recv_all(s)
     finally:
         s.close()
     received, eof, reply = target.wait_results(1)[0]
     assert eof, "target did not see EOF after the client's half-close"
     assert received == payload
     assert len(reply) == 32 + 100000
-    assert bytes(got) == reply
+    assert got == reply
     assert time.monotonic() - started >= 0.25
 
 

@@ -18,8 +18,9 @@ import urllib.request
 import pytest
 
 import spiped
-from conftest import (connect, drain, exchange, free_port, need_c, ours, recv_exact, refused,
-                      tcp_addr, unavailable, wait_closed, wait_for, wait_listening, wrapped)
+from conftest import (connect, drain, exchange, free_port, need_c, ours, recv_all, recv_exact,
+                      refused, tcp_addr, unavailable, wait_closed, wait_for, wait_listening,
+                      wrapped)
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -38,15 +39,10 @@ def http_get(addr, path, accept=None, timeout=10.0):
         if accept:
             request += "Accept: %s\r\n" % accept
         s.sendall((request + "\r\n").encode())
-        data = bytearray()
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_all(s)
     finally:
         s.close()
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
     return int(lines[0].split()[1]), headers, body

@@ -11,6 +11,7 @@ Some tests run spiped.py's main() from a small wrapper script that first
 patches one function (to count calls, to widen a window, or to raise),
 so the daemon process itself shows the behaviour.
 """
+import contextlib
 import os
 import signal
 import shutil
@@ -44,6 +45,12 @@ class HoldingTarget(TargetServer):
             pass
         with self.lock:
             self.eofs += 1
+
+
+def handshake(sock, keyfile):
+    """A client's fast handshake on SOCK with the key in KEYFILE; (sealer, opener)."""
+    return spiped.handshake(sock, key_of(keyfile), client=True, fast=True,
+                            deadline=spiped.deadline_in(10))
 
 
 @pytest.fixture
@@ -126,9 +133,9 @@ def test_wrong_key_clients_cost_no_exponentiation(procs, tmp_path, keyfile, othe
     for _ in range(20):
         with connect(d.addr) as s:
             with pytest.raises(spiped.HandshakeError):
-                spiped.handshake(s, key_of(otherkey), client=True, fast=True, deadline=spiped.deadline_in(10))
+                handshake(s, otherkey)
     with connect(d.addr) as s:
-        spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+        handshake(s, keyfile)
     d.send_signal(signal.SIGTERM)
     assert d.wait(timeout=10) == 0, d.log_text()
     # The good client: the daemon's own y, then the shared value.
@@ -197,7 +204,7 @@ def test_sigterm_exit_waits_for_the_connections_lines(procs, tmp_path, keyfile, 
         for _ in range(4):
             s = connect(d.addr)
             clients.append(s)
-            _, opener = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+            _, opener = handshake(s, keyfile)
             assert opener.open(recv_exact(s, spiped.PACKET)) == b"hello"  # both relays run
         d.send_signal(signal.SIGTERM)
         notify.wait_for_text("STOPPING=1")  # the drain has begun
@@ -227,9 +234,10 @@ def test_unexpected_relay_exception_closes_both_sockets(procs, tmp_path, keyfile
                                                          where):
     """Both the client and the target see their connection end, and the error is logged."""
     target = holding()
-    d = procs.spiped("-d", target.addr, keyfile, "-o", "30", impl=wrapped(tmp_path, RAISE_IN % where))
+    d = procs.spiped("-d", target.addr, keyfile, "-o", "30",
+                     impl=wrapped(tmp_path, RAISE_IN % where))
     with connect(d.addr) as s:
-        sealer, _ = spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+        sealer, _ = handshake(s, keyfile)
         s.sendall(sealer.seal(b"data for the target"))
         assert wait_closed(s, 10) is not None, "client still connected"
     assert wait_for(lambda: target.eofs == 1, 10), "target still connected"
@@ -259,7 +267,7 @@ def test_keepalive_on_both_sockets_unless_j(procs, keyfile, holding, flags):
     sport = d.addr.rsplit(":", 1)[1]
     tport = target.addr.rsplit(":", 1)[1]
     with connect(d.addr) as s:
-        spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+        handshake(s, keyfile)
         assert wait_for(lambda: target.connections == 1, 10)
         accepted = _keepalive_timers("( sport = :%s )" % sport)
         dialled = _keepalive_timers("( dport = :%s )" % tport)
@@ -286,6 +294,24 @@ def _child_pid(pid, timeout=10):
     return int(found[0])
 
 
+@contextlib.contextmanager
+def as_pid_1(procs, source, *args):
+    """Ours -F -s SOURCE ARGS as PID 1 of a PID namespace (unshare --pid --fork).
+
+    Yields (unshare's Daemon, the PID of ours); ours is killed at the end if
+    unshare still runs (it passes no signal on, so only PID 1's end ends it).
+    """
+    outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
+                          os.path.join(ROOT, "spiped.py"), "-F", "-s", source, *args], source)
+    pid1 = _child_pid(outer.pid)
+    try:
+        yield outer, pid1
+    finally:
+        if outer.poll() is None:
+            os.kill(pid1, signal.SIGKILL)
+            outer.wait(timeout=10)
+
+
 def _can_unshare_pid():
     if not shutil.which("unshare") or os.geteuid() != 0:
         return False
@@ -294,24 +320,16 @@ def _can_unshare_pid():
 
 
 @pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare --pid")
-def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, tmp_path, keyfile, holding):
+def test_pid1_exits_0_on_sigint_with_a_live_connection(procs, keyfile, holding):
     """As PID 1 SIGINT's default action would do nothing; the handler exits 0 at once."""
     target = holding()
     source = tcp_addr(free_port())
-    outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
-                          os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
-                          "-t", target.addr, "-k", keyfile], source)
-    pid1 = _child_pid(outer.pid)
-    try:
+    with as_pid_1(procs, source, "-d", "-t", target.addr, "-k", keyfile) as (outer, pid1):
         with connect(source) as s:
-            spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+            handshake(s, keyfile)
             assert wait_for(lambda: target.connections == 1, 10)
             os.kill(pid1, signal.SIGINT)
             assert outer.wait(timeout=10) == 0, outer.log_text()
-    finally:
-        if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
-            os.kill(pid1, signal.SIGKILL)
-            outer.wait(timeout=10)
     assert "Traceback" not in outer.log_text()
 
 
@@ -321,23 +339,16 @@ def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyf
     source's and --metrics' socket files removed."""
     target = holding()
     source, metrics = str(tmp_path / "source.sock"), str(tmp_path / "metrics.sock")
-    outer = procs.daemon(["unshare", "--pid", "--fork", sys.executable,
-                          os.path.join(ROOT, "spiped.py"), "-F", "-d", "-s", source,
-                          "-t", target.addr, "-k", keyfile, "--metrics", metrics], source)
-    pid1 = _child_pid(outer.pid)
-    try:
+    with as_pid_1(procs, source, "-d", "-t", target.addr, "-k", keyfile,
+                  "--metrics", metrics) as (outer, pid1):
         wait_listening(metrics, outer)
         with connect(source) as s:
-            spiped.handshake(s, key_of(keyfile), client=True, fast=True, deadline=spiped.deadline_in(10))
+            handshake(s, keyfile)
             assert wait_for(lambda: target.connections == 1, 10)
             os.kill(pid1, signal.SIGTERM)
             assert wait_for(lambda: not os.path.lexists(source)), "the drain did not begin"
             assert outer.poll() is None
             os.kill(pid1, signal.SIGTERM)
             assert outer.wait(timeout=10) == 0, outer.log_text()
-    finally:
-        if outer.poll() is None:  # unshare passes no signal on: end PID 1 itself
-            os.kill(pid1, signal.SIGKILL)
-            outer.wait(timeout=10)
     assert not os.path.lexists(metrics)
     assert "Traceback" not in outer.log_text()

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import (HAVE_C, SPIPED_PY, Notify, TargetServer, address_listening, assert_stays,
                       clean_env, connect, exchange, free_port, need_c, ours, pid_gone, quiet,
-                      read_text, recv_exact, refused, tcp_addr, wait_for, wait_listening)
+                      read_text, recv_all, recv_exact, refused, tcp_addr, wait_for,
+                      wait_listening)
 import spiped
 
 STATS_RE = re.compile(
@@ -92,14 +93,8 @@ class ReplyServer(TargetServer):
         super().__init__()
 
     def handle(self, c):
-        got = 0
         c.settimeout(10)
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            got += len(d)
-        self.received.append(got)
+        self.received.append(len(recv_all(c)))
         c.sendall(self.reply)
         c.shutdown(socket.SHUT_WR)
 
@@ -140,24 +135,11 @@ def raw_handshake_garbage(addr, key):
     try:
         nonce_c = os.urandom(spiped.NONCE_SIZE)
         s.sendall(nonce_c)
-        nonce_s = b""
-        while len(nonce_s) < spiped.NONCE_SIZE:
-            d = s.recv(spiped.NONCE_SIZE - len(nonce_s))
-            assert d, "server closed before sending its nonce"
-            nonce_s += d
+        nonce_s = recv_exact(s, spiped.NONCE_SIZE)
         dhmac_c, _ = spiped.dhmac_keys(key, nonce_c, nonce_s)
         y = b"\xff" * spiped.DH_SIZE
         s.sendall(y + spiped.hmac_sha256(dhmac_c, y))
-        rest = b""
-        try:
-            while True:
-                d = s.recv(4096)
-                if not d:
-                    break
-                rest += d
-        except ConnectionResetError:
-            pass
-        return rest
+        return recv_all(s, reset_ends=True)
     finally:
         s.close()
 
@@ -515,15 +497,7 @@ def test_log_connections_each_outcome(procs, keyfile, otherkey, reply_server):
     wait_text(p.log, lambda t: "handshake failed: peer's DH value is not below p" in t)
 
     # The timed-out one: the server nonce came at once, then the close after ~1 s.
-    got = b""
-    try:
-        while True:
-            d = idle.recv(4096)
-            if not d:
-                break
-            got += d
-    except ConnectionResetError:
-        pass
+    got = recv_all(idle, reset_ends=True)
     waited = time.monotonic() - t0
     idle.close()
     assert len(got) == spiped.NONCE_SIZE

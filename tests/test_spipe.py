@@ -24,6 +24,7 @@ from conftest import (
     free_port,
     need_c,
     ours_spipe,
+    recv_all,
     sha,
     tcp_addr,
 )
@@ -71,13 +72,7 @@ class ScriptedTarget(TargetServer):
         if self.script == "banner":
             c.sendall(self.BANNER)
         elif self.script == "reply-later":
-            got = b""
-            while True:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-            self.received.append(got)
+            self.received.append(recv_all(c))
             time.sleep(0.5)
             c.sendall(self.REPLY)
 

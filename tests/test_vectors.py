@@ -249,14 +249,15 @@ def test_handshake_on_socket_matches_recorded_fast_vector():
         assert sealer.seal(H(p["plaintext_hex"])).hex() == p["wire_hex"]
 
 
-def test_require_pfs_refuses_fast_peer():
-    key = os.urandom(32)
+def failed_handshake(server_key, client_key, require_pfs=False, fast=False):
+    """A handshake over a socketpair that the client must fail; the server's failure reasons."""
     a, b = socket.socketpair()
     errors = []
 
     def server():
         try:
-            spiped.handshake(b, key, client=False, require_pfs=True, deadline=spiped.deadline_in(5))
+            spiped.handshake(b, server_key, client=False, require_pfs=require_pfs,
+                             deadline=spiped.deadline_in(5))
         except spiped.HandshakeError as e:
             errors.append(e.reason)
         b.close()
@@ -264,30 +265,19 @@ def test_require_pfs_refuses_fast_peer():
     t = threading.Thread(target=server)
     t.start()
     with pytest.raises(spiped.HandshakeError):
-        spiped.handshake(a, key, client=True, fast=True, deadline=spiped.deadline_in(5))
+        spiped.handshake(a, client_key, client=True, fast=fast, deadline=spiped.deadline_in(5))
     t.join()
     a.close()
-    assert errors == ["no-pfs"]
+    return errors
+
+
+def test_require_pfs_refuses_fast_peer():
+    key = os.urandom(32)
+    assert failed_handshake(key, key, require_pfs=True, fast=True) == ["no-pfs"]
 
 
 def test_wrong_key_is_a_mac_failure():
-    a, b = socket.socketpair()
-    errors = []
-
-    def server():
-        try:
-            spiped.handshake(b, os.urandom(32), client=False, deadline=spiped.deadline_in(5))
-        except spiped.HandshakeError as e:
-            errors.append(e.reason)
-        b.close()
-
-    t = threading.Thread(target=server)
-    t.start()
-    with pytest.raises(spiped.HandshakeError):
-        spiped.handshake(a, os.urandom(32), client=True, deadline=spiped.deadline_in(5))
-    t.join()
-    a.close()
-    assert errors == ["bad-mac"]
+    assert failed_handshake(os.urandom(32), os.urandom(32)) == ["bad-mac"]
 
 
 def test_handshake_timeout():
