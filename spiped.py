@@ -943,13 +943,27 @@ class DHKeyPool:
 
 _KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
                           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
+_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def user_timeout_ms(times):
+    """TCP_USER_TIMEOUT for --keepalive TIMES: IDLE + INTERVAL x COUNT seconds, in ms.
+
+    Keepalive probes only an idle connection: with data unacknowledged,
+    Linux retransmits for about 15 minutes (tcp_retries2) before it gives
+    up.  The user timeout drops it after as long as keepalive would take,
+    and (Linux 5.11 on) also a peer whose window stays shut that long.
+    """
+    idle, interval, count = times
+    return (idle + interval * count) * 1000
 
 
 def tune_socket(sock, keepalive, times=None):
     """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
 
     TIMES (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
-    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
+    TCP_KEEPINTVL and TCP_KEEPCNT, and TCP_USER_TIMEOUT (user_timeout_ms()),
+    where the platform has them.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
@@ -957,6 +971,8 @@ def tune_socket(sock, keepalive, times=None):
                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
     settings += [(socket.IPPROTO_TCP, option, value)
                  for option, value in zip(_KEEPALIVE_TIMERS, times or ()) if option is not None]
+    if times and _USER_TIMEOUT is not None:
+        settings.append((socket.IPPROTO_TCP, _USER_TIMEOUT, user_timeout_ms(times)))
     for level, option, value in settings:
         try:
             sock.setsockopt(level, option, value)

@@ -21,6 +21,8 @@ apt_get update
 # its own, so the package must not start (or leave) a system one.
 # prometheus: promtool and a Prometheus of its own for tests/test_metrics.py;
 # likewise no system one.
+# iproute2 and iptables: the network bed of tests/netbed.py (namespaces, veth
+# links, tc, packet filters).
 policy=/usr/sbin/policy-rc.d
 own_policy=
 if [ ! -e "$policy" ]; then
@@ -28,7 +30,8 @@ if [ ! -e "$policy" ]; then
 	trap '$SUDO rm -f "$policy"' EXIT
 	printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
 fi
-apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus
+apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus \
+	iproute2 iptables
 if [ -n "$own_policy" ]; then
 	$SUDO rm -f "$policy"
 	trap - EXIT
