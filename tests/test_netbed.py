@@ -27,9 +27,10 @@ import time
 import pytest
 
 import netbed
-from conftest import (HAVE_C, IMPLS, TargetServer, connect, exchange, recv_exact, rss_kib,
-                      thread_and_fd_count, wait_for)
+from conftest import (HAVE_C, IMPLS, TargetServer, connect, drain, exchange, recv_exact,
+                      rss_kib, thread_and_fd_count, wait_for)
 from test_faults import Baseline, assert_no_leak
+from test_metrics import metric
 
 pytestmark = [pytest.mark.netbed, pytest.mark.timeout(180)]
 
@@ -499,4 +500,69 @@ def test_peer_that_stops_reading(bed, pair, keyfile, target_in, request):
     note(request, fault="target stops reading 1 s, then 6 s", short_stall_survived=short_ok,
          long_stall_survived=long_ok, cut_after=since(t0, ended) if not long_ok else None,
          counts=counts)
+
+
+# ---------------------------------------------------------------------------
+# --allow, from two hosts with addresses of their own
+# ---------------------------------------------------------------------------
+
+METRICS_PORT = 9100
+
+
+def entry_points(bed, role, keyfile, target, *ours_args, far="c"):
+    """Ours in ROLE in "s" on [::] with OURS_ARGS; FAR spiped in the other role where it
+    belongs.  Returns (our daemon, its port, address(host, v6) a client in HOST dials)."""
+    if role == "d":
+        ours_d = start_spiped(bed, "s", "ours", "d", D_PORT, target.addr, keyfile, *ours_args,
+                              bind="::")
+        for host in "ab":
+            for v6 in (False, True):
+                start_spiped(bed, host, far, "e", E_PORT + v6,
+                             "[%s]:%d" % (netbed.address("s", host, v6), D_PORT), keyfile,
+                             bind="127.0.0.1")
+        return ours_d, D_PORT, lambda host, v6: "[127.0.0.1]:%d" % (E_PORT + v6)
+    start_spiped(bed, "s", far, "d", D_PORT, target.addr, keyfile, bind="127.0.0.1")
+    ours_e = start_spiped(bed, "s", "ours", "e", E_PORT, "[127.0.0.1]:%d" % D_PORT, keyfile,
+                          *ours_args, bind="::")
+    return ours_e, E_PORT, lambda host, v6: "[%s]:%d" % (netbed.address("s", host, v6), E_PORT)
+
+
+@pytest.mark.parametrize("role", ["e", "d"])
+def test_allow_serves_one_host_and_refuses_the_other(bed, keyfile, target_in, role, request):
+    """Ours -ROLE --allow <host a's IPv4 address> --allow <link a's IPv6 network> -n 1,
+    C in the other role: host b, by IPv4 and IPv6, is closed before any byte,
+    dials nothing, takes no slot and is logged once per address; host a is
+    served.  Over IPv4 ours sees IPv4-mapped peers ([::] takes both)."""
+    target = target_in("s")
+    ours_args = ("-n", "1", "--allow", netbed.address("a"), "--allow", "fd99:1::/64",
+                 "--metrics", "[127.0.0.1]:%d" % METRICS_PORT)
+    daemon, port, dial = entry_points(bed, role, keyfile, target, *ours_args)
+    bed.wait_listening(daemon, METRICS_PORT)
+    for v6 in (False, True):
+        for _ in range(2):
+            with bed.inside("b"):
+                assert exchange(dial("b", v6), b"let me in", timeout=30) == b""
+        with bed.inside("b"):  # straight to ours: not one byte of a handshake
+            sock = connect("[%s]:%d" % (netbed.address("s", "b", v6), port))
+        sock.settimeout(10)
+        assert drain(sock)[0] == b""
+        sock.close()
+    for v6 in (False, True):
+        with bed.inside("a"):
+            assert exchange(dial("a", v6), b"hello", timeout=30) == b"hello"
+    tunnel = "[::]:%d" % port
+    with bed.inside("s"):
+        refused = metric("[127.0.0.1]:%d" % METRICS_PORT, "spiped_connections_refused_total",
+                         tunnel)
+        accepted = metric("[127.0.0.1]:%d" % METRICS_PORT, "spiped_connections_total", tunnel)
+        limit = metric("[127.0.0.1]:%d" % METRICS_PORT,
+                       "spiped_connection_limit_reached_total", tunnel)
+    assert (refused, accepted, limit) == (6, 2, 2)
+    assert len(target.conns) == 2
+    log = daemon.output()
+    for v6 in (False, True):
+        line = "refused a connection from %s: not in --allow" % netbed.address("b", v6=v6)
+        assert log.count(line) == 1, log
+    assert "Traceback" not in log
+    note(request, fault="--allow, -%s" % role, refused=refused, accepted=accepted)
 
