@@ -31,6 +31,7 @@ from conftest import (HAVE_C, IMPLS, TargetServer, connect, drain, exchange, rec
                       rss_kib, thread_and_fd_count, wait_for)
 from test_faults import Baseline, assert_no_leak
 from test_metrics import metric
+from test_proxy import Recorder, send_all
 
 pytestmark = [pytest.mark.netbed, pytest.mark.timeout(180)]
 
@@ -503,7 +504,7 @@ def test_peer_that_stops_reading(bed, pair, keyfile, target_in, request):
 
 
 # ---------------------------------------------------------------------------
-# --allow, from two hosts with addresses of their own
+# --allow and PROXY headers, from two hosts with addresses of their own
 # ---------------------------------------------------------------------------
 
 METRICS_PORT = 9100
@@ -566,3 +567,53 @@ def test_allow_serves_one_host_and_refuses_the_other(bed, keyfile, target_in, ro
     assert "Traceback" not in log
     note(request, fault="--allow, -%s" % role, refused=refused, accepted=accepted)
 
+
+def proxy_fields(data):
+    """(source, destination, source port, destination port) of the PROXY header that
+    DATA starts with (version 1 or 2, TCP), and the rest of DATA."""
+    if data.startswith(b"PROXY "):
+        line, _, rest = data.partition(b"\r\n")
+        _, _, src, dst, sport, dport = line.decode().split(" ")
+        return (src, dst, int(sport), int(dport)), rest
+    family = {0x11: socket.AF_INET, 0x21: socket.AF_INET6}[data[13]]
+    size = 4 if family == socket.AF_INET else 16
+    block = data[16:16 + int.from_bytes(data[14:16], "big")]
+    src, dst = (socket.inet_ntop(family, block[i * size:(i + 1) * size]) for i in (0, 1))
+    ports = block[2 * size:]
+    return ((src, dst, int.from_bytes(ports[:2], "big"), int.from_bytes(ports[2:4], "big")),
+            data[16 + len(block):])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("role", ["e", "d"])
+def test_proxy_header_names_each_host(bed, keyfile, role, version, request):
+    """Ours -ROLE --proxy-protocol VERSION in "s", C in the other role: connections from
+    hosts a and b, by IPv4 and IPv6, reach the target behind a header naming
+    the host that connected to ours (its address on its link) and the address
+    of "s" it connected to."""
+    with bed.inside("s"):
+        target = Recorder()
+    try:
+        daemon, port, dial = entry_points(bed, role, keyfile, target,
+                                          "--proxy-protocol", str(version))
+        seen = []
+        for host in "ab":
+            for v6 in (False, True):
+                payload = ("from %s over IPv%d" % (host, 6 if v6 else 4)).encode()
+                with bed.inside(host):
+                    sock = connect(dial(host, v6), timeout=30)
+                client_port = sock.getsockname()[1]
+                assert send_all(sock, payload) == b"done"
+                fields, rest = proxy_fields(target.received(len(seen)))
+                assert rest == payload
+                assert fields[:2] == (netbed.address(host, v6=v6),
+                                      netbed.address("s", host, v6)), fields
+                assert fields[3] == port
+                if role == "e":  # with -d, the port is that of C -e's own connection
+                    assert fields[2] == client_port
+                seen.append(fields)
+        assert len({f[0] for f in seen}) == 4
+    finally:
+        target.close()
+    assert "Traceback" not in daemon.output()
+    note(request, fault="PROXY v%d from -%s" % (version, role), headers=seen)
