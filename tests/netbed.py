@@ -418,16 +418,23 @@ class DelayRelay:
                 return
 
     def _write(self, line, dst):
+        """Write each chunk of LINE to DST when it is due, then half-close DST.  After
+        a failed write it keeps taking chunks (unwritten): the reader never blocks."""
+        failed = False
         while True:
             due, data = line.get()
-            time.sleep(max(0.0, due - time.monotonic()))
-            try:
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
-                dst.sendall(data)
-            except OSError:
-                return
+            if not data:
+                break
+            if not failed:
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    failed = True
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def close(self):
         for s in [self.listener] + self.sockets:

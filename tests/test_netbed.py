@@ -42,7 +42,7 @@ KEEPALIVE = (1, 1, 2)                 # idle, interval, count
 USER_TIMEOUT = KEEPALIVE[0] + KEEPALIVE[1] * KEEPALIVE[2]   # seconds, what ours sets
 HOLD = 2 * USER_TIMEOUT               # long enough for ours to cut, with a margin
 REAPED_WITHIN = 20.0                  # a bound for every wait on a close, never a goal
-D_PORT, E_PORT = 7100, 7200
+D_PORT, E_PORT = 7100, 7200          # fixed: every host is a namespace of the test's own
 KiB, MiB = 1 << 10, 1 << 20
 
 
