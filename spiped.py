@@ -39,6 +39,7 @@ import functools
 import grp
 import hashlib
 import hmac
+import ipaddress
 import os
 import pwd
 import re
@@ -778,13 +779,27 @@ def _select_until(selector, deadline):
 
 _KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
                           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
+_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def user_timeout_ms(timers):
+    """TCP_USER_TIMEOUT for --keepalive TIMERS: IDLE + INTERVAL x COUNT seconds, in ms.
+
+    Keepalive probes only an idle connection: with data unacknowledged,
+    Linux retransmits for about 15 minutes (tcp_retries2) before it gives
+    up.  The user timeout drops it after as long as keepalive would take,
+    and (Linux 5.11 on) also a peer whose window stays shut that long.
+    """
+    idle, interval, count = timers
+    return (idle + interval * count) * 1000
 
 
 def tune_socket(sock, keepalive, timers=None):
     """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
 
     TIMERS (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
-    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
+    TCP_KEEPINTVL and TCP_KEEPCNT, and TCP_USER_TIMEOUT (user_timeout_ms()),
+    where the platform has them.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
@@ -792,6 +807,8 @@ def tune_socket(sock, keepalive, timers=None):
                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
     settings += [(socket.IPPROTO_TCP, option, value)
                  for option, value in zip(_KEEPALIVE_TIMERS, timers or ()) if option is not None]
+    if timers and _USER_TIMEOUT is not None:
+        settings.append((socket.IPPROTO_TCP, _USER_TIMEOUT, user_timeout_ms(timers)))
     for level, option, value in settings:
         try:
             sock.setsockopt(level, option, value)
@@ -1459,6 +1476,7 @@ class Stats:
         self.bytes_out = 0   # plaintext target -> source, of closed connections
         self.connect_failures = 0
         self.limit_reached = 0
+        self.refused = 0     # closed at accept: not in --allow
         self.handshake_failures = dict.fromkeys(self.REASONS, 0)
         self.keys = {}       # key name -> connections that used it
 
@@ -1479,6 +1497,10 @@ class Stats:
     def count_connect_failure(self):
         with self.lock:
             self.connect_failures += 1
+
+    def count_refused(self):
+        with self.lock:
+            self.refused += 1
 
     def count_handshake(self, reason):
         with self.lock:
@@ -1507,7 +1529,7 @@ class Stats:
                     "bytes_in": self.bytes_in + sum(b[0] for b in live_bytes),
                     "bytes_out": self.bytes_out + sum(b[1] for b in live_bytes),
                     "connect_failures": self.connect_failures,
-                    "limit_reached": self.limit_reached,
+                    "limit_reached": self.limit_reached, "refused": self.refused,
                     "handshake_failures": dict(self.handshake_failures),
                     "keys": dict(self.keys)}
 
@@ -1517,10 +1539,88 @@ class Stats:
         failures = ",".join("%s=%d" % kv for kv in s["handshake_failures"].items())
         keys = ",".join("%s=%d" % kv for kv in s["keys"].items())
         return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
-                "handshake_failures=%s connect_failures=%d limit_reached=%d"
+                "handshake_failures=%s connect_failures=%d limit_reached=%d refused=%d"
                 % (s["live"], s["total"], s["bytes_in"], s["bytes_out"], failures,
-                   s["connect_failures"], s["limit_reached"])
+                   s["connect_failures"], s["limit_reached"], s["refused"])
                 + (" keys=" + keys if keys else ""))
+
+
+class AllowList:
+    """--allow: the networks whose TCP peers a tunnel serves, and the log of refusals.
+
+    A peer is matched by its address alone (an IPv4-mapped IPv6 one as
+    IPv4; a unix peer never matches).  Each refused source gets a line at
+    most once a minute, and at most MEMORY sources are remembered (those
+    logged in the last minute, oldest forgotten first); refusals not logged
+    one by one are summed up in one line a minute.  So a scan from many
+    addresses neither floods the log nor grows memory.  Used by the
+    server's accept thread only.
+    """
+
+    MEMORY = 1024
+    PERIOD = 60.0
+
+    def __init__(self, networks, label=""):
+        self.networks = networks
+        self.label = label       # "SOURCE: " with --config, as connection lines have
+        self.logged = {}         # source address -> when its line was written, oldest first
+        self.quiet = 0           # refusals not logged one by one in this minute
+        self.minute_ends = None  # of the minute that began with its first refusal
+
+    @staticmethod
+    def parse(text):
+        """CIDR[,CIDR...] -> a tuple of networks; a bare address is one host.
+
+        ValueError, saying why, if an item is no network or has host bits set.
+        """
+        networks = []
+        for item in text.split(","):
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except ValueError:
+                try:
+                    meant = ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError("not an address or a network (CIDR): %s" % item) from None
+                raise ValueError("host bits set in %s (the network is %s)" % (item, meant)) from None
+        return tuple(networks)
+
+    @staticmethod
+    def _address(peer):
+        """The IP address of PEER (an accept() address), IPv4 if mapped; None if not IP."""
+        try:
+            ip = ipaddress.ip_address(peer[0].partition("%")[0])
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return None
+        return getattr(ip, "ipv4_mapped", None) or ip
+
+    def admits(self, peer):
+        """Whether PEER's address is in one of the networks."""
+        ip = self._address(peer)
+        return ip is not None and any(ip in network for network in self.networks)
+
+    def refused(self, peer, now):
+        """PEER was refused at monotonic time NOW: log it, unless logged lately."""
+        while self.logged and next(iter(self.logged.values())) <= now - self.PERIOD:
+            del self.logged[next(iter(self.logged))]
+        if self.minute_ends is None:
+            self.minute_ends = now + self.PERIOD
+        source = str(self._address(peer) or "a unix socket")
+        if source in self.logged or len(self.logged) >= self.MEMORY:
+            self.quiet += 1
+        else:
+            self.logged[source] = now
+            log.event("%srefused a connection from %s: not in --allow" % (self.label, source))
+        self.summarize(now)
+
+    def summarize(self, now):
+        """At the end of a minute with refusals, one line for those not logged."""
+        if self.minute_ends is None or now < self.minute_ends:
+            return
+        if self.quiet:
+            log.event("%srefused %d more connections in the last minute, not logged one by one"
+                      % (self.label, self.quiet))
+        self.quiet, self.minute_ends = 0, None
 
 
 class _WakePipe:
@@ -1858,6 +1958,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         # them once, as it starts: set_targets() (the -r thread), set_keyring().
         self.targets = spec.targets
         self.stats = Stats()
+        self.allow = AllowList(spec.options.allow, spec.label) if spec.options.allow else None
         self.set_keyring(spec.keyring)
         # -e computes its key pairs ahead; -d only after the client proved the key.
         self.dh_keys = None if spec.options.decrypt or spec.options.fast else DHKeyPool()
@@ -1925,6 +2026,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                         self.waker.drain()
                     elif listening:
                         self._accept_one(key.fileobj)
+                if self.allow is not None:
+                    self.allow.summarize(time.monotonic())
         finally:
             selector.close()
 
@@ -1964,6 +2067,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     self.accept_paused_until = time.monotonic() + 0.25
             return
         self.accept_error_logged = False  # the next exhaustion gets its line again
+        if not self.verify_request(sock, peer):
+            sock.close()  # before any byte, any work, any slot
+            return
         limit = self.options.max_connections
         with self.lock:
             self.accept_paused_until = 0.0
@@ -1977,6 +2083,14 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.process_request(sock, peer)
         except RuntimeError:  # cannot start a thread: drop this one
             self.shutdown_request(sock)
+
+    def verify_request(self, request, client_address):
+        """--allow: False (counted, logged sparingly) for a peer outside its networks."""
+        if self.allow is None or self.allow.admits(client_address):
+            return True
+        self.stats.count_refused()
+        self.allow.refused(client_address, time.monotonic())
+        return False
 
     def metrics(self):
         """Stats.snapshot() with live connections' bytes (SIGUSR1's line, --metrics)."""
@@ -2121,6 +2235,8 @@ OPENMETRICS_FORMAT = "application/openmetrics-text; version=1.0.0; charset=utf-8
 METRIC_FAMILIES = (
     ("spiped_connections_total", "counter", "Connections accepted."),
     ("spiped_connections_live", "gauge", "Connections open now."),
+    ("spiped_connections_refused_total", "counter",
+     "Connections closed at accept: the peer is not in --allow."),
     ("spiped_bytes_total", "counter",
      "Plaintext bytes relayed, live connections included: in = source to target,"
      " out = target to source."),
@@ -2148,6 +2264,7 @@ def _tunnel_samples(source, t):
     tunnel = (("tunnel", source),)
     yield "spiped_connections_total", tunnel, t["total"]
     yield "spiped_connections_live", tunnel, t["live"]
+    yield "spiped_connections_refused_total", tunnel, t["refused"]
     yield "spiped_bytes_total", tunnel + (("direction", "in"),), t["bytes_in"]
     yield "spiped_bytes_total", tunnel + (("direction", "out"),), t["bytes_out"]
     for reason, count in t["handshake_failures"].items():
@@ -3250,7 +3367,16 @@ Extensions (long options; every C command line keeps its meaning):
                          connection: the first probe after IDLE idle
                          seconds (Linux's default: 2 hours), then one every
                          INTERVAL (default IDLE); COUNT (default 3) probes
-                         unanswered drop the connection.  Not with -j
+                         unanswered drop the connection.  Not with -j.
+                         Also TCP_USER_TIMEOUT of IDLE + INTERVAL x COUNT:
+                         unacknowledged data, or a peer that reads nothing,
+                         for that long drops the connection too
+  --allow CIDR[,CIDR...] serve only TCP peers in these networks (IPv4 or
+                         IPv6; a bare address is one host; may repeat);
+                         others are closed at accept, before any byte,
+                         counted (refused) and logged at most once a minute
+                         per source.  Not with a unix source; never applies
+                         to --metrics
   --check                check the command line or --config FILE and exit:
                          parse, resolve every address once (-D does not
                          retry), read every key, look up -u, and check that
@@ -3510,6 +3636,7 @@ class TunnelOptions(NamedTuple):
     log_connections: bool = False        # --log-connections
     all_addresses: bool = False          # --all-addresses
     keepalive_timers: Optional[tuple] = None  # --keepalive: (idle, interval, count)
+    allow: tuple = ()                    # --allow: the networks served; () serves all
 
     def key_paths(self):
         """-k, then every --accept-key."""
@@ -3611,6 +3738,13 @@ def _keepalive_timers(option, text):
     return tuple(values)
 
 
+def _networks(option, text):
+    try:
+        return AllowList.parse(text)
+    except ValueError as e:
+        raise _misused(option, str(e)) from None
+
+
 def _proxy_version(option, text):
     if text not in ("1", "2"):
         raise _misused(option, "must be 1 or 2: %s" % text)
@@ -3636,7 +3770,7 @@ SPIPED_OPTIONS = {
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
     "--check": ("check", None), "--keepalive": ("keepalive_timers", _keepalive_timers),
-    "--metrics": ("metrics", _address),
+    "--metrics": ("metrics", _address), "--allow": ("allow", _networks),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
@@ -3645,7 +3779,7 @@ SPIPE_OPTIONS = {
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
                   "drain_timeout", "config", "help", "log_label", "check", "metrics")
-REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
+REPEATED_FIELDS = ("accept_keys", "allow")  # may be given more than once, in order
 
 
 def _read_options(args, table, help_text, tunnel_line=False):
@@ -3719,6 +3853,11 @@ def _tunnel_options(fields):
         raise _misused("--connect-after-auth", "needs -d")
     if fields.get("no_keepalive") and "keepalive_timers" in fields:
         raise _misused("--keepalive", "cannot go with -j, which turns keepalive off")
+    if "allow" in fields:
+        if fields["source"].startswith("/"):
+            raise _misused("--allow", "applies to TCP sources, not the unix socket %s"
+                           % fields["source"])
+        fields["allow"] = sum(fields["allow"], ())  # one tuple of networks per --allow
     rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:

@@ -124,7 +124,7 @@ def settled_threads(pid):
 
 def test_render_escapes_label_values_and_ends_openmetrics():
     tunnel = {"live": 1, "total": 2, "bytes_in": 3, "bytes_out": 4, "connect_failures": 0,
-              "limit_reached": 0, "handshake_failures": {"bad-mac": 1},
+              "limit_reached": 0, "refused": 0, "handshake_failures": {"bad-mac": 1},
               "keys": {'a"b\\c\nd': 2}, "listening": True}
     snap = {"tunnels": {"/tmp/x": tunnel}, "reloads": 1, "reload_failures": 0,
             "draining": False, "started": 1.5}
