@@ -1581,7 +1581,7 @@ class AllowList:
                 try:
                     meant = ipaddress.ip_network(item, strict=False)
                 except ValueError:
-                    raise ValueError("not an address or a network (CIDR): %s" % item) from None
+                    raise ValueError("not an address or a network (CIDR): \"%s\"" % item) from None
                 raise ValueError("host bits set in %s (the network is %s)" % (item, meant)) from None
         return tuple(networks)
 
@@ -1922,6 +1922,16 @@ class ListeningServer(socketserver.TCPServer):
         for sock in self.listening_sockets():
             _shutdown_quietly(sock)
 
+    def close_listeners(self):
+        """Close our listening descriptors (later calls do nothing), as a drain begins.
+
+        A socket that is ours alone goes (a unix listener leaves the
+        kernel's tables, and clients still queued in it learn so at once);
+        one a successor or systemd also holds stays open through theirs.
+        """
+        for sock in self.listening_sockets():
+            sock.close()
+
     def server_close(self):
         super().server_close()
         for sock in self.more_sockets:
@@ -2020,7 +2030,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                             selector.unregister(sock)
                     listening = want
                 if stopping:
-                    self._let_go_of_listeners()
+                    self.close_listeners()
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
@@ -2030,16 +2040,6 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     self.allow.summarize(time.monotonic())
         finally:
             selector.close()
-
-    def _let_go_of_listeners(self):
-        """A shutdown began: close our listening descriptors (later calls do nothing).
-
-        A socket that is ours alone goes (a unix listener leaves the
-        kernel's tables, and clients still queued in it learn so at once);
-        one a successor or systemd also holds stays open through theirs.
-        """
-        for sock in self.listening_sockets():
-            sock.close()
 
     def _next_pass(self, tick):
         """(accept now?, seconds to wait) for serve(), under .lock; <= 0: drain over."""

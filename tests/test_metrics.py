@@ -144,7 +144,7 @@ def test_render_escapes_label_values_and_ends_openmetrics():
 
 SNAPSHOT = {"tunnels": {"[127.0.0.1]:1": {
     "live": 0, "total": 3, "bytes_in": 0, "bytes_out": 0, "connect_failures": 0,
-    "limit_reached": 0, "handshake_failures": {}, "keys": {}, "listening": True}},
+    "limit_reached": 0, "refused": 0, "handshake_failures": {}, "keys": {}, "listening": True}},
     "reloads": 0, "reload_failures": 0, "draining": False, "started": 1.5}
 DATE = re.compile(rb"\r\nDate: ([^\r]*)\r\n")
 
