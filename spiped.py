@@ -367,8 +367,8 @@ def read_key(path, stdin=None):
 
     Hashes while reading, a chunk at a time, so memory stays flat however
     long the file or stream is.  Raises SpipedError with C's messages.
-    Warns (never fails) when a regular key file is readable by others or
-    shorter than 32 bytes.
+    Warns (never fails) when a regular key file is readable by others (or
+    by a group this process is not in) or shorter than 32 bytes.
     """
     failed = "Error reading shared secret"
     digest = hashlib.sha256()
@@ -395,13 +395,22 @@ def read_key(path, stdin=None):
     finally:
         os.close(fd)
     if stat.S_ISREG(st.st_mode):
-        if st.st_mode & 0o077:
+        if st.st_mode & 0o007 or (st.st_mode & 0o070 and not _our_group(st.st_gid)):
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
         if size < 32:
             log.warn("WARNING: key file %s holds only %d bytes;"
                      " 32 random bytes are recommended" % (path, size))
     return digest.digest()
+
+
+def _our_group(gid):
+    """True when GID is a group this process is in: a key readable by it is not exposed.
+
+    A Kubernetes Secret mounted for a non-root pod is readable by the pod's
+    fsGroup, which the process is in.
+    """
+    return gid == os.getegid() or gid in os.getgroups()
 
 
 def pbkdf2(key, salt, length):
@@ -2672,6 +2681,58 @@ class ConfigFile:
                  % ((self.path,) + counts))
 
 
+WATCH_INTERVAL = 2.0  # --watch: seconds from one look at the files to the next
+
+
+class FileWatch:
+    """--watch: which files changed since they were last read, once they hold still.
+
+    A file is known by what its path resolves to, symlinks followed: the
+    device, inode, size, mtime and ctime (None while it is missing).  So a
+    file renamed into place shows, and so does a Kubernetes Secret's new
+    folder behind its swapped ..data link.  Any bytes make a valid key, so
+    a change is taken only once one more look finds every file as the look
+    before it: a file still being written in place is not.
+    """
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.seen = {}   # path -> identity when it was last read
+        self.last = {}   # path -> identity at the previous look
+        self.taken = {}  # the look that reported a change, until watch() is called
+        self.next_look = time.monotonic() + interval
+
+    @staticmethod
+    def identity(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def watch(self, paths):
+        """Watch PATHS from now on, as just read: as the look that reported a change saw them."""
+        self.seen = {p: self.taken[p] if p in self.taken else self.identity(p) for p in paths}
+        self.last, self.taken = dict(self.seen), {}
+
+    def wait(self):
+        """Seconds until the next look."""
+        return max(0.0, self.next_look - time.monotonic())
+
+    def look(self):
+        """The paths that changed and then held still for one look, once a look is due; else []."""
+        if self.wait() > 0:
+            return []
+        self.next_look = time.monotonic() + self.interval
+        now = {p: self.identity(p) for p in self.seen}
+        settled, self.last = now == self.last, now
+        changed = [p for p in now if now[p] != self.seen[p]]
+        if not (changed and settled):
+            return []
+        self.seen = self.taken = now  # reported once: a failed reload waits for the next change
+        return changed
+
+
 class Tunnels:
     """The supervisor: serves the tunnels of its PLAN and keeps them in step with it.
 
@@ -2683,8 +2744,9 @@ class Tunnels:
     forgotten once closed.  A server's thread ending wakes the loop too.
     """
 
-    def __init__(self, plan, drain_timeout=None, passed=(), user=None):
+    def __init__(self, plan, drain_timeout=None, passed=(), user=None, watch=None):
         self.plan = plan
+        self.watch = watch   # a FileWatch (--watch), or None
         self.drain_timeout = drain_timeout
         self.user = user     # -u: files are read again as this user
         self.specs = {}      # source -> TunnelSpec being served
@@ -2866,17 +2928,37 @@ class Tunnels:
             self.threads.pop(self.finished.pop()).join()
         return self.stopping and not self.threads
 
+    def watched_files(self):
+        """--watch's files: the --config file, then the key files of every tunnel, stdin's not."""
+        files = [self.plan.path] if isinstance(self.plan, ConfigFile) else []
+        for spec in self.specs.values():
+            files += [p for p in spec.options.key_paths() if p != "-" and p not in files]
+        return files
+
+    def _look(self):
+        """--watch: record a reload, as SIGHUP does, once a watched file changed and settled."""
+        changed = self.watch.look() if self.watch is not None and not self.stopping else []
+        if changed:
+            log.event("%s changed: reloading" % ", ".join(changed))
+            self.signals.append("reload")
+
     def run(self, notifier):
-        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
+        """Act on recorded signals and --watch's changes until SIGTERM's drain has ended."""
         self.watching = notifier.address is not None
+        if self.watch is not None:
+            if any("-" in spec.options.key_paths() for spec in self.specs.values()):
+                log.warn("--watch: the key read from stdin (-k -) has no file to watch")
+            self.watch.watch(self.watched_files())
         selector = selectors.DefaultSelector()
         selector.register(self.waker, selectors.EVENT_READ)
         try:
             while not self.reap():
                 notifier.tick()
                 notifier.status(self.plan.status(self.servers))
-                if selector.select(self.tick):
+                wait = self.tick if self.watch is None else min(self.tick, self.watch.wait())
+                if selector.select(wait):
                     self.waker.drain()
+                self._look()
                 while self.signals:
                     self._act(self.signals.pop(0), notifier)
         finally:
@@ -2890,6 +2972,8 @@ class Tunnels:
         elif what == "reload" and not self.stopping:
             notifier.reloading()
             self.reload()
+            if self.watch is not None:
+                self.watch.watch(self.watched_files())  # a --config reload may name other files
             notifier.send("READY=1")
         elif what == "stats":
             self.plan.statistics(self.servers)
@@ -2943,8 +3027,9 @@ Extensions (long options; every C command line keeps its meaning):
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
                          only process options (-D -F -p -u --syslog
-                         --drain-timeout --log-label --check --metrics).  The
-                         default pidfile is FILE.pid.  SIGHUP re-reads FILE
+                         --drain-timeout --log-label --check --metrics
+                         --watch --watch-interval).  The default pidfile
+                         is FILE.pid.  SIGHUP re-reads FILE
                          and the key files: added lines start, removed lines
                          stop listening and drain, lines whose only change is
                          a key (-k, --accept-key) take the new keys for new
@@ -2962,6 +3047,12 @@ Extensions (long options; every C command line keeps its meaning):
                          made; bind nothing.  Prints "SOURCE -> TARGET: ok,
                          N keys" per tunnel and exits 0, or a start's
                          errors and exit 1
+  --watch                every 2 seconds look at the key files (and --config
+                         FILE) through their symlinks; when one changed and
+                         then held still for one more look, reload as
+                         SIGHUP does (a Kubernetes Secret's swapped folder
+                         is seen too).  Not the key from stdin (-k -)
+  --watch-interval SECS  --watch, looking every SECS seconds
   --metrics ADDRESS      serve HTTP on ADDRESS ([host]:port, host:port or
                          /unix/path): GET /metrics gives each tunnel's
                          counters (label tunnel="<-s>") in Prometheus's text
@@ -3201,6 +3292,8 @@ class ProcessOptions(NamedTuple):
     log_label: str = ""                  # --log-label
     check: bool = False                  # --check
     metrics: Optional[str] = None        # --metrics: the endpoint's address
+    watch: bool = False                  # --watch (--watch-interval implies it)
+    watch_interval: float = WATCH_INTERVAL  # --watch-interval: seconds between looks
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -3238,6 +3331,14 @@ def _seconds(option, text):
 
 def _invalid(option, text):
     return SpipedError("Error parsing argument: %s %s: Invalid argument" % (option, text))
+
+
+def _interval(option, text):
+    """Seconds greater than 0 and finite: a period to wait between two things."""
+    value = _parse_number(option, text, "float")
+    if not 0 < value < float("inf"):
+        raise _invalid(option, text)
+    return value
 
 
 def _octal_mode(option, text):
@@ -3290,6 +3391,7 @@ SPIPED_OPTIONS = {
     "--all-addresses": ("all_addresses", None),
     "--check": ("check", None), "--keepalive": ("keepalive_times", _keepalive_times),
     "--metrics": ("metrics", _address),
+    "--watch": ("watch", None), "--watch-interval": ("watch_interval", _interval),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _text),
@@ -3297,7 +3399,8 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help", "log_label", "check", "metrics")
+                  "drain_timeout", "config", "help", "log_label", "check", "metrics",
+                  "watch", "watch_interval")
 REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
 
 
@@ -3350,6 +3453,8 @@ def parse_spiped_args(args, tunnel_line=False):
     fields = _read_options(args, SPIPED_OPTIONS, SPIPED_USAGE + "\n" + SPIPED_LONG_HELP,
                            tunnel_line)
     process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
+    if "watch_interval" in process:
+        process["watch"] = True
     if "config" in process:
         if fields:
             option = next(o for o, (f, _) in SPIPED_OPTIONS.items() if f == next(iter(fields)))
@@ -3446,7 +3551,8 @@ def _run_spiped(process):
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    tunnels = Tunnels(plan, process.drain_timeout, passed, process.user)
+    watch = FileWatch(process.watch_interval) if process.watch else None
+    tunnels = Tunnels(plan, process.drain_timeout, passed, process.user, watch)
     specs = plan.load(retry=process.wait_dns)
     tunnels.check_passed(specs)
     servers = tunnels.bind(specs)

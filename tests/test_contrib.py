@@ -684,7 +684,7 @@ def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
     record = tmp_path / "logger.record"
     write_exe(bindir / "logger", '#!/bin/sh\necho "args: $*" >>"%s"\ncat >>"%s"\n' % (record, record))
     spiped = write_exe(bindir / "spiped", '#!/bin/sh\nexec "%s" "%s" "$@"\n' % (sys.executable, SPIPED_PY))
-    os.chmod(keyfile, 0o640)                    # spiped warns about this at start
+    os.chmod(keyfile, 0o604)                    # spiped warns about this at start
     p = openrc(tmp_path, "spiped.smtp", "show", "spiped_mode=-d", "spiped_source='%s'" % source,
                "spiped_target='%s'" % target.addr, "spiped_key='%s'" % keyfile,
                "spiped_opts='-n 200 -o 10 --log-connections'", "spiped_command='%s'" % spiped)

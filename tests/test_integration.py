@@ -712,7 +712,8 @@ def openrc_box(nspawn_works, slim_rootfs, workdir):
 @pytest.fixture(scope="session")
 def openrc_tunnels(openrc_box, echo_target):
     """The README's Debian steps as written (the editor step sets the -e end),
-    then the -d end the same way, its key group-readable so spiped warns."""
+    then the -d end the same way, its key readable by group root (not spiped's
+    group) so spiped warns."""
     box = openrc_box
     syslog = SyslogListener(box.path("/dev/log"))
     a, b = tcp_addr(free_port()), tcp_addr(free_port())
@@ -726,7 +727,7 @@ def openrc_tunnels(openrc_box, echo_target):
     box.sh("\n".join([
         "set -ex",
         "(umask 077; dd if=/dev/urandom of=/etc/spiped/smtpd.key bs=32 count=1)",
-        "cp /etc/spiped/smtp.key /etc/spiped/smtpd.key && chown spiped:spiped /etc/spiped/smtpd.key",
+        "cp /etc/spiped/smtp.key /etc/spiped/smtpd.key && chown spiped:root /etc/spiped/smtpd.key",
         "chmod 0640 /etc/spiped/smtpd.key",
         "ln -s spiped /etc/init.d/spiped.smtpd",
         "install -m 0644 /root/spiped/contrib/openrc/spiped.confd /etc/conf.d/spiped.smtpd",
