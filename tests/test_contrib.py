@@ -391,6 +391,17 @@ def test_dockerfile_keeps_the_official_contract():
             assert os.path.exists(os.path.join(ROOT, src)), src
 
 
+def test_dockerfile_fixes_the_ids_and_loads_compiled_byte_code():
+    """uid and gid 999 whatever the base image holds; spiped and spipe import
+    the module from a cache compiled at build (a read-only root keeps none)."""
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    assert re.search(r"groupadd --system --gid 999 spiped;", runs), runs
+    assert re.search(r"useradd --system --uid 999 --gid spiped ", runs), runs
+    assert "python3 -m compileall -q /usr/local/lib/spiped;" in runs
+    assert "'import spiped'" in runs and "ln -s spiped /usr/local/bin/spipe;" in runs
+    assert "ln -s ../lib/spiped/spiped.py" not in runs  # a script is compiled at every start
+
+
 # ---------------------------------------------------------------- systemd
 
 def unit_settings(path):
