@@ -2704,6 +2704,7 @@ class FileWatch:
 
     @staticmethod
     def identity(path):
+        """What PATH resolves to, as a comparable tuple; None if it cannot be stat()ed."""
         try:
             st = os.stat(path)
         except OSError:
@@ -2746,7 +2747,7 @@ class Tunnels:
 
     def __init__(self, plan, drain_timeout=None, passed=(), user=None, watch=None):
         self.plan = plan
-        self.watch = watch   # a FileWatch (--watch), or None
+        self.file_watch = watch  # a FileWatch (--watch), or None
         self.drain_timeout = drain_timeout
         self.user = user     # -u: files are read again as this user
         self.specs = {}      # source -> TunnelSpec being served
@@ -2937,7 +2938,9 @@ class Tunnels:
 
     def _look(self):
         """--watch: record a reload, as SIGHUP does, once a watched file changed and settled."""
-        changed = self.watch.look() if self.watch is not None and not self.stopping else []
+        if self.file_watch is None or self.stopping:
+            return
+        changed = self.file_watch.look()
         if changed:
             log.event("%s changed: reloading" % ", ".join(changed))
             self.signals.append("reload")
@@ -2945,17 +2948,19 @@ class Tunnels:
     def run(self, notifier):
         """Act on recorded signals and --watch's changes until SIGTERM's drain has ended."""
         self.watching = notifier.address is not None
-        if self.watch is not None:
+        if self.file_watch is not None:
             if any("-" in spec.options.key_paths() for spec in self.specs.values()):
                 log.warn("--watch: the key read from stdin (-k -) has no file to watch")
-            self.watch.watch(self.watched_files())
+            self.file_watch.watch(self.watched_files())
         selector = selectors.DefaultSelector()
         selector.register(self.waker, selectors.EVENT_READ)
         try:
             while not self.reap():
                 notifier.tick()
                 notifier.status(self.plan.status(self.servers))
-                wait = self.tick if self.watch is None else min(self.tick, self.watch.wait())
+                wait = self.tick
+                if self.file_watch is not None:
+                    wait = min(wait, self.file_watch.wait())
                 if selector.select(wait):
                     self.waker.drain()
                 self._look()
@@ -2972,8 +2977,8 @@ class Tunnels:
         elif what == "reload" and not self.stopping:
             notifier.reloading()
             self.reload()
-            if self.watch is not None:
-                self.watch.watch(self.watched_files())  # a --config reload may name other files
+            if self.file_watch is not None:  # a --config reload may name other files
+                self.file_watch.watch(self.watched_files())
             notifier.send("READY=1")
         elif what == "stats":
             self.plan.statistics(self.servers)
@@ -3029,10 +3034,10 @@ Extensions (long options; every C command line keeps its meaning):
                          only process options (-D -F -p -u --syslog
                          --drain-timeout --log-label --check --metrics
                          --watch --watch-interval).  The default pidfile
-                         is FILE.pid.  SIGHUP re-reads FILE
-                         and the key files: added lines start, removed lines
-                         stop listening and drain, lines whose only change is
-                         a key (-k, --accept-key) take the new keys for new
+                         is FILE.pid.  SIGHUP re-reads FILE and the key
+                         files: added lines start, removed lines stop
+                         listening and drain, lines whose only change is a
+                         key (-k, --accept-key) take the new keys for new
                          connections, other changed lines restart
   --keepalive IDLE[,INTERVAL[,COUNT]]
                          TCP keepalive (seconds) on both sockets of each

@@ -15,8 +15,8 @@ import time
 import pytest
 
 import spiped
-from conftest import (connect, exchange, free_port, ours, read_text, recv_exact, tcp_addr,
-                      wait_for, wait_listening)
+from conftest import (SecretFolder, connect, exchange, free_port, ours, read_text, recv_exact,
+                      tcp_addr, wait_for, wait_listening)
 
 INTERVAL = "0.2"   # --watch-interval of the daemons here: two looks take 0.4 s
 
@@ -37,31 +37,6 @@ def replace(path, data):
     """PATH's content becomes DATA in one rename, as a careful writer does."""
     write(path + ".new", data)
     os.rename(path + ".new", path)
-
-
-class SecretFolder:
-    """A folder as kubelet mounts a Secret: NAME -> ..data/NAME, ..data -> ..<version>."""
-
-    def __init__(self, root, name="key"):
-        self.root, self.name, self.versions = str(root), name, 0
-        os.makedirs(self.root, exist_ok=True)
-        os.symlink(os.path.join("..data", name), self.path)
-
-    @property
-    def path(self):
-        return os.path.join(self.root, self.name)
-
-    def publish(self, data):
-        """A new version folder, then ..data swapped to it in one rename; the old one removed."""
-        self.versions += 1
-        folder = "..v%d" % self.versions
-        os.mkdir(os.path.join(self.root, folder))
-        write(os.path.join(self.root, folder, self.name), data)
-        link = os.path.join(self.root, "..data_tmp")
-        os.symlink(folder, link)
-        os.rename(link, os.path.join(self.root, "..data"))
-        if self.versions > 1:
-            shutil.rmtree(os.path.join(self.root, "..v%d" % (self.versions - 1)))
 
 
 # -- FileWatch ----------------------------------------------------------------
@@ -102,13 +77,13 @@ def test_a_file_still_being_written_is_not_reported(tmp_path):
 
 
 def test_a_swapped_secret_folder_is_seen_through_its_links(tmp_path):
-    secret = SecretFolder(tmp_path / "secret")
-    secret.publish(os.urandom(32))
+    secret = SecretFolder(tmp_path / "secret", "key")
+    secret.publish(key=os.urandom(32))
     watch = spiped.FileWatch(2.0)
-    watch.watch([secret.path])
-    secret.publish(os.urandom(32))
+    watch.watch([secret.path("key")])
+    secret.publish(key=os.urandom(32))
     assert look(watch) == []
-    assert look(watch) == [secret.path]
+    assert look(watch) == [secret.path("key")]
 
 
 def test_a_missing_file_that_appears_is_reported(tmp_path):
@@ -227,18 +202,18 @@ def served(addr):
 
 def test_a_swapped_secret_folder_is_reloaded_without_a_signal(procs, tmp_path, echo):
     """The new key is served, the old one refused, a live connection goes on."""
-    secret = SecretFolder(tmp_path / "secret")
+    secret = SecretFolder(tmp_path / "secret", "key")
     old, new = os.urandom(32), os.urandom(32)
-    secret.publish(old)
-    d = Watched(procs, tmp_path, echo, secret.path)
+    secret.publish(key=old)
+    d = Watched(procs, tmp_path, echo, secret.path("key"))
     through_old = d.client(old)
     live = connect(through_old, timeout=20)
     live.sendall(b"before")
     assert recv_exact(live, 6) == b"before"
 
-    secret.publish(new)
+    secret.publish(key=new)
     d.wait_log("reloaded 1 key")
-    assert "%s changed: reloading" % secret.path in d.text(), d.text()
+    assert "%s changed: reloading" % secret.path("key") in d.text(), d.text()
     live.sendall(b"after")
     assert recv_exact(live, 5) == b"after"            # the live connection goes on
     assert served(d.client(new))
