@@ -413,7 +413,8 @@ def image(podman_works, slim_rootfs, workdir):
 
 @pytest.fixture
 def containers():
-    """Names for containers; each is removed (rm -f) at the end of the test."""
+    """Names for containers; each is removed (rm -f -v: the image's VOLUME /spiped
+    makes an anonymous volume) at the end of the test."""
     names = []
 
     def name(what):
@@ -422,7 +423,7 @@ def containers():
 
     yield name
     for n in names:
-        run(["podman", "rm", "-f", "-t", "0", n], check=False)
+        run(["podman", "rm", "-f", "-v", "-t", "0", n], check=False)
 
 
 def podman_key(image, workdir):
@@ -639,8 +640,12 @@ def test_compose_file_runs_with_podman_compose(image, workdir):
     print("compose.yaml as run here:\n  " + "\n  ".join(changes))
     compose = ["podman-compose", "-p", project, "-f", project_file]
     spiped = project + "_spiped_1"
+    volumes = []
     try:
         run(compose + ["up", "-d"], timeout=300)
+        for name in (spiped, project + "_elasticsearch_1"):
+            volumes += run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}",
+                            name]).stdout.split()
         wait_healthy(spiped)
         user = run(["podman", "inspect", "--format", "{{.Config.User}}", spiped]).stdout
         assert user.strip() == "spiped"
@@ -650,11 +655,14 @@ def test_compose_file_runs_with_podman_compose(image, workdir):
         stop_quickly(spiped)
     finally:
         run(compose + ["down"], check=False, timeout=300)
+        for volume in volumes:   # VOLUME /spiped's anonymous volumes: down (-v too) leaves them
+            run(["podman", "volume", "rm", "-f", volume], check=False)
         run(["podman", "network", "rm", "-f", project + "_default"], check=False)
     left = run(["podman", "ps", "-a", "--format", "{{.Names}}",
                 "--filter", "label=io.podman.compose.project=" + project]).stdout.split()
     assert not left, left
     assert run(["podman", "network", "exists", project + "_default"], check=False).returncode != 0
+    assert not [v for v in volumes if run(["podman", "volume", "exists", v], check=False).returncode == 0]
 
 
 KUBERNETES = os.path.join(ROOT, "contrib/kubernetes")
@@ -758,9 +766,13 @@ def test_kube_play_sidecar_and_decrypt(image, workdir, echo_target):
     old_key = os.path.join(workdir, "kube-old%s.key" % suffix)
     with open(old_key, "wb") as f:
         f.write(old)
+    volumes = []   # the anonymous volumes of the image's VOLUME /spiped, which kube down leaves
     try:
         for path in files:
             run(["podman", "kube", "play", path], timeout=300)
+        for name in (dpod + "-spiped", apod + "-spiped", apod + "-app"):
+            volumes += run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}",
+                            name]).stdout.split()
         for addr in (dsrc, dmetrics, esrc, emetrics):
             wait_until(lambda: address_listening(addr), 60, "a pod listening on %s" % addr)
         for addr in (dmetrics, emetrics):
@@ -814,6 +826,8 @@ def test_kube_play_sidecar_and_decrypt(image, workdir, echo_target):
             run(["podman", "kube", "down", path], check=False, timeout=120)
         for pod in (apod, dpod):
             run(["podman", "pod", "rm", "-f", pod], check=False, timeout=120)
+        for volume in volumes:
+            run(["podman", "volume", "rm", "-f", volume], check=False)
         if not network_was_there:
             users = run(["podman", "ps", "-a", "--format", "{{.Names}}", "--filter",
                          "network=" + KUBE_NETWORK], check=False).stdout.split()
@@ -822,6 +836,7 @@ def test_kube_play_sidecar_and_decrypt(image, workdir, echo_target):
     left = run(["podman", "ps", "-a", "--format", "{{.Names}}", "--filter", "name=" + suffix]).stdout
     assert not left.split(), left
     assert run(["podman", "pod", "ps", "-q", "--filter", "name=" + suffix]).stdout.split() == []
+    assert not [v for v in volumes if run(["podman", "volume", "exists", v], check=False).returncode == 0]
 
 
 # ---------------------------------------------------------------- systemd
