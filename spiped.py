@@ -373,8 +373,9 @@ def read_key(path, stdin=None):
 
     Hashes while reading, a chunk at a time, so memory stays flat however
     long the file or stream is.  Raises SpipedError with C's messages.
-    Warns (never fails) when a regular key file is readable by others or
-    shorter than 32 bytes, and when stdin gives no byte at all.
+    Warns (never fails) when a regular key file is readable by others (or
+    by a group this process is not in) or shorter than 32 bytes, and when
+    stdin gives no byte at all.
     """
     failed = "Error reading shared secret"
     digest = hashlib.sha256()
@@ -405,7 +406,7 @@ def read_key(path, stdin=None):
     finally:
         os.close(fd)
     if stat.S_ISREG(st.st_mode):
-        if st.st_mode & 0o077:
+        if st.st_mode & 0o007 or (st.st_mode & 0o070 and not _our_group(st.st_gid)):
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
         if size < 32:
@@ -415,6 +416,15 @@ def read_key(path, stdin=None):
 
 def _warn_short_key(what, size):
     log.warn("WARNING: %s holds only %d bytes; 32 random bytes are recommended" % (what, size))
+
+
+def _our_group(gid):
+    """True when GID is a group this process is in: a key readable by it is not exposed.
+
+    A Kubernetes Secret mounted for a non-root pod is readable by the pod's
+    fsGroup, which the process is in.
+    """
+    return gid == os.getegid() or gid in os.getgroups()
 
 
 def pbkdf2(key, salt, length):
@@ -2946,6 +2956,10 @@ class CommandLine:
             self.spec = self.spec._replace(keyring=self.key_files.load())
         return {self.options.source: self.spec}
 
+    def files(self, specs):
+        """The files a reload reads (--watch's): the key files, stdin's not."""
+        return [p for p in self.key_files.paths if p != "-"]
+
     def status(self, servers):
         return "%d live, %d total connections" % servers[self.options.source].stats.counts()
 
@@ -2997,6 +3011,13 @@ class ConfigFile:
             specs[options.source] = spec
         return specs
 
+    def files(self, specs):
+        """The files a reload reads (--watch's): FILE, then each tunnel's key files, once."""
+        files = [self.path]
+        for spec in specs.values():
+            files += [p for p in spec.options.key_paths() if p not in files]
+        return files
+
     def status(self, servers):
         return "%d tunnels: %s" % (len(servers), "; ".join(
             "%s %d live, %d total" % ((source,) + server.stats.counts())
@@ -3019,6 +3040,70 @@ class ConfigFile:
             "%d %s" % (number, what) for what, number in counts._asdict().items())))
 
 
+WATCH_INTERVAL = 2.0  # --watch: seconds from one look at the files to the next
+
+
+class FileWatch:
+    """--watch: which files changed since they were last read, once they hold still.
+
+    A file is known by what its path resolves to, symlinks followed: the
+    device, inode, size, mtime and ctime (None while it is missing).  So a
+    file renamed into place shows, and so does a Kubernetes Secret's new
+    folder behind its swapped ..data link.  Any bytes make a valid key, so
+    a change is taken only once one more look finds every file as the look
+    before it: a file still being written in place is not.
+    """
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.seen = {}   # path -> identity when it was last read
+        self.last = {}   # path -> identity at the previous look
+        self.taken = {}  # the look that reported a change, until watch() is called
+        self.next_look = time.monotonic() + interval
+
+    @staticmethod
+    def identity(path):
+        """What PATH resolves to, as a comparable tuple; None if it cannot be stat()ed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def watch(self, paths):
+        """Watch PATHS from now on, as just read: as the look that reported a change saw them."""
+        self.seen = {p: self.taken[p] if p in self.taken else self.identity(p) for p in paths}
+        self.last, self.taken = dict(self.seen), {}
+
+    def wait(self):
+        """Seconds until the next look."""
+        return max(0.0, self.next_look - time.monotonic())
+
+    def look(self):
+        """The paths that changed and then held still for one look, once a look is due; else []."""
+        if self.wait() > 0:
+            return []
+        self.next_look = time.monotonic() + self.interval
+        now = {p: self.identity(p) for p in self.seen}
+        settled, self.last = now == self.last, now
+        changed = [p for p in now if now[p] != self.seen[p]]
+        if not (changed and settled):
+            return []
+        self.seen = self.taken = now  # reported once: a failed reload waits for the next change
+        log.event("%s changed: reloading" % ", ".join(changed))
+        return changed
+
+
+def explained(error, user):
+    """ERROR, saying why a file is unreadable now if -u USER dropped privileges."""
+    if user is None:
+        return error
+    hint = (" after -u %s (make the file readable by that user or its group,"
+            " or restart spiped to read it as root)" % user)
+    return SpipedError(*(line + hint if line.endswith("Permission denied") else line
+                         for line in error.lines))
+
+
 class Supervisor:
     """The supervisor: serves the tunnels of its PLAN and keeps them in step with it.
 
@@ -3030,8 +3115,9 @@ class Supervisor:
     forgotten once closed.  A server's thread ending wakes the loop too.
     """
 
-    def __init__(self, plan, drain_timeout=None, passed=(), user=None):
+    def __init__(self, plan, drain_timeout=None, passed=(), user=None, watch=None):
         self.plan = plan
+        self.file_watch = watch  # a FileWatch (--watch), or None
         self.drain_timeout = drain_timeout
         self.user = user     # -u: files are read again as this user
         self.specs = {}      # source -> TunnelSpec being served
@@ -3137,27 +3223,18 @@ class Supervisor:
                 moved[source] = old
         return moved
 
-    def _explained(self, error):
-        """ERROR, saying why a file is unreadable now if -u dropped privileges."""
-        if self.user is None:
-            return error
-        hint = (" after -u %s (make the file readable by that user or its group,"
-                " or restart spiped to read it as root)" % self.user)
-        return SpipedError(*(line + hint if line.endswith("Permission denied") else line
-                             for line in error.lines))
-
     def reload(self):
         """SIGHUP: load the plan again, apply the changes, and report them.
 
         A plan that fails its checks, or a new source that cannot be bound,
         changes nothing; the plan says why.
         """
-        self._count_reload(failed=False)
+        self.reloads += 1
         try:
             changes = self._plan_reload()
         except SpipedError as e:
-            self._count_reload(failed=True)
-            self.plan.reload_failed(self._explained(e))
+            self.reload_failures += 1
+            self.plan.reload_failed(explained(e, self.user))
             return
         self.plan.reloaded(self._apply(changes))
 
@@ -3201,13 +3278,6 @@ class Supervisor:
                             rekeyed=len(changes.rekeyed), replaced=replaced,
                             unchanged=changes.unchanged)
 
-    def _count_reload(self, failed):
-        """One more reload begun, or (FAILED) one more that changed nothing."""
-        if failed:
-            self.reload_failures += 1
-        else:
-            self.reloads += 1
-
     def metrics(self):
         """For --metrics, from any thread: each tunnel's Server.metrics(), the process's counts."""
         servers = dict(self.servers)  # one copy: the main thread may replace entries
@@ -3238,16 +3308,20 @@ class Supervisor:
         return self.stopping and not self.threads
 
     def run(self, notifier):
-        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
+        """Act on recorded signals and --watch's changes until SIGTERM's drain has ended."""
         self.watching = notifier.address is not None
+        self._watch_files()
         selector = selectors.DefaultSelector()
         selector.register(self.waker, selectors.EVENT_READ)
         try:
             while not self.reap():
                 notifier.tick()
                 notifier.status(self.plan.status(self.servers))
-                if selector.select(self.tick):
+                watch = self.file_watch
+                if selector.select(min(self.tick, watch.wait()) if watch else self.tick):
                     self.waker.drain()
+                if watch and not self.stopping and watch.look():
+                    self.signals.append("reload")
                 while self.signals:
                     self._act(self.signals.pop(0), notifier)
         finally:
@@ -3261,9 +3335,15 @@ class Supervisor:
         elif what == "reload" and not self.stopping:
             notifier.reloading()
             self.reload()
+            self._watch_files()  # a --config reload may name other files
             notifier.send("READY=1")
         elif what == "stats":
             self.plan.statistics(self.servers)
+
+    def _watch_files(self):
+        """--watch: watch the files the plan reads now, as just read."""
+        if self.file_watch is not None:
+            self.file_watch.watch(self.plan.files(self.specs))
 
     def close(self):
         self.waker.close()
@@ -3356,11 +3436,12 @@ Extensions (long options; every C command line keeps its meaning):
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
                          only process options (-D -F -p -u --syslog
-                         --drain-timeout --log-label --check --metrics).  The
-                         default pidfile is FILE.pid.  SIGHUP re-reads FILE
-                         and the key files: added lines start, removed lines
-                         stop listening and drain, lines whose only change is
-                         a key (-k, --accept-key) take the new keys for new
+                         --drain-timeout --log-label --check --metrics
+                         --watch --watch-interval).  The default pidfile
+                         is FILE.pid.  SIGHUP re-reads FILE and the key
+                         files: added lines start, removed lines stop
+                         listening and drain, lines whose only change is a
+                         key (-k, --accept-key) take the new keys for new
                          connections, other changed lines restart
   --keepalive IDLE[,INTERVAL[,COUNT]]
                          TCP keepalive (seconds) on both sockets of each
@@ -3384,6 +3465,12 @@ Extensions (long options; every C command line keeps its meaning):
                          made; bind nothing.  Prints "SOURCE -> TARGET: ok,
                          N keys" per tunnel and exits 0, or a start's
                          errors and exit 1
+  --watch                every 2 seconds look at the key files (and --config
+                         FILE) through their symlinks; when one changed and
+                         then held still for one more look, reload as
+                         SIGHUP does (a Kubernetes Secret's swapped folder
+                         is seen too).  Not the key from stdin (-k -)
+  --watch-interval SECS  --watch, looking every SECS seconds
   --metrics ADDRESS      serve HTTP on ADDRESS ([host]:port, host:port or
                          /unix/path): GET /metrics gives each tunnel's
                          counters (label tunnel="<-s>") in Prometheus's text
@@ -3661,6 +3748,8 @@ class ProcessOptions(NamedTuple):
     log_label: str = ""                  # --log-label
     check: bool = False                  # --check
     metrics: Optional[str] = None        # --metrics: the endpoint's address
+    watch: bool = False                  # --watch (--watch-interval implies it)
+    watch_interval: float = WATCH_INTERVAL  # --watch-interval: seconds between looks
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -3710,6 +3799,14 @@ def _extension_seconds(option, text):
         raise _misused(option, "out of range: %s" % text)
     if value < 0:
         raise _misused(option, "must be 0 or more: %s" % text)
+    return value
+
+
+def _interval(option, text):
+    """Seconds above 0 and finite, for a long option: a period between two looks."""
+    value = _strtod(text)
+    if value is None or value == "range" or not 0 < value < float("inf"):  # nan too
+        raise _misused(option, "not a number of seconds above 0: %s" % text)
     return value
 
 
@@ -3771,6 +3868,7 @@ SPIPED_OPTIONS = {
     "--all-addresses": ("all_addresses", None),
     "--check": ("check", None), "--keepalive": ("keepalive_timers", _keepalive_timers),
     "--metrics": ("metrics", _address), "--allow": ("allow", _networks),
+    "--watch": ("watch", None), "--watch-interval": ("watch_interval", _interval),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
@@ -3778,7 +3876,8 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help", "log_label", "check", "metrics")
+                  "drain_timeout", "config", "help", "log_label", "check", "metrics",
+                  "watch", "watch_interval")
 REPEATED_FIELDS = ("accept_keys", "allow")  # may be given more than once, in order
 
 
@@ -3830,6 +3929,8 @@ def parse_spiped_args(args, tunnel_line=False):
     """
     fields = _read_options(args, SPIPED_OPTIONS, SPIPED_HELP, tunnel_line)
     process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
+    if "watch_interval" in process:
+        process["watch"] = True
     if "config" in process:
         if fields:
             option = next(o for o, (f, _) in SPIPED_OPTIONS.items() if f == next(iter(fields)))
@@ -3938,7 +4039,10 @@ def _run_spiped(process):
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    supervisor = Supervisor(plan, process.drain_timeout, passed, process.user)
+    watch = FileWatch(process.watch_interval) if process.watch else None
+    if watch is not None and process.tunnel is not None and "-" in process.tunnel.key_paths():
+        log.warn("--watch: the key read from stdin (-k -) has no file to watch")
+    supervisor = Supervisor(plan, process.drain_timeout, passed, process.user, watch)
     specs = plan.load(retry=process.wait_dns)
     supervisor.check_passed(specs)
     # Once a socket is bound, a client may see it and a signal may come: hold
