@@ -39,6 +39,7 @@ import functools
 import grp
 import hashlib
 import hmac
+import ipaddress
 import os
 import pwd
 import re
@@ -372,8 +373,9 @@ def read_key(path, stdin=None):
 
     Hashes while reading, a chunk at a time, so memory stays flat however
     long the file or stream is.  Raises SpipedError with C's messages.
-    Warns (never fails) when a regular key file is readable by others or
-    shorter than 32 bytes, and when stdin gives no byte at all.
+    Warns (never fails) when a regular key file is readable by others (or
+    by a group this process is not in) or shorter than 32 bytes, and when
+    stdin gives no byte at all.
     """
     failed = "Error reading shared secret"
     digest = hashlib.sha256()
@@ -404,7 +406,7 @@ def read_key(path, stdin=None):
     finally:
         os.close(fd)
     if stat.S_ISREG(st.st_mode):
-        if st.st_mode & 0o077:
+        if st.st_mode & 0o007 or (st.st_mode & 0o070 and not _our_group(st.st_gid)):
             log.warn("WARNING: key file %s is readable by group or others"
                      " (chmod 600 it)" % path)
         if size < 32:
@@ -414,6 +416,15 @@ def read_key(path, stdin=None):
 
 def _warn_short_key(what, size):
     log.warn("WARNING: %s holds only %d bytes; 32 random bytes are recommended" % (what, size))
+
+
+def _our_group(gid):
+    """True when GID is a group this process is in: a key readable by it is not exposed.
+
+    A Kubernetes Secret mounted for a non-root pod is readable by the pod's
+    fsGroup, which the process is in.
+    """
+    return gid == os.getegid() or gid in os.getgroups()
 
 
 def pbkdf2(key, salt, length):
@@ -778,13 +789,27 @@ def _select_until(selector, deadline):
 
 _KEEPALIVE_TIMERS = tuple(getattr(socket, name, None)
                           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
+_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def user_timeout_ms(timers):
+    """TCP_USER_TIMEOUT for --keepalive TIMERS: IDLE + INTERVAL x COUNT seconds, in ms.
+
+    Keepalive probes only an idle connection: with data unacknowledged,
+    Linux retransmits for about 15 minutes (tcp_retries2) before it gives
+    up.  The user timeout drops it after as long as keepalive would take,
+    and (Linux 5.11 on) also a peer whose window stays shut that long.
+    """
+    idle, interval, count = timers
+    return (idle + interval * count) * 1000
 
 
 def tune_socket(sock, keepalive, timers=None):
     """TCP_NODELAY always; SO_KEEPALIVE on or explicitly off (-j). Errors ignored.
 
     TIMERS (--keepalive): (idle, interval, count) for TCP_KEEPIDLE,
-    TCP_KEEPINTVL and TCP_KEEPCNT, where the platform has them.
+    TCP_KEEPINTVL and TCP_KEEPCNT, and TCP_USER_TIMEOUT (user_timeout_ms()),
+    where the platform has them.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
@@ -792,6 +817,8 @@ def tune_socket(sock, keepalive, timers=None):
                 (socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(keepalive))]
     settings += [(socket.IPPROTO_TCP, option, value)
                  for option, value in zip(_KEEPALIVE_TIMERS, timers or ()) if option is not None]
+    if timers and _USER_TIMEOUT is not None:
+        settings.append((socket.IPPROTO_TCP, _USER_TIMEOUT, user_timeout_ms(timers)))
     for level, option, value in settings:
         try:
             sock.setsockopt(level, option, value)
@@ -1459,6 +1486,7 @@ class Stats:
         self.bytes_out = 0   # plaintext target -> source, of closed connections
         self.connect_failures = 0
         self.limit_reached = 0
+        self.refused = 0     # closed at accept: not in --allow
         self.handshake_failures = dict.fromkeys(self.REASONS, 0)
         self.keys = {}       # key name -> connections that used it
 
@@ -1479,6 +1507,10 @@ class Stats:
     def count_connect_failure(self):
         with self.lock:
             self.connect_failures += 1
+
+    def count_refused(self):
+        with self.lock:
+            self.refused += 1
 
     def count_handshake(self, reason):
         with self.lock:
@@ -1507,7 +1539,7 @@ class Stats:
                     "bytes_in": self.bytes_in + sum(b[0] for b in live_bytes),
                     "bytes_out": self.bytes_out + sum(b[1] for b in live_bytes),
                     "connect_failures": self.connect_failures,
-                    "limit_reached": self.limit_reached,
+                    "limit_reached": self.limit_reached, "refused": self.refused,
                     "handshake_failures": dict(self.handshake_failures),
                     "keys": dict(self.keys)}
 
@@ -1517,10 +1549,88 @@ class Stats:
         failures = ",".join("%s=%d" % kv for kv in s["handshake_failures"].items())
         keys = ",".join("%s=%d" % kv for kv in s["keys"].items())
         return ("stats: live=%d total=%d bytes_in=%d bytes_out=%d "
-                "handshake_failures=%s connect_failures=%d limit_reached=%d"
+                "handshake_failures=%s connect_failures=%d limit_reached=%d refused=%d"
                 % (s["live"], s["total"], s["bytes_in"], s["bytes_out"], failures,
-                   s["connect_failures"], s["limit_reached"])
+                   s["connect_failures"], s["limit_reached"], s["refused"])
                 + (" keys=" + keys if keys else ""))
+
+
+class AllowList:
+    """--allow: the networks whose TCP peers a tunnel serves, and the log of refusals.
+
+    A peer is matched by its address alone (an IPv4-mapped IPv6 one as
+    IPv4; a unix peer never matches).  Each refused source gets a line at
+    most once a minute, and at most MEMORY sources are remembered (those
+    logged in the last minute, oldest forgotten first); refusals not logged
+    one by one are summed up in one line a minute.  So a scan from many
+    addresses neither floods the log nor grows memory.  Used by the
+    server's accept thread only.
+    """
+
+    MEMORY = 1024
+    PERIOD = 60.0
+
+    def __init__(self, networks, label=""):
+        self.networks = networks
+        self.label = label       # "SOURCE: " with --config, as connection lines have
+        self.logged = {}         # source address -> when its line was written, oldest first
+        self.quiet = 0           # refusals not logged one by one in this minute
+        self.minute_ends = None  # of the minute that began with its first refusal
+
+    @staticmethod
+    def parse(text):
+        """CIDR[,CIDR...] -> a tuple of networks; a bare address is one host.
+
+        ValueError, saying why, if an item is no network or has host bits set.
+        """
+        networks = []
+        for item in text.split(","):
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except ValueError:
+                try:
+                    meant = ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError("not an address or a network (CIDR): \"%s\"" % item) from None
+                raise ValueError("host bits set in %s (the network is %s)" % (item, meant)) from None
+        return tuple(networks)
+
+    @staticmethod
+    def _address(peer):
+        """The IP address of PEER (an accept() address), IPv4 if mapped; None if not IP."""
+        try:
+            ip = ipaddress.ip_address(peer[0].partition("%")[0])
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return None
+        return getattr(ip, "ipv4_mapped", None) or ip
+
+    def admits(self, peer):
+        """Whether PEER's address is in one of the networks."""
+        ip = self._address(peer)
+        return ip is not None and any(ip in network for network in self.networks)
+
+    def refused(self, peer, now):
+        """PEER was refused at monotonic time NOW: log it, unless logged lately."""
+        while self.logged and next(iter(self.logged.values())) <= now - self.PERIOD:
+            del self.logged[next(iter(self.logged))]
+        if self.minute_ends is None:
+            self.minute_ends = now + self.PERIOD
+        source = str(self._address(peer) or "a unix socket")
+        if source in self.logged or len(self.logged) >= self.MEMORY:
+            self.quiet += 1
+        else:
+            self.logged[source] = now
+            log.event("%srefused a connection from %s: not in --allow" % (self.label, source))
+        self.summarize(now)
+
+    def summarize(self, now):
+        """At the end of a minute with refusals, one line for those not logged."""
+        if self.minute_ends is None or now < self.minute_ends:
+            return
+        if self.quiet:
+            log.event("%srefused %d more connections in the last minute, not logged one by one"
+                      % (self.label, self.quiet))
+        self.quiet, self.minute_ends = 0, None
 
 
 class _WakePipe:
@@ -1822,6 +1932,16 @@ class ListeningServer(socketserver.TCPServer):
         for sock in self.listening_sockets():
             _shutdown_quietly(sock)
 
+    def close_listeners(self):
+        """Close our listening descriptors (later calls do nothing), as a drain begins.
+
+        A socket that is ours alone goes (a unix listener leaves the
+        kernel's tables, and clients still queued in it learn so at once);
+        one a successor or systemd also holds stays open through theirs.
+        """
+        for sock in self.listening_sockets():
+            sock.close()
+
     def server_close(self):
         super().server_close()
         for sock in self.more_sockets:
@@ -1858,6 +1978,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         # them once, as it starts: set_targets() (the -r thread), set_keyring().
         self.targets = spec.targets
         self.stats = Stats()
+        self.allow = AllowList(spec.options.allow, spec.label) if spec.options.allow else None
         self.set_keyring(spec.keyring)
         # -e computes its key pairs ahead; -d only after the client proved the key.
         self.dh_keys = None if spec.options.decrypt or spec.options.fast else DHKeyPool()
@@ -1919,24 +2040,16 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                             selector.unregister(sock)
                     listening = want
                 if stopping:
-                    self._let_go_of_listeners()
+                    self.close_listeners()
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
                     elif listening:
                         self._accept_one(key.fileobj)
+                if self.allow is not None:
+                    self.allow.summarize(time.monotonic())
         finally:
             selector.close()
-
-    def _let_go_of_listeners(self):
-        """A shutdown began: close our listening descriptors (later calls do nothing).
-
-        A socket that is ours alone goes (a unix listener leaves the
-        kernel's tables, and clients still queued in it learn so at once);
-        one a successor or systemd also holds stays open through theirs.
-        """
-        for sock in self.listening_sockets():
-            sock.close()
 
     def _next_pass(self, tick):
         """(accept now?, seconds to wait) for serve(), under .lock; <= 0: drain over."""
@@ -1964,6 +2077,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     self.accept_paused_until = time.monotonic() + 0.25
             return
         self.accept_error_logged = False  # the next exhaustion gets its line again
+        if not self.verify_request(sock, peer):
+            sock.close()  # before any byte, any work, any slot
+            return
         limit = self.options.max_connections
         with self.lock:
             self.accept_paused_until = 0.0
@@ -1977,6 +2093,14 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.process_request(sock, peer)
         except RuntimeError:  # cannot start a thread: drop this one
             self.shutdown_request(sock)
+
+    def verify_request(self, request, client_address):
+        """--allow: False (counted, logged sparingly) for a peer outside its networks."""
+        if self.allow is None or self.allow.admits(client_address):
+            return True
+        self.stats.count_refused()
+        self.allow.refused(client_address, time.monotonic())
+        return False
 
     def metrics(self):
         """Stats.snapshot() with live connections' bytes (SIGUSR1's line, --metrics)."""
@@ -2121,6 +2245,8 @@ OPENMETRICS_FORMAT = "application/openmetrics-text; version=1.0.0; charset=utf-8
 METRIC_FAMILIES = (
     ("spiped_connections_total", "counter", "Connections accepted."),
     ("spiped_connections_live", "gauge", "Connections open now."),
+    ("spiped_connections_refused_total", "counter",
+     "Connections closed at accept: the peer is not in --allow."),
     ("spiped_bytes_total", "counter",
      "Plaintext bytes relayed, live connections included: in = source to target,"
      " out = target to source."),
@@ -2148,6 +2274,7 @@ def _tunnel_samples(source, t):
     tunnel = (("tunnel", source),)
     yield "spiped_connections_total", tunnel, t["total"]
     yield "spiped_connections_live", tunnel, t["live"]
+    yield "spiped_connections_refused_total", tunnel, t["refused"]
     yield "spiped_bytes_total", tunnel + (("direction", "in"),), t["bytes_in"]
     yield "spiped_bytes_total", tunnel + (("direction", "out"),), t["bytes_out"]
     for reason, count in t["handshake_failures"].items():
@@ -2829,6 +2956,10 @@ class CommandLine:
             self.spec = self.spec._replace(keyring=self.key_files.load())
         return {self.options.source: self.spec}
 
+    def files(self, specs):
+        """The files a reload reads (--watch's): the key files, stdin's not."""
+        return [p for p in self.key_files.paths if p != "-"]
+
     def status(self, servers):
         return "%d live, %d total connections" % servers[self.options.source].stats.counts()
 
@@ -2880,6 +3011,13 @@ class ConfigFile:
             specs[options.source] = spec
         return specs
 
+    def files(self, specs):
+        """The files a reload reads (--watch's): FILE, then each tunnel's key files, once."""
+        files = [self.path]
+        for spec in specs.values():
+            files += [p for p in spec.options.key_paths() if p not in files]
+        return files
+
     def status(self, servers):
         return "%d tunnels: %s" % (len(servers), "; ".join(
             "%s %d live, %d total" % ((source,) + server.stats.counts())
@@ -2902,6 +3040,70 @@ class ConfigFile:
             "%d %s" % (number, what) for what, number in counts._asdict().items())))
 
 
+WATCH_INTERVAL = 2.0  # --watch: seconds from one look at the files to the next
+
+
+class FileWatch:
+    """--watch: which files changed since they were last read, once they hold still.
+
+    A file is known by what its path resolves to, symlinks followed: the
+    device, inode, size, mtime and ctime (None while it is missing).  So a
+    file renamed into place shows, and so does a Kubernetes Secret's new
+    folder behind its swapped ..data link.  Any bytes make a valid key, so
+    a change is taken only once one more look finds every file as the look
+    before it: a file still being written in place is not.
+    """
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.seen = {}   # path -> identity when it was last read
+        self.last = {}   # path -> identity at the previous look
+        self.taken = {}  # the look that reported a change, until watch() is called
+        self.next_look = time.monotonic() + interval
+
+    @staticmethod
+    def identity(path):
+        """What PATH resolves to, as a comparable tuple; None if it cannot be stat()ed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def watch(self, paths):
+        """Watch PATHS from now on, as just read: as the look that reported a change saw them."""
+        self.seen = {p: self.taken[p] if p in self.taken else self.identity(p) for p in paths}
+        self.last, self.taken = dict(self.seen), {}
+
+    def wait(self):
+        """Seconds until the next look."""
+        return max(0.0, self.next_look - time.monotonic())
+
+    def look(self):
+        """The paths that changed and then held still for one look, once a look is due; else []."""
+        if self.wait() > 0:
+            return []
+        self.next_look = time.monotonic() + self.interval
+        now = {p: self.identity(p) for p in self.seen}
+        settled, self.last = now == self.last, now
+        changed = [p for p in now if now[p] != self.seen[p]]
+        if not (changed and settled):
+            return []
+        self.seen = self.taken = now  # reported once: a failed reload waits for the next change
+        log.event("%s changed: reloading" % ", ".join(changed))
+        return changed
+
+
+def explained(error, user):
+    """ERROR, saying why a file is unreadable now if -u USER dropped privileges."""
+    if user is None:
+        return error
+    hint = (" after -u %s (make the file readable by that user or its group,"
+            " or restart spiped to read it as root)" % user)
+    return SpipedError(*(line + hint if line.endswith("Permission denied") else line
+                         for line in error.lines))
+
+
 class Supervisor:
     """The supervisor: serves the tunnels of its PLAN and keeps them in step with it.
 
@@ -2913,8 +3115,9 @@ class Supervisor:
     forgotten once closed.  A server's thread ending wakes the loop too.
     """
 
-    def __init__(self, plan, drain_timeout=None, passed=(), user=None):
+    def __init__(self, plan, drain_timeout=None, passed=(), user=None, watch=None):
         self.plan = plan
+        self.file_watch = watch  # a FileWatch (--watch), or None
         self.drain_timeout = drain_timeout
         self.user = user     # -u: files are read again as this user
         self.specs = {}      # source -> TunnelSpec being served
@@ -3020,27 +3223,18 @@ class Supervisor:
                 moved[source] = old
         return moved
 
-    def _explained(self, error):
-        """ERROR, saying why a file is unreadable now if -u dropped privileges."""
-        if self.user is None:
-            return error
-        hint = (" after -u %s (make the file readable by that user or its group,"
-                " or restart spiped to read it as root)" % self.user)
-        return SpipedError(*(line + hint if line.endswith("Permission denied") else line
-                             for line in error.lines))
-
     def reload(self):
         """SIGHUP: load the plan again, apply the changes, and report them.
 
         A plan that fails its checks, or a new source that cannot be bound,
         changes nothing; the plan says why.
         """
-        self._count_reload(failed=False)
+        self.reloads += 1
         try:
             changes = self._plan_reload()
         except SpipedError as e:
-            self._count_reload(failed=True)
-            self.plan.reload_failed(self._explained(e))
+            self.reload_failures += 1
+            self.plan.reload_failed(explained(e, self.user))
             return
         self.plan.reloaded(self._apply(changes))
 
@@ -3084,13 +3278,6 @@ class Supervisor:
                             rekeyed=len(changes.rekeyed), replaced=replaced,
                             unchanged=changes.unchanged)
 
-    def _count_reload(self, failed):
-        """One more reload begun, or (FAILED) one more that changed nothing."""
-        if failed:
-            self.reload_failures += 1
-        else:
-            self.reloads += 1
-
     def metrics(self):
         """For --metrics, from any thread: each tunnel's Server.metrics(), the process's counts."""
         servers = dict(self.servers)  # one copy: the main thread may replace entries
@@ -3121,16 +3308,20 @@ class Supervisor:
         return self.stopping and not self.threads
 
     def run(self, notifier):
-        """Act on recorded signals until SIGTERM's drain has ended everywhere."""
+        """Act on recorded signals and --watch's changes until SIGTERM's drain has ended."""
         self.watching = notifier.address is not None
+        self._watch_files()
         selector = selectors.DefaultSelector()
         selector.register(self.waker, selectors.EVENT_READ)
         try:
             while not self.reap():
                 notifier.tick()
                 notifier.status(self.plan.status(self.servers))
-                if selector.select(self.tick):
+                watch = self.file_watch
+                if selector.select(min(self.tick, watch.wait()) if watch else self.tick):
                     self.waker.drain()
+                if watch and not self.stopping and watch.look():
+                    self.signals.append("reload")
                 while self.signals:
                     self._act(self.signals.pop(0), notifier)
         finally:
@@ -3144,9 +3335,15 @@ class Supervisor:
         elif what == "reload" and not self.stopping:
             notifier.reloading()
             self.reload()
+            self._watch_files()  # a --config reload may name other files
             notifier.send("READY=1")
         elif what == "stats":
             self.plan.statistics(self.servers)
+
+    def _watch_files(self):
+        """--watch: watch the files the plan reads now, as just read."""
+        if self.file_watch is not None:
+            self.file_watch.watch(self.plan.files(self.specs))
 
     def close(self):
         self.waker.close()
@@ -3239,18 +3436,28 @@ Extensions (long options; every C command line keeps its meaning):
                          its spiped options (-e|-d -s -t -k ...), with blank
                          lines and # comments; the command line then holds
                          only process options (-D -F -p -u --syslog
-                         --drain-timeout --log-label --check --metrics).  The
-                         default pidfile is FILE.pid.  SIGHUP re-reads FILE
-                         and the key files: added lines start, removed lines
-                         stop listening and drain, lines whose only change is
-                         a key (-k, --accept-key) take the new keys for new
+                         --drain-timeout --log-label --check --metrics
+                         --watch --watch-interval).  The default pidfile
+                         is FILE.pid.  SIGHUP re-reads FILE and the key
+                         files: added lines start, removed lines stop
+                         listening and drain, lines whose only change is a
+                         key (-k, --accept-key) take the new keys for new
                          connections, other changed lines restart
   --keepalive IDLE[,INTERVAL[,COUNT]]
                          TCP keepalive (seconds) on both sockets of each
                          connection: the first probe after IDLE idle
                          seconds (Linux's default: 2 hours), then one every
                          INTERVAL (default IDLE); COUNT (default 3) probes
-                         unanswered drop the connection.  Not with -j
+                         unanswered drop the connection.  Not with -j.
+                         Also TCP_USER_TIMEOUT of IDLE + INTERVAL x COUNT:
+                         unacknowledged data, or a peer that reads nothing,
+                         for that long drops the connection too
+  --allow CIDR[,CIDR...] serve only TCP peers in these networks (IPv4 or
+                         IPv6; a bare address is one host; may repeat);
+                         others are closed at accept, before any byte,
+                         counted (refused) and logged at most once a minute
+                         per source.  Not with a unix source; never applies
+                         to --metrics
   --check                check the command line or --config FILE and exit:
                          parse, resolve every address once (-D does not
                          retry), read every key, look up -u, and check that
@@ -3258,6 +3465,12 @@ Extensions (long options; every C command line keeps its meaning):
                          made; bind nothing.  Prints "SOURCE -> TARGET: ok,
                          N keys" per tunnel and exits 0, or a start's
                          errors and exit 1
+  --watch                every 2 seconds look at the key files (and --config
+                         FILE) through their symlinks; when one changed and
+                         then held still for one more look, reload as
+                         SIGHUP does (a Kubernetes Secret's swapped folder
+                         is seen too).  Not the key from stdin (-k -)
+  --watch-interval SECS  --watch, looking every SECS seconds
   --metrics ADDRESS      serve HTTP on ADDRESS ([host]:port, host:port or
                          /unix/path): GET /metrics gives each tunnel's
                          counters (label tunnel="<-s>") in Prometheus's text
@@ -3510,6 +3723,7 @@ class TunnelOptions(NamedTuple):
     log_connections: bool = False        # --log-connections
     all_addresses: bool = False          # --all-addresses
     keepalive_timers: Optional[tuple] = None  # --keepalive: (idle, interval, count)
+    allow: tuple = ()                    # --allow: the networks served; () serves all
 
     def key_paths(self):
         """-k, then every --accept-key."""
@@ -3534,6 +3748,8 @@ class ProcessOptions(NamedTuple):
     log_label: str = ""                  # --log-label
     check: bool = False                  # --check
     metrics: Optional[str] = None        # --metrics: the endpoint's address
+    watch: bool = False                  # --watch (--watch-interval implies it)
+    watch_interval: float = WATCH_INTERVAL  # --watch-interval: seconds between looks
 
     def pidfile_path(self):
         """-p, or the default: the source address (or FILE) with .pid appended."""
@@ -3586,6 +3802,14 @@ def _extension_seconds(option, text):
     return value
 
 
+def _interval(option, text):
+    """Seconds above 0 and finite, for a long option: a period between two looks."""
+    value = _strtod(text)
+    if value is None or value == "range" or not 0 < value < float("inf"):  # nan too
+        raise _misused(option, "not a number of seconds above 0: %s" % text)
+    return value
+
+
 def _octal_mode(option, text):
     try:
         value = int(text, 8)
@@ -3609,6 +3833,13 @@ def _keepalive_timers(option, text):
     if not (0 < values[0] <= 32767 and 0 < values[1] <= 32767 and 0 < values[2] <= 127):
         raise _misused(option, "IDLE and INTERVAL must be 1 to 32767, COUNT 1 to 127: %s" % text)
     return tuple(values)
+
+
+def _networks(option, text):
+    try:
+        return AllowList.parse(text)
+    except ValueError as e:
+        raise _misused(option, str(e)) from None
 
 
 def _proxy_version(option, text):
@@ -3636,7 +3867,8 @@ SPIPED_OPTIONS = {
     "--config": ("config", _text), "--log-label": ("log_label", _text),
     "--all-addresses": ("all_addresses", None),
     "--check": ("check", None), "--keepalive": ("keepalive_timers", _keepalive_timers),
-    "--metrics": ("metrics", _address),
+    "--metrics": ("metrics", _address), "--allow": ("allow", _networks),
+    "--watch": ("watch", None), "--watch-interval": ("watch_interval", _interval),
 }
 SPIPE_OPTIONS = {
     "-t": ("target", _address), "-k": ("key", _text), "-b": ("bind", _address),
@@ -3644,8 +3876,9 @@ SPIPE_OPTIONS = {
     "-o": ("timeout", _seconds), "-v": ("version", None), "--help": ("help", None),
 }
 PROCESS_FIELDS = ("foreground", "wait_dns", "pidfile", "user", "version", "syslog",
-                  "drain_timeout", "config", "help", "log_label", "check", "metrics")
-REPEATED_FIELDS = ("accept_keys",)  # may be given more than once, in order
+                  "drain_timeout", "config", "help", "log_label", "check", "metrics",
+                  "watch", "watch_interval")
+REPEATED_FIELDS = ("accept_keys", "allow")  # may be given more than once, in order
 
 
 def _read_options(args, table, help_text, tunnel_line=False):
@@ -3696,6 +3929,8 @@ def parse_spiped_args(args, tunnel_line=False):
     """
     fields = _read_options(args, SPIPED_OPTIONS, SPIPED_HELP, tunnel_line)
     process = {f: fields.pop(f) for f in PROCESS_FIELDS if f in fields}
+    if "watch_interval" in process:
+        process["watch"] = True
     if "config" in process:
         if fields:
             option = next(o for o, (f, _) in SPIPED_OPTIONS.items() if f == next(iter(fields)))
@@ -3719,6 +3954,11 @@ def _tunnel_options(fields):
         raise _misused("--connect-after-auth", "needs -d")
     if fields.get("no_keepalive") and "keepalive_timers" in fields:
         raise _misused("--keepalive", "cannot go with -j, which turns keepalive off")
+    if "allow" in fields:
+        if fields["source"].startswith("/"):
+            raise _misused("--allow", "applies to TCP sources, not the unix socket %s"
+                           % fields["source"])
+        fields["allow"] = sum(fields["allow"], ())  # one tuple of networks per --allow
     rtime = fields.pop("rtime", 0) or DEFAULT_RTIME
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:
@@ -3799,7 +4039,10 @@ def _run_spiped(process):
         plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
-    supervisor = Supervisor(plan, process.drain_timeout, passed, process.user)
+    watch = FileWatch(process.watch_interval) if process.watch else None
+    if watch is not None and process.tunnel is not None and "-" in process.tunnel.key_paths():
+        log.warn("--watch: the key read from stdin (-k -) has no file to watch")
+    supervisor = Supervisor(plan, process.drain_timeout, passed, process.user, watch)
     specs = plan.load(retry=process.wait_dns)
     supervisor.check_passed(specs)
     # Once a socket is bound, a client may see it and a signal may come: hold

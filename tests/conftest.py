@@ -293,6 +293,41 @@ def quiet(sock):
     return not select.select([sock], [], [], 0)[0]
 
 
+class SecretFolder:
+    """A folder as the kubelet mounts a Secret: NAME -> ..data/NAME, ..data -> ..vN.
+
+    publish() writes a new version folder and swaps ..data to it in one
+    rename, as the kubelet does; its files get MODE and, if given, GID.
+    """
+
+    def __init__(self, root, *names, mode=0o600, gid=None):
+        self.root, self.names, self.mode, self.gid = str(root), names, mode, gid
+        self.versions = 0
+        os.makedirs(self.root, exist_ok=True)
+        for name in names:
+            os.symlink(os.path.join("..data", name), self.path(name))
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    def publish(self, **files):
+        """FILES (name=bytes) become the Secret's content at once; the old version is removed."""
+        self.versions += 1
+        folder = os.path.join(self.root, "..v%d" % self.versions)
+        os.mkdir(folder, 0o755)
+        for name, data in files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+            os.chmod(os.path.join(folder, name), self.mode)
+            if self.gid is not None:
+                os.chown(os.path.join(folder, name), -1, self.gid)
+        link = os.path.join(self.root, "..data_tmp")
+        os.symlink(os.path.basename(folder), link)
+        os.rename(link, os.path.join(self.root, "..data"))
+        if self.versions > 1:
+            shutil.rmtree(os.path.join(self.root, "..v%d" % (self.versions - 1)))
+
+
 def tcp_addr(port, host="127.0.0.1"):
     return "[%s]:%d" % (host, port)
 

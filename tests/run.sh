@@ -22,6 +22,8 @@ apt_get update
 # prometheus: promtool and a Prometheus of its own for tests/test_metrics.py;
 # likewise no system one.  mandoc and groff-base: tests/test_man.py lints the
 # manual pages with both.
+# iproute2 and iptables: the network bed of tests/netbed.py (namespaces, veth
+# links, tc, packet filters).
 policy=/usr/sbin/policy-rc.d
 own_policy=
 if [ ! -e "$policy" ]; then
@@ -30,7 +32,7 @@ if [ ! -e "$policy" ]; then
 	printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
 fi
 apt_get install -y python3 python3-venv spiped shellcheck systemd procps nginx-light prometheus \
-	mandoc groff-base
+	mandoc groff-base iproute2 iptables
 if [ -n "$own_policy" ]; then
 	$SUDO rm -f "$policy"
 	trap - EXIT

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and configures what tests/test_integration.py needs: podman (with
 # the configuration a host without systemd and with hybrid cgroups needs),
-# debootstrap and systemd-nspawn.  Idempotent; run as root.  Without root it
+# podman-compose (contrib/docker/compose.yaml), debootstrap and
+# systemd-nspawn.  Idempotent; run as root.  Without root it
 # says why and exits 0, and the integration tests then skip.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Another apt-get may hold the lock for a while; wait for it.
 apt-get -o DPkg::Lock::Timeout=600 update -qq
 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
-	podman runc conmon netavark aardvark-dns containernetworking-plugins \
+	podman podman-compose runc conmon netavark aardvark-dns containernetworking-plugins \
 	iptables catatonit uidmap golang-github-containers-common \
 	debootstrap systemd-container >/dev/null
 

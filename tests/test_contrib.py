@@ -418,6 +418,17 @@ def test_dockerfile_copies_the_man_pages():
     assert sorted(pages) == ["contrib/man/spipe.1", "contrib/man/spiped.1"], copies
 
 
+def test_dockerfile_fixes_the_ids_and_loads_compiled_byte_code():
+    """uid and gid 999 whatever the base image holds; spiped and spipe import
+    the module from a cache compiled at build (a read-only root keeps none)."""
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    assert re.search(r"groupadd --system --gid 999 spiped;", runs), runs
+    assert re.search(r"useradd --system --uid 999 --gid spiped ", runs), runs
+    assert "python3 -m compileall -q /usr/local/lib/spiped;" in runs
+    assert "'import spiped'" in runs and "ln -s spiped /usr/local/bin/spipe;" in runs
+    assert "ln -s ../lib/spiped/spiped.py" not in runs  # a script is compiled at every start
+
+
 # ---------------------------------------------------------------- systemd
 
 def unit_settings(path):
@@ -696,7 +707,7 @@ def test_openrc_command_args_parse_with_our_cli(tmp_path, keyfile, procs, echo):
     record = tmp_path / "logger.record"
     write_exe(bindir / "logger", '#!/bin/sh\necho "args: $*" >>"%s"\ncat >>"%s"\n' % (record, record))
     spiped = write_exe(bindir / "spiped", '#!/bin/sh\nexec "%s" "%s" "$@"\n' % (sys.executable, SPIPED_PY))
-    os.chmod(keyfile, 0o640)                    # spiped warns about this at start
+    os.chmod(keyfile, 0o604)                    # spiped warns about this at start
     p = openrc(tmp_path, "spiped.smtp", "show", "spiped_mode=-d", "spiped_source='%s'" % source,
                "spiped_target='%s'" % target.addr, "spiped_key='%s'" % keyfile,
                "spiped_opts='-n 200 -o 10 --log-connections'", "spiped_command='%s'" % spiped)

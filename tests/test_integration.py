@@ -1,5 +1,7 @@
-"""contrib/ for real: the image under podman, the systemd units under a booted
-systemd, the OpenRC service under openrc-init.
+"""contrib/ for real: the image under podman (alone, with podman-compose
+from contrib/docker/compose.yaml, and in the contrib/kubernetes/ manifests
+under podman kube play), the systemd units under a booted systemd, the
+OpenRC service under openrc-init.
 
 Each part runs in a Debian 12 made with `debootstrap --variant=minbase
 bookworm` from the host's own Debian mirror: the image is built FROM a
@@ -19,7 +21,9 @@ prerequisite fails instead.
 
 Network: only loopback.  Containers either share the host's network or are
 reached through a port published on 127.0.0.1 whose target lies inside the
-container's own network namespace; no test addresses a bridge IP.
+container's own network namespace; no test addresses a bridge IP (the
+compose project's two containers find each other by name on the project's
+own network, as compose makes them).
 """
 import glob
 import os
@@ -32,12 +36,14 @@ import subprocess
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
 
-from conftest import (ROOT, EchoServer, address_listening, assert_stays, check_echo, exchange,
-                      free_port, tcp_addr, unavailable, wait_for)
+from conftest import (ROOT, EchoServer, SecretFolder, address_listening, assert_stays,
+                      check_echo, exchange, free_port, ours, tcp_addr, unavailable, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -394,9 +400,10 @@ def image(podman_works, slim_rootfs, workdir):
 
 @pytest.fixture
 def containers():
-    """Names for containers; all are removed (rm -f) at the end of the test, the
-    last named first (podman refuses to remove a container whose network
-    another still shares), and one left behind fails the test."""
+    """Names for containers; all are removed (rm -f -v: the image's VOLUME /spiped
+    makes an anonymous volume) at the end of the test, the last named first
+    (podman refuses to remove a container whose network another still
+    shares), and one left behind fails the test."""
     names = []
 
     def name(what):
@@ -405,7 +412,7 @@ def containers():
 
     yield name
     for n in reversed(names):
-        run(["podman", "rm", "-f", "-t", "0", n], check=False)
+        run(["podman", "rm", "-f", "-v", "-t", "0", n], check=False)
     listed = run(["podman", "ps", "-a", "--format", "{{.Names}}"], check=False).stdout.split()
     left = [n for n in names if n in listed]
     assert not left, "containers left behind: %s" % left
@@ -495,6 +502,339 @@ def test_image_tunnel_through_published_port(image, workdir, containers):
     wait_healthy(e)
     echoes(enc, 1000000)
     stop_quickly(d)
+
+
+def need_yaml():
+    """The yaml module (PyYAML, which the test extra's kubernetes-validate brings)."""
+    try:
+        import yaml
+    except ImportError:
+        unavailable("PyYAML is not installed (pip install -e '.[test]')")
+    return yaml
+
+
+def logs(name):
+    p = run(["podman", "logs", name], check=False)
+    return p.stdout + p.stderr
+
+
+def http_status(addr, path="/healthz"):
+    """(status, body) of GET PATH at spiped-style ADDR."""
+    host, port = addr.rsplit(":", 1)
+    try:
+        with urllib.request.urlopen("http://%s:%s%s" % (host.strip("[]"), port, path),
+                                    timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def exit_code(name):
+    return run(["podman", "inspect", "--format", "{{.State.ExitCode}}", name]).stdout.strip()
+
+
+def process_status(name):
+    """The spiped process's /proc status fields (Uid, Gid, CapEff, NoNewPrivs, Seccomp) in NAME."""
+    pid = run(["podman", "inspect", "--format", "{{.State.Pid}}", name]).stdout.strip()
+    with open("/proc/%s/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def pass_through(addr, key, payload=b"x" * 5000):
+    """PAYLOAD through a local spiped -e with KEY (a file) in front of ADDR: what came back."""
+    front = tcp_addr(free_port())
+    p = subprocess.Popen(ours("-e", "-F", "-s", front, "-t", addr, "-k", key),
+                         stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: address_listening(front), 30, "spiped -e on %s" % front)
+        return exchange(front, payload, timeout=30)
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def test_image_locked_down_watch_and_byte_code(image, workdir, containers, echo_target):
+    """--read-only --cap-drop ALL --security-opt no-new-privileges --user 999: the
+    tunnel runs, spiped is loaded from the build's byte code, and --watch takes a
+    key replaced by the generator (--force) without a signal."""
+    keydir = podman_key(image, workdir)
+    key = os.path.join(keydir, "spiped-keyfile")
+    old = os.path.join(workdir, "old-%s.key" % uuid.uuid4().hex[:6])
+    shutil.copy(key, old)
+    dec = tcp_addr(free_port())
+    d = containers("locked")
+    run(["podman", "run", "-d", "--name", d, "--network", "host", "--read-only", "--cap-drop", "ALL",
+         "--security-opt", "no-new-privileges", "--user", "999", "-v", "%s:/spiped/key:ro" % keydir,
+         image, "-d", "-s", dec, "-t", echo_target.addr, "--watch-interval", "0.5"])
+    wait_healthy(d)
+    status = process_status(d)
+    assert status["Uid"].split()[0] == "999" and status["Gid"].split()[0] == "999", status
+    assert status["CapEff"] == "0000000000000000" and status["NoNewPrivs"] == "1", status
+    readonly = run(["podman", "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", d]).stdout
+    assert readonly.strip() == "true"
+    verbose = run(["podman", "exec", d, "python3", "-v", "/usr/local/bin/spiped", "-v"]).stderr
+    assert "code object from '/usr/local/lib/spiped/__pycache__/spiped.cpython-" in verbose, \
+        [l for l in verbose.splitlines() if "spiped" in l]
+    assert pass_through(dec, key) == b"x" * 5000
+    run(["podman", "run", "--rm", "--network", "none", "-v", "%s:/spiped/key" % keydir, image,
+         "spiped-generate-key.sh", "--force"])
+    wait_until(lambda: "reloaded 1 key" in logs(d), 30, "spiped in %s reloading the new key" % d)
+    assert "/spiped/key/spiped-keyfile changed: reloading" in logs(d), logs(d)
+    assert pass_through(dec, key) == b"x" * 5000
+    assert pass_through(dec, old) == b""          # the replaced key is refused
+    stop_quickly(d)
+
+
+def compose_for_podman(image, keydir, published, project_file, changes):
+    """contrib/docker/compose.yaml as this host can run it, written to PROJECT_FILE.
+
+    CHANGES gets one line per substitution.
+    """
+    yaml = need_yaml()
+    with open(COMPOSE) as f:
+        compose = yaml.safe_load(f)
+    spiped, target = compose["services"]["spiped"], compose["services"]["elasticsearch"]
+    spiped["image"] = target["image"] = image
+    del spiped["build"]
+    changes.append("spiped: the image built by this run, not built by compose")
+    target["command"] = ["python3", "-c", ECHO_STANDIN % 9200]
+    target.pop("environment", None)
+    changes.append("elasticsearch: the image built by this run running an echo server on 9200"
+                   " (no registry here)")
+    assert spiped["ports"] == ["9200:9200"]
+    spiped["ports"] = ["127.0.0.1:%d:9200" % published]
+    changes.append("spiped: published on 127.0.0.1:%d, not every address's 9200" % published)
+    assert spiped["volumes"] == ["./key:/spiped/key:ro"]
+    spiped["volumes"] = ["%s:/spiped/key:ro" % keydir]
+    changes.append("spiped: the key folder %s in place of ./key" % keydir)
+    with open(project_file, "w") as f:
+        yaml.safe_dump(compose, f)
+
+
+ECHO_STANDIN = ("import signal, socket, sys, threading\n"
+                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                "s = socket.create_server(('0.0.0.0', %d))\n"
+                "def serve(c):\n"
+                "    while True:\n"
+                "        b = c.recv(65536)\n"
+                "        if not b: break\n"
+                "        c.sendall(b)\n"
+                "    c.close()\n"
+                "while True: threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()\n")
+COMPOSE = os.path.join(ROOT, "contrib/docker/compose.yaml")
+
+
+def test_compose_file_runs_with_podman_compose(image, workdir):
+    """compose.yaml's -d in front of "elasticsearch" by name, under podman-compose."""
+    need("podman-compose")
+    keydir = os.path.join(workdir, "compose-key-%s" % uuid.uuid4().hex[:6])
+    os.mkdir(keydir)
+    run(["podman", "run", "--rm", "--network", "none", "-v", "%s:/spiped/key" % keydir, image,
+         "spiped-generate-key.sh"])                 # the file's own step, as root
+    project = "spiped-it-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
+    project_file = os.path.join(workdir, project + ".yaml")
+    published, changes = free_port(), []
+    compose_for_podman(image, keydir, published, project_file, changes)
+    print("compose.yaml as run here:\n  " + "\n  ".join(changes))
+    compose = ["podman-compose", "-p", project, "-f", project_file]
+    spiped = project + "_spiped_1"
+    volumes = []
+    try:
+        run(compose + ["up", "-d"], timeout=300)
+        for name in (spiped, project + "_elasticsearch_1"):
+            volumes += run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}",
+                            name]).stdout.split()
+        wait_healthy(spiped)
+        user = run(["podman", "inspect", "--format", "{{.Config.User}}", spiped]).stdout
+        assert user.strip() == "spiped"
+        payload = os.urandom(300000)
+        assert pass_through(tcp_addr(published), os.path.join(keydir, "spiped-keyfile"), payload) \
+            == payload, logs(spiped)
+        stop_quickly(spiped)
+    finally:
+        run(compose + ["down"], check=False, timeout=300)
+        for volume in volumes:   # VOLUME /spiped's anonymous volumes: down (-v too) leaves them
+            run(["podman", "volume", "rm", "-f", volume], check=False)
+        run(["podman", "network", "rm", "-f", project + "_default"], check=False)
+    left = run(["podman", "ps", "-a", "--format", "{{.Names}}",
+                "--filter", "label=io.podman.compose.project=" + project]).stdout.split()
+    assert not left, left
+    assert run(["podman", "network", "exists", project + "_default"], check=False).returncode != 0
+    assert not [v for v in volumes if run(["podman", "volume", "exists", v], check=False).returncode == 0]
+
+
+KUBERNETES = os.path.join(ROOT, "contrib/kubernetes")
+KUBE_NETWORK = "podman-default-kube-network"   # kube play makes it on first use
+APP_STANDIN = "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); signal.pause()"
+ROUNDTRIP_IN_APP = ("import os, socket, sys\n"
+                    "c = socket.create_connection(('127.0.0.1', %d), timeout=20)\n"
+                    "data = os.urandom(200000); c.sendall(data); c.shutdown(socket.SHUT_WR)\n"
+                    "got = b''\n"
+                    "while True:\n"
+                    "    b = c.recv(65536)\n"
+                    "    if not b: break\n"
+                    "    got += b\n"
+                    "print('OK' if got == data else 'MISMATCH %%d of %%d' %% (len(got), len(data)))\n")
+
+
+def kube_for_podman(path, image, addresses, keydir, suffix, changes):
+    """The Deployments of manifest PATH as podman 4.3 runs them on this host.
+
+    ADDRESSES maps each address argument to its stand-in (every one must be
+    used); KEYDIR takes the Secret's place; SUFFIX makes names unique.
+    CHANGES gets one line per substitution.  Returns the YAML text.
+    """
+    yaml = need_yaml()
+    base = os.path.basename(path)
+    out = []
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind != "Deployment":
+            changes.append("%s: %s %s left out (podman 4.3 runs Pods and Deployments;"
+                           " checked by the schema only)" % (base, kind, name))
+            continue
+        doc["metadata"]["name"] = name + suffix
+        changes.append("%s: Deployment %s named %s" % (base, name, name + suffix))
+        if doc["spec"]["replicas"] != 1:
+            changes.append("%s: %d replicas -> 1 (the host's ports)" % (base, doc["spec"]["replicas"]))
+            doc["spec"]["replicas"] = 1
+        spec = doc["spec"]["template"]["spec"]
+        spec["hostNetwork"] = True
+        changes.append("%s: hostNetwork: true (no traffic to bridge addresses)" % base)
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                del volume["secret"]
+                volume["hostPath"] = {"path": keydir, "type": "Directory"}
+                changes.append("%s: Secret volume -> hostPath %s, laid out as the kubelet lays out"
+                               " a Secret (podman 4.3 crashes on Secret volumes)" % (base, keydir))
+        for c in spec["containers"]:
+            c["image"] = image
+            changes.append("%s: container %s: image -> %s" % (base, c["name"], image))
+            for probe, why in (("readinessProbe", "podman 4.3 does not run readiness probes"),
+                               ("livenessProbe", "podman 4.3 runs it as curl (httpGet) or nc"
+                                " (tcpSocket) inside the container, and the image has neither")):
+                if c.pop(probe, None) is not None:
+                    changes.append("%s: container %s: %s left out (%s)" % (base, c["name"], probe, why))
+            if c.pop("ports", None) is not None:
+                changes.append("%s: container %s: ports left out (podman 4.3 publishes them,"
+                               " which the host's network refuses)" % (base, c["name"]))
+            if c["name"] == "app":
+                c["command"] = ["python3", "-c", APP_STANDIN]
+                changes.append("%s: container app: a Python stand-in that waits" % base)
+            for i, arg in enumerate(c.get("args", [])):
+                if arg in addresses:
+                    c["args"][i] = addresses[arg]
+                    changes.append("%s: container %s: %s -> %s" % (base, c["name"], arg, addresses[arg]))
+        out.append(doc)
+    used = {a for d in out for c in d["spec"]["template"]["spec"]["containers"]
+            for a in c.get("args", [])}
+    assert set(addresses.values()) <= used, (addresses, used)
+    return yaml.safe_dump_all(out)
+
+
+def test_kube_play_sidecar_and_decrypt(image, workdir, echo_target):
+    """sidecar.yaml and decrypt.yaml under podman kube play: data from the app
+    container through spiped -e to the -d pod and its target, /healthz, a
+    Secret-style folder swapped under --watch (no signal), and podman pod stop
+    draining a live connection to exit code 0; then kube down."""
+    suffix = "-it-%d-%s" % (os.getpid(), uuid.uuid4().hex[:6])
+    old, new = os.urandom(32), os.urandom(32)
+    keydir = os.path.join(workdir, "kube-key" + suffix)
+    secret = SecretFolder(keydir, "spiped-keyfile", "previous", mode=0o440, gid=999)  # fsGroup: 999
+    secret.publish(**{"spiped-keyfile": old, "previous": old})
+    os.chmod(keydir, 0o755)
+    dsrc, dmetrics, esrc, emetrics = (tcp_addr(free_port()) for _ in range(4))
+    changes = []
+    decrypt = kube_for_podman(os.path.join(KUBERNETES, "decrypt.yaml"), image,
+                              {"[0.0.0.0]:9200": dsrc, "elasticsearch:9200": echo_target.addr,
+                               "[0.0.0.0]:9100": dmetrics}, keydir, suffix, changes)
+    sidecar = kube_for_podman(os.path.join(KUBERNETES, "sidecar.yaml"), image,
+                              {"[127.0.0.1]:9200": esrc, "spiped-elasticsearch:9200": dsrc,
+                               "[0.0.0.0]:9100": emetrics}, keydir, suffix, changes)
+    print("manifests as run here:\n  " + "\n  ".join(changes))
+    files = []
+    for name, text in (("decrypt", decrypt), ("sidecar", sidecar)):
+        files.append(os.path.join(workdir, "kube-%s%s.yaml" % (name, suffix)))
+        with open(files[-1], "w") as f:
+            f.write(text)
+    dpod, apod = "spiped-elasticsearch%s-pod-0" % suffix, "app%s-pod-0" % suffix
+    network_was_there = run(["podman", "network", "exists", KUBE_NETWORK], check=False).returncode == 0
+    old_key = os.path.join(workdir, "kube-old%s.key" % suffix)
+    with open(old_key, "wb") as f:
+        f.write(old)
+    volumes = []   # the anonymous volumes of the image's VOLUME /spiped, which kube down leaves
+    try:
+        for path in files:
+            run(["podman", "kube", "play", path], timeout=300)
+        for name in (dpod + "-spiped", apod + "-spiped", apod + "-app"):
+            volumes += run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}",
+                            name]).stdout.split()
+        for addr in (dsrc, dmetrics, esrc, emetrics):
+            wait_until(lambda: address_listening(addr), 60, "a pod listening on %s" % addr)
+        for addr in (dmetrics, emetrics):
+            assert http_status(addr) == (200, b"ok\n"), addr
+        # restricted: what podman applies of it (runAsUser/Group, read-only root,
+        # no capability, no privilege gain, seccomp)
+        for name in (dpod + "-spiped", apod + "-spiped", apod + "-app"):
+            s = process_status(name)
+            got = (s["Uid"].split()[0], s["Gid"].split()[0], s["CapEff"], s["NoNewPrivs"], s["Seccomp"])
+            assert got == ("999", "999", "0000000000000000", "1", "2"), (name, s)
+            assert run(["podman", "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name]) \
+                .stdout.strip() == "true", name
+        # data from the application container, through the sidecar, to the -d pod and its target
+        in_app = ["podman", "exec", apod + "-app", "python3", "-c",
+                  ROUNDTRIP_IN_APP % int(esrc.rsplit(":", 1)[1])]
+        app = run(in_app)
+        assert app.stdout.strip() == "OK", app.stdout + logs(apod + "-spiped") + logs(dpod + "-spiped")
+        for name in (dpod + "-spiped", apod + "-spiped"):
+            assert "readable by group" not in logs(name), logs(name)   # 0440 root:999 is fine
+
+        # --watch: the Secret's folder swapped to a new key; no signal is sent
+        live = Conn(esrc)
+        live.ping(0)
+        secret.publish(**{"spiped-keyfile": new, "previous": new})
+        wait_until(lambda: "reloaded 2 keys" in logs(dpod + "-spiped"), 30, "the -d pod reloading")
+        wait_until(lambda: "reloaded 1 key" in logs(apod + "-spiped"), 30, "the sidecar reloading")
+        live.ping(1)                                           # a live connection goes on
+        app = run(in_app)
+        assert app.stdout.strip() == "OK", app.stdout + logs(apod + "-spiped") + logs(dpod + "-spiped")
+        assert pass_through(dsrc, old_key) == b""              # the old key is refused
+        assert "changed: reloading" in logs(dpod + "-spiped")
+
+        # podman pod stop: /healthz says 503 while the live connection drains; exit 0
+        stopping = subprocess.Popen(["podman", "pod", "stop", "-t", "30", dpod],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: http_status(dmetrics)[0] == 503, 30, "/healthz 503 while draining")
+            live.ping(2)
+            assert stopping.poll() is None
+            live.finish()
+            assert stopping.wait(timeout=60) == 0, stopping.stdout.read()
+        finally:
+            if stopping.poll() is None:
+                stopping.kill()
+            stopping.wait()
+        assert exit_code(dpod + "-spiped") == "0", logs(dpod + "-spiped")
+        run(["podman", "pod", "stop", "-t", "30", apod], timeout=90)
+        assert (exit_code(apod + "-spiped"), exit_code(apod + "-app")) == ("0", "0")
+    finally:
+        for path in reversed(files):
+            run(["podman", "kube", "down", path], check=False, timeout=120)
+        for pod in (apod, dpod):
+            run(["podman", "pod", "rm", "-f", pod], check=False, timeout=120)
+        for volume in volumes:
+            run(["podman", "volume", "rm", "-f", volume], check=False)
+        if not network_was_there:
+            users = run(["podman", "ps", "-a", "--format", "{{.Names}}", "--filter",
+                         "network=" + KUBE_NETWORK], check=False).stdout.split()
+            if not users:
+                run(["podman", "network", "rm", KUBE_NETWORK], check=False)
+    left = run(["podman", "ps", "-a", "--format", "{{.Names}}", "--filter", "name=" + suffix]).stdout
+    assert not left.split(), left
+    assert run(["podman", "pod", "ps", "-q", "--filter", "name=" + suffix]).stdout.split() == []
+    assert not [v for v in volumes if run(["podman", "volume", "exists", v], check=False).returncode == 0]
 
 
 # ---------------------------------------------------------------- systemd
@@ -712,7 +1052,8 @@ def openrc_box(nspawn_works, slim_rootfs, workdir):
 @pytest.fixture(scope="session")
 def openrc_tunnels(openrc_box, echo_target):
     """The README's Debian steps as written (the editor step sets the -e end),
-    then the -d end the same way, its key group-readable so spiped warns."""
+    then the -d end the same way, its key readable by group root (not spiped's
+    group) so spiped warns."""
     box = openrc_box
     syslog = SyslogListener(box.path("/dev/log"))
     a, b = tcp_addr(free_port()), tcp_addr(free_port())
@@ -726,7 +1067,7 @@ def openrc_tunnels(openrc_box, echo_target):
     box.sh("\n".join([
         "set -ex",
         "(umask 077; dd if=/dev/urandom of=/etc/spiped/smtpd.key bs=32 count=1)",
-        "cp /etc/spiped/smtp.key /etc/spiped/smtpd.key && chown spiped:spiped /etc/spiped/smtpd.key",
+        "cp /etc/spiped/smtp.key /etc/spiped/smtpd.key && chown spiped:root /etc/spiped/smtpd.key",
         "chmod 0640 /etc/spiped/smtpd.key",
         "ln -s spiped /etc/init.d/spiped.smtpd",
         "install -m 0644 /root/spiped/contrib/openrc/spiped.confd /etc/conf.d/spiped.smtpd",

@@ -74,6 +74,26 @@ def test_linux_copies_the_timers_to_accepted_sockets():
                 assert timers(accepted) == (1, (7, 3, 2))
 
 
+def test_user_timeout_is_as_long_as_keepalive_takes():
+    """IDLE + INTERVAL x COUNT seconds: data left unacknowledged (where keepalive
+    sends no probe) or a peer's shut window is given up as late as a silent peer."""
+    assert spiped.user_timeout_ms((7, 3, 2)) == 13000
+    assert spiped.user_timeout_ms((60, 10, 3)) == 90000
+
+
+def test_linux_copies_the_user_timeout_to_accepted_sockets():
+    with socket.socket() as listener, socket.socket() as plain:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        spiped.tune_socket(listener, True, (7, 3, 2))
+        spiped.tune_socket(plain, True)
+        assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 13000
+
+
 def _tunnel(procs, keyfile, echo, times, *extra):
     """Ours -e --keepalive TIMES -> C -d -> echo; (our -e, its source, C's port)."""
     e, d = procs.chain(echo().addr, keyfile, "ours", "c", e_extra=("--keepalive", times, *extra))
@@ -140,6 +160,7 @@ def test_both_sockets_of_a_connection_get_the_timers(procs, keyfile, echo):
             assert sorted(found) == ["accepted", "dialled"]
             for sock in found.values():
                 assert timers(sock) == (1, (7, 3, 2))
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 13000
         finally:
             for sock in found.values():
                 sock.close()

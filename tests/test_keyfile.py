@@ -1,4 +1,5 @@
 """Key files: K = SHA256(file), C's error lines, and our warnings for weak keys."""
+import grp
 import hashlib
 import io
 import os
@@ -17,6 +18,30 @@ def test_good_key_is_quiet(tmp_path, capsys):
 
 def test_readable_by_others_warns(tmp_path, capsys):
     path = write_key(tmp_path / "key", os.urandom(32), 0o644)
+    spiped.read_key(path)
+    err = capsys.readouterr().err
+    assert err == "spiped: WARNING: key file %s is readable by group or others (chmod 600 it)\n" % path
+
+
+def test_readable_by_our_own_group_is_quiet(tmp_path, capsys):
+    """As a Secret mounted with fsGroup: 0440, group = a group of the process."""
+    path = write_key(tmp_path / "key", os.urandom(32), 0o440)
+    os.chown(path, -1, os.getegid())
+    spiped.read_key(path)
+    assert capsys.readouterr().err == ""
+
+
+def foreign_group():
+    """A group this process is not in, or None."""
+    ours = {os.getegid(), *os.getgroups()}
+    return next((g.gr_gid for g in grp.getgrall() if g.gr_gid not in ours), None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or foreign_group() is None,
+                    reason="giving a file to another group needs root and such a group")
+def test_readable_by_another_group_warns(tmp_path, capsys):
+    path = write_key(tmp_path / "key", os.urandom(32), 0o640)
+    os.chown(path, -1, foreign_group())
     spiped.read_key(path)
     err = capsys.readouterr().err
     assert err == "spiped: WARNING: key file %s is readable by group or others (chmod 600 it)\n" % path
@@ -57,7 +82,7 @@ def test_missing_and_directory_give_c_messages(tmp_path):
 
 def test_daemon_warns_and_serves(procs, tmp_path):
     """The warning is printed at start-up and the daemon still runs."""
-    path = write_key(tmp_path / "key", os.urandom(32), 0o640)
+    path = write_key(tmp_path / "key", os.urandom(32), 0o604)
     p = procs.spiped("-d", tcp_addr(free_port()), path)
     assert p.poll() is None
     assert p.log_text() == ("spiped: WARNING: key file %s is readable by group or others"

@@ -103,7 +103,7 @@ def settled_threads(pid):
 
 def test_render_escapes_label_values_and_ends_openmetrics():
     tunnel = {"live": 1, "total": 2, "bytes_in": 3, "bytes_out": 4, "connect_failures": 0,
-              "limit_reached": 0, "handshake_failures": {"bad-mac": 1},
+              "limit_reached": 0, "refused": 0, "handshake_failures": {"bad-mac": 1},
               "keys": {'a"b\\c\nd': 2}, "listening": True}
     snap = {"tunnels": {"/tmp/x": tunnel}, "reloads": 1, "reload_failures": 0,
             "draining": False, "started": 1.5}
@@ -123,7 +123,7 @@ def test_render_escapes_label_values_and_ends_openmetrics():
 
 SNAPSHOT = {"tunnels": {"[127.0.0.1]:1": {
     "live": 0, "total": 3, "bytes_in": 0, "bytes_out": 0, "connect_failures": 0,
-    "limit_reached": 0, "handshake_failures": {}, "keys": {}, "listening": True}},
+    "limit_reached": 0, "refused": 0, "handshake_failures": {}, "keys": {}, "listening": True}},
     "reloads": 0, "reload_failures": 0, "draining": False, "started": 1.5}
 DATE = re.compile(rb"\r\nDate: ([^\r]*)\r\n")
 
