@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 import spiped
-from conftest import (c_spiped, connect, drain, exchange, free_port, need_c, ours, read_text,
-                      tcp_addr, wait_for, wait_listening)
+from conftest import (connect, drain, exchange, free_port, need_c, ours, read_text, tcp_addr,
+                      wait_for, wait_listening)
 from test_config import start_config, wait_log, write_config
 from test_metrics import metric
 
@@ -179,19 +179,17 @@ def test_refused_before_any_byte_and_counted(procs, echo, keyfile, tmp_path):
     and logged once.  --metrics itself answers 127.0.0.1."""
     target = echo()
     source, metrics = tcp_addr(free_port()), tcp_addr(free_port())
-    err = tmp_path / "err"
-    with open(err, "wb") as f:
-        p = procs.daemon(ours("-d", "-F", "-s", source, "-t", target.addr, "-k", keyfile,
-                              "-n", "1", "--allow", "10.0.0.0/8", "--metrics", metrics),
-                         source, stderr=f)
-    wait_listening(metrics, p)
+    p = procs.spiped("-d", target.addr, keyfile, "-n", "1", "--allow", "10.0.0.0/8",
+                     "--metrics", metrics, source=source)
+    err = p.log
+    wait_listening(metrics, p.proc)
     for _ in range(3):
         s = connect(source)
         s.settimeout(10)
         assert drain(s)[0] == b""
         s.close()
     entry = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", entry, "-t", source, "-k", keyfile), entry)
+    procs.spiped("-e", source, keyfile, source=entry, impl="c")
     assert exchange(entry, b"through C", timeout=20) == b""
     assert wait_for(lambda: metric(metrics, "spiped_connections_refused_total", source) == 4)
     assert metric(metrics, "spiped_connections_total", source) == 0
@@ -207,11 +205,11 @@ def test_reload_narrowing_the_list_leaves_live_connections(procs, echo, keyfile,
     target = echo()
     source = tcp_addr(free_port())
     entry = tcp_addr(free_port())
-    procs.daemon(c_spiped("-e", "-F", "-s", entry, "-t", source, "-k", keyfile), entry)
+    procs.spiped("-e", source, keyfile, source=entry, impl="c")
     line = "-d -s %s -t %s -k %s --allow %s"
     conf = write_config(tmp_path / "a.conf", [line % (source, target.addr, keyfile, "127.0.0.0/8")])
-    err = tmp_path / "err"
-    p = start_config(procs, conf, err)
+    p = start_config(procs, conf)
+    err = p.log
     held = connect(entry, timeout=30)
     held.sendall(b"before")
     assert held.recv(6) == b"before"

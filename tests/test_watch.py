@@ -16,7 +16,8 @@ import pytest
 
 import spiped
 from conftest import (SecretFolder, connect, exchange, free_port, ours, read_text, recv_exact,
-                      tcp_addr, wait_for, wait_listening)
+                      tcp_addr, wait_for)
+from test_config import start_config
 
 INTERVAL = "0.2"   # --watch-interval of the daemons here: two looks take 0.4 s
 
@@ -172,14 +173,9 @@ class Watched:
         self.procs, self.tmp_path = procs, tmp_path
         self.clients = itertools.count()
         self.target = echo()
-        self.addr = tcp_addr(free_port())
-        self.log = str(tmp_path / "d.log")
-        with open(self.log, "wb") as f:
-            self.proc = procs.start(ours("-d", "-F", "-s", self.addr, "-t", self.target.addr,
-                                         "-k", key, "--watch-interval", interval,
-                                         "--log-connections", *extra), stderr=f, **kw)
-        if "stdin" not in kw:
-            wait_listening(self.addr, self.proc)
+        daemon = procs.spiped("-d", self.target.addr, key, "--watch-interval", interval,
+                              "--log-connections", *extra, **kw)
+        self.addr, self.log, self.proc = daemon.addr, daemon.log, daemon.proc
 
     def text(self):
         return read_text(self.log)
@@ -192,7 +188,7 @@ class Watched:
         path = str(self.tmp_path / ("client-%d.key" % next(self.clients)))
         write(path, key_bytes)
         addr = tcp_addr(free_port())
-        self.procs.daemon(ours("-e", "-F", "-s", addr, "-t", self.addr, "-k", path), addr)
+        self.procs.spiped("-e", self.addr, path, source=addr)
         return addr
 
 
@@ -242,10 +238,7 @@ def test_a_key_rewritten_in_place_is_taken_once_complete(procs, tmp_path, echo):
 
 
 def test_key_from_stdin_is_not_watched_and_says_so_once(procs, tmp_path, echo):
-    d = Watched(procs, tmp_path, echo, "-", stdin=subprocess.PIPE)
-    d.proc.stdin.write(b"k" * 32)
-    d.proc.stdin.close()
-    wait_listening(d.addr, d.proc)
+    d = Watched(procs, tmp_path, echo, "-", input=b"k" * 32)
     d.wait_log("has no file to watch")
     assert served(d.client(b"k" * 32))
     assert d.text().count("--watch: the key read from stdin (-k -) has no file to watch") == 1
@@ -261,9 +254,8 @@ def test_a_watched_config_file_adds_its_new_key_files(procs, tmp_path, echo):
     conf = str(tmp_path / "tunnels.conf")
     line = "-d -s %s -t %s -k %s\n"
     write(conf, (line % (first, target.addr, key1)).encode())
-    log = str(tmp_path / "d.log")
-    with open(log, "wb") as f:
-        p = procs.daemon(ours("--config", conf, "-F", "--watch-interval", INTERVAL), first, stderr=f)
+    p = start_config(procs, conf, "--watch-interval", INTERVAL)
+    log = p.log
     replace(conf, (line % (first, target.addr, key1) + line % (second, target.addr, key2)).encode())
     assert wait_for(lambda: "reloaded: 1 added" in read_text(log), 15), read_text(log)
     assert "%s changed: reloading" % conf in read_text(log)
@@ -273,8 +265,7 @@ def test_a_watched_config_file_adds_its_new_key_files(procs, tmp_path, echo):
     assert "%s changed: reloading" % key2 in read_text(log)
     client = tcp_addr(free_port())
     write(str(tmp_path / "client.key"), new)
-    procs.daemon(ours("-e", "-F", "-s", client, "-t", second, "-k", str(tmp_path / "client.key")),
-                 client)
+    procs.spiped("-e", second, str(tmp_path / "client.key"), source=client)
     assert served(client)
     assert p.poll() is None
 
