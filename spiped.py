@@ -524,48 +524,64 @@ _FULL_TRAILER = _be32(PAYLOAD) + bytes(STRIDE - PADDED)
 _STRIDE_PAD = bytes(STRIDE - PADDED)
 
 
-def _raw_cipher_calls(package):
-    """(ECB_encrypt, strxor, c_size_t(STRIDE), a STRIDE-byte buffer type) from PACKAGE, or None.
+def _raw_crypt_one(package):
+    """crypt_one(state, counter, data) through PACKAGE's C functions, or None.
 
-    These are the C functions that AES.encrypt() and strxor() call in
-    PACKAGE (the Cryptodome that AES came from).  Through ctypes, their
-    Python checks cost more on one packet than the AES itself, so the
-    single-packet path calls them directly.  Cryptodome on cffi (whose
-    calls are cheap), or one without them, gets the public calls instead.
+    _crypt_one_public() with the C functions that AES.encrypt() and
+    strxor() call in PACKAGE (the Cryptodome that AES came from), on
+    either of its back ends: their Python wrappers cost more on one packet
+    than the AES itself, so the single-packet path calls them directly.
+    STATE is the raw pointer of an ECB cipher that the caller keeps alive;
+    DATA is bytes.  The result is a new buffer whose slices are bytes.
+    .encrypt is the ECB function it calls.  A Cryptodome without these
+    functions, or on another back end, gets the public calls instead.
     """
     try:
-        import ctypes
         import importlib
-        raw_ecb_lib = importlib.import_module(package + ".Cipher._mode_ecb").raw_ecb_lib
-        backend = importlib.import_module(package + ".Util._raw_api").backend
-        raw_strxor = importlib.import_module(package + ".Util.strxor")._raw_strxor
-        if backend != "ctypes":
-            return None
-        return (raw_ecb_lib.ECB_encrypt, raw_strxor.strxor, ctypes.c_size_t(STRIDE),
-                ctypes.c_char * STRIDE)
+        encrypt = importlib.import_module(package + ".Cipher._mode_ecb").raw_ecb_lib.ECB_encrypt
+        raw_api = importlib.import_module(package + ".Util._raw_api")
+        xor = importlib.import_module(package + ".Util.strxor")._raw_strxor.strxor
+        backend = raw_api.backend
     except (ImportError, AttributeError):
         return None
+    if backend == "cffi":
+        ffi = raw_api.ffi
+        new = ffi.new_allocator(should_clear_after_alloc=False)  # every byte is written
+        array, buffer = ffi.typeof("uint8_t[%d]" % STRIDE), ffi.buffer
+
+        def crypt_one(state, counter, data):
+            out = new(array)
+            if encrypt(state, counter.join(_LOW_HALVES), out, STRIDE):
+                raise ValueError("AES failed")
+            xor(data, out, out, PADDED)  # in place: strxor allows its output to be an input
+            return buffer(out)
+    elif backend == "ctypes":
+        import ctypes
+        array = ctypes.c_char * STRIDE
+        # Without argtypes ctypes passes an int as a C int: a size_t wants its own type.
+        stride, padded = ctypes.c_size_t(STRIDE), ctypes.c_size_t(PADDED)
+
+        def crypt_one(state, counter, data):
+            out = array()
+            if encrypt(state, counter.join(_LOW_HALVES), out, stride):
+                raise ValueError("AES failed")
+            xor(data, out, out, padded)
+            return out
+    else:
+        return None
+    crypt_one.encrypt = encrypt
+    return crypt_one
 
 
-_RAW_CALLS = _raw_cipher_calls(AES.__name__.split(".")[0]) if AES is not None else None
+_CRYPT_ONE_RAW = _raw_crypt_one(AES.__name__.split(".")[0]) if AES is not None else None
 
 
 def _crypt_one_public(ecb, counter, data):
-    """DATA (STRIDE bytes) XOR the keystream of the packet whose be64 number is COUNTER."""
-    return strxor(data, ecb.encrypt(counter.join(_LOW_HALVES)))
+    """DATA (PADDED bytes) XOR the keystream of the packet whose be64 number is COUNTER.
 
-
-def _crypt_one_raw(state, counter, data):
-    """_crypt_one_public() through Cryptodome's C functions, into a new ctypes buffer.
-
-    STATE is the raw pointer of an ECB cipher that the caller keeps alive.
+    ECB is the packet keys' AES in ECB mode.  Returns bytes, PADDED long.
     """
-    encrypt, xor, length, buffer = _RAW_CALLS
-    out = buffer()
-    if encrypt(state, counter.join(_LOW_HALVES), out, length):
-        raise ValueError("AES failed")
-    xor(data, out, out, length)  # in place: strxor allows its output to be an input
-    return out
+    return strxor(data, ecb.encrypt(counter.join(_LOW_HALVES))[:PADDED])
 
 
 _IPAD = bytes(b ^ 0x36 for b in range(256))  # HMAC's key paddings as tables
@@ -599,14 +615,15 @@ class _PacketKeys:
         self._mac = _Mac(mac_key)
         self.number = number
         self.plaintext = 0  # plaintext bytes sealed or opened so far
-        # A partial over the cipher, not a bound method: an attribute holding
-        # one of self's own methods is a cycle, which would keep each
-        # connection's cipher and MAC states until the cycle collector runs.
+        # _crypt_one(_cipher, counter, data): a plain function and its first
+        # argument, not a bound method (one of self's own methods held by
+        # self is a cycle, which would keep each connection's cipher and MAC
+        # states until the cycle collector runs), nor a partial (slower).
         state = getattr(self._ecb, "_state", None)
-        if _RAW_CALLS is not None and state is not None:
-            self._crypt_one = functools.partial(_crypt_one_raw, state.get())
+        if _CRYPT_ONE_RAW is not None and state is not None:
+            self._crypt_one, self._cipher = _CRYPT_ONE_RAW, state.get()
         else:
-            self._crypt_one = functools.partial(_crypt_one_public, self._ecb)
+            self._crypt_one, self._cipher = _crypt_one_public, self._ecb
 
     def _keystream(self, first, count):
         """AES-CTR keystream for packets FIRST..FIRST+COUNT-1, STRIDE bytes each."""
@@ -623,8 +640,16 @@ class PacketSealer(_PacketKeys):
     def seal(self, data):
         """Packets (1060 bytes each) carrying DATA in chunks of up to 1024 bytes."""
         size = len(data)
-        if size <= PAYLOAD:
-            return self._seal_one(data, size) if size else b""
+        if 0 < size <= PAYLOAD:  # one packet, with the fewest calls (small messages)
+            n = self.number
+            counter = _be64(n)
+            cipher = self._crypt_one(self._cipher, counter,
+                                     bytes(data).ljust(PAYLOAD, b"\0") + _be32(size))[:PADDED]
+            self.number = n + 1
+            self.plaintext += size
+            return cipher + self._mac.digest(cipher, counter)
+        if not size:
+            return b""
         view = memoryview(data)
         count = (size + PAYLOAD - 1) // PAYLOAD
         n = self.number
@@ -647,16 +672,6 @@ class PacketSealer(_PacketKeys):
         self.plaintext += size
         return b"".join(out)
 
-    def _seal_one(self, data, size):
-        """seal() of 1..1024 bytes: one packet, with the fewest steps (small messages)."""
-        n = self.number
-        counter = _be64(n)
-        plain = bytes(data).ljust(PAYLOAD, b"\0") + _be32(size) + _STRIDE_PAD
-        cipher = memoryview(self._crypt_one(counter, plain)).cast("B")[:PADDED]
-        self.number = n + 1
-        self.plaintext += size
-        return b"".join((cipher, self._mac.digest(cipher, counter)))
-
     transform = seal  # what relay() calls
 
 
@@ -673,6 +688,8 @@ class PacketOpener(_PacketKeys):
         """
         if self.pending:
             data = self.pending + data
+        elif len(data) == PACKET:  # one small message: the most common read
+            return self._open_one(bytes(data))
         whole = len(data) - len(data) % PACKET
         self.pending = bytes(data[whole:])
         return self.open(memoryview(data)[:whole]) if whole else b""
@@ -687,7 +704,7 @@ class PacketOpener(_PacketKeys):
         failure or a length outside 1..1024.
         """
         if len(wire) == PACKET:
-            return self._open_one(wire)
+            return self._open_one(bytes(wire))
         view = memoryview(wire)
         count = len(view) // PACKET
         n = self.number
@@ -723,20 +740,19 @@ class PacketOpener(_PacketKeys):
         return data
 
     def _open_one(self, wire):
-        """open() of exactly one packet, with the fewest steps (small messages)."""
+        """open() of exactly one packet (bytes), with the fewest calls (small messages)."""
         n = self.number
         counter = _be64(n)
-        view = memoryview(wire)
-        cipher = view[:PADDED]
-        if not hmac.compare_digest(self._mac.digest(cipher, counter), view[PADDED:]):
+        cipher = wire[:PADDED]
+        if not hmac.compare_digest(self._mac.digest(cipher, counter), wire[PADDED:]):
             raise BadPacket(b"", "MAC mismatch")
-        plain = memoryview(self._crypt_one(counter, b"".join((cipher, _STRIDE_PAD)))).cast("B")
+        plain = self._crypt_one(self._cipher, counter, cipher)
         length = int.from_bytes(plain[PAYLOAD:PADDED], "big")
         if not 0 < length <= PAYLOAD:
             raise BadPacket(b"", "bad length field %d" % length)
         self.number = n + 1
         self.plaintext += length
-        return bytes(plain[:length])
+        return plain[:length]
 
 # ---------------------------------------------------------------------------
 # 5. Handshake on a socket: dialling, the key exchange
