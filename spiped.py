@@ -36,14 +36,11 @@ Runs on Python 3.9+ with the standard library and Cryptodome
 
 import errno
 import functools
-import grp
 import hashlib
 import hmac
 import os
-import pwd
 import re
 import selectors
-import shlex
 import signal
 import socket
 import socketserver
@@ -53,28 +50,7 @@ import sys
 import threading
 import _thread
 import time
-import traceback
 from typing import NamedTuple, Optional  # records; dataclasses would load inspect
-
-try:
-    from Cryptodome.Cipher import AES
-    from Cryptodome.Util.strxor import strxor
-except ImportError:  # PyPI's pycryptodome (not -x) installs as "Crypto".
-    try:
-        from Crypto.Cipher import AES
-        from Crypto.Util.strxor import strxor
-    except ImportError:
-        AES = strxor = None
-
-try:
-    from Cryptodome.Math.Numbers import Integer as _BigInt
-except ImportError:
-    try:
-        from Crypto.Math.Numbers import Integer as _BigInt
-    except ImportError:
-        _BigInt = None
-if _BigInt is not None and _BigInt.__name__ == "IntegerNative":
-    _BigInt = None  # pure Python: no faster than the built-in pow()
 
 __version__ = "1.0.0"
 __all__ = [
@@ -437,7 +413,30 @@ def traffic_keys(key, nonce_client, nonce_server, shared):
     return dk[0:32], dk[32:64], dk[64:96], dk[96:128]
 
 
-_GMP_PRIME = None  # DH_PRIME as a Cryptodome Integer, made on first use
+_GMP = None  # (Cryptodome's Integer, DH_PRIME as one) once loaded; () for the built-in pow()
+
+
+def _load_gmp():
+    """_GMP, loading Cryptodome's GMP integers on first use (a daemon's first key pair).
+
+    A process that makes a key pair or two (spipe) sets _GMP to () instead:
+    two exponentiations by the built-in pow() take less time than loading it.
+    """
+    global _GMP
+    if _GMP is None:
+        try:
+            from Cryptodome.Math.Numbers import Integer
+        except ImportError:
+            try:
+                from Crypto.Math.Numbers import Integer
+            except ImportError:
+                Integer = None
+        # IntegerNative is pure Python: no faster than the built-in pow().
+        if Integer is None or Integer.__name__ == "IntegerNative":
+            _GMP = ()
+        else:
+            _GMP = (Integer, Integer.from_bytes(DH_PRIME_BYTES))
+    return _GMP
 
 
 def _modexp(base, exponent):
@@ -447,12 +446,11 @@ def _modexp(base, exponent):
     Cryptodome when available; big numbers enter it via from_bytes, which
     is far cheaper than converting a Python int.
     """
-    global _GMP_PRIME
-    if _BigInt is not None:
-        if _GMP_PRIME is None:
-            _GMP_PRIME = _BigInt.from_bytes(DH_PRIME_BYTES)
-        exp = _BigInt.from_bytes(exponent.to_bytes((exponent.bit_length() + 7) // 8, "big"))
-        return pow(_BigInt.from_bytes(base), exp, _GMP_PRIME).to_bytes(DH_SIZE)
+    gmp = _GMP if _GMP is not None else _load_gmp()
+    if gmp:
+        integer, prime = gmp
+        exp = integer.from_bytes(exponent.to_bytes((exponent.bit_length() + 7) // 8, "big"))
+        return pow(integer.from_bytes(base), exp, prime).to_bytes(DH_SIZE)
     return pow(int.from_bytes(base, "big"), exponent, DH_PRIME).to_bytes(DH_SIZE, "big")
 
 
@@ -573,7 +571,30 @@ def _raw_crypt_one(package):
     return crypt_one
 
 
-_CRYPT_ONE_RAW = _raw_crypt_one(AES.__name__.split(".")[0]) if AES is not None else None
+AES = strxor = None    # Cryptodome's, once load_cipher() ran
+_CRYPT_ONE_RAW = None  # _raw_crypt_one() of their package, from load_cipher()
+
+
+def load_cipher():
+    """Import Cryptodome's AES and strxor on first use; False when no Cryptodome is there.
+
+    Only a run that moves packets needs them: -v, --help, a usage error
+    and --check start without.
+    """
+    global AES, strxor, _CRYPT_ONE_RAW
+    if AES is None:
+        try:
+            from Cryptodome.Cipher import AES as cipher
+            from Cryptodome.Util.strxor import strxor as xor
+        except ImportError:  # PyPI's pycryptodome (not -x) installs as "Crypto".
+            try:
+                from Crypto.Cipher import AES as cipher
+                from Crypto.Util.strxor import strxor as xor
+            except ImportError:
+                return False
+        _CRYPT_ONE_RAW = _raw_crypt_one(cipher.__name__.split(".")[0])
+        strxor, AES = xor, cipher  # AES last: others take it as the sign that all is set
+    return True
 
 
 def _crypt_one_public(ecb, counter, data):
@@ -611,6 +632,8 @@ class _PacketKeys:
     pending = b""  # a partial packet waiting for the rest (openers only)
 
     def __init__(self, cipher_key, mac_key, number=0):
+        if AES is None:
+            load_cipher()
         self._ecb = AES.new(cipher_key, AES.MODE_ECB)
         self._mac = _Mac(mac_key)
         self.number = number
@@ -2020,6 +2043,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             connection = self.live.get(request)
         number = connection.number if connection is not None else 0
         log.warn("connection %d: internal error: %r" % (number, exc))
+        import traceback  # late: only a bug needs it
         for line in traceback.format_exc().rstrip().splitlines():
             log.warn(line)
         if connection is not None:
@@ -2217,10 +2241,11 @@ def health(snapshot):
 
 # A request head: its request line, header lines, an empty line; each line
 # ends in CRLF or a bare LF.  Only what a scraper sends is accepted.
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# Patterns, not compiled ones: re compiles (and caches) each on first use, not at every start.
+_HEAD_END = rb"\r?\n\r?\n"
 _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/1\.[0-9]\Z" % _TOKEN)
-_HEADER_LINE = re.compile(r"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\Z" % _TOKEN)
+_REQUEST_LINE = r"(%s) ([\x21-\x7e]+) HTTP/1\.[0-9]\Z" % _TOKEN
+_HEADER_LINE = r"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\Z" % _TOKEN
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 501: "Not Implemented",
                 503: "Service Unavailable"}
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -2234,12 +2259,12 @@ def parse_request_head(head):
     """
     lines = [line[:-1] if line.endswith("\r") else line
              for line in head.decode("latin-1").split("\n")]
-    request = _REQUEST_LINE.match(lines[0])
+    request = re.match(_REQUEST_LINE, lines[0])
     if request is None:
         return None
     headers = {}
     for line in lines[1:lines.index("", 1)]:
-        header = _HEADER_LINE.match(line)
+        header = re.match(_HEADER_LINE, line)
         if header is None:
             return None
         headers.setdefault(header.group(1).lower(), header.group(2))
@@ -2382,7 +2407,7 @@ class MetricsServer(ListeningServer):
                     self._drop(selector, client)
                     return
                 client.data += data
-                end = _HEAD_END.search(client.data)
+                end = re.search(_HEAD_END, client.data)
                 if end is None and len(client.data) <= METRICS_HEAD_MAX:
                     return
                 whole = end is not None and end.end() <= METRICS_HEAD_MAX
@@ -2485,6 +2510,8 @@ def look_up_ids(spec):
     user, colon, group = spec.partition(":")
     if colon and not group:
         raise _privilege_error('Empty group name: "%s"' % spec)
+    import grp  # late: only -u needs them
+    import pwd
     gid = _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "group")
     uid = _lookup_id(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
     return uid, gid
@@ -2754,6 +2781,7 @@ def parse_config_file(path):
     parse_spiped_args; blank and comment lines are skipped.  Raises
     SpipedError naming PATH:LINE.
     """
+    import shlex  # late: only --config needs it
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -3401,7 +3429,7 @@ def getopt_c(args, flags, with_arg, long_flags=(), long_with_arg=()):
     yield None, args[i:]
 
 
-_STRTOD = re.compile(
+_STRTOD = (  # a pattern: compiled on first use (re caches it), not at every start
     r"[ \t\n\r\f\v]*[+-]?(?:"
     r"0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?"
     r"|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -3411,7 +3439,7 @@ _STRTOD = re.compile(
 
 def _strtod(text):
     """C strtod() on the whole of TEXT: a float, None (not a number) or 'range'."""
-    if not _STRTOD.match(text):
+    if not re.match(_STRTOD, text):
         return None
     s = text.lstrip(" \t\n\r\f\v")
     body = s.lstrip("+-").lower()
@@ -3492,7 +3520,7 @@ def _cli(usage, parse, run):
         return 1
     except _Exit as e:
         return e.status
-    if AES is None:
+    if not load_cipher():
         log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
                  " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
         return 1
@@ -3911,6 +3939,8 @@ def spipe_main(args):
 
 
 def _run_spipe(options):
+    global _GMP
+    _GMP = ()  # one connection's two exponentiations: the built-in pow() is quicker than loading GMP
     targets = resolve(options.target)
     bind = bind_address(options.bind)[0][1] if options.bind is not None else None
     key = read_key(options.key)

@@ -74,6 +74,7 @@ def _keys(v):
 def cipher_calls(request, monkeypatch):
     """Each packet test twice: one packet through Cryptodome's C functions, and
     through its public AES/strxor calls (what a Cryptodome without them gets)."""
+    spiped.load_cipher()
     if request.param == "public":
         monkeypatch.setattr(spiped, "_CRYPT_ONE_RAW", None)
     return request.param
@@ -85,6 +86,7 @@ def test_one_packet_uses_the_direct_calls():
     path calls, and a packet's codec calls them."""
     from Cryptodome.Util import _raw_api
     assert _raw_api.backend in ("cffi", "ctypes")
+    assert spiped.load_cipher()
     assert spiped._CRYPT_ONE_RAW is not None
     sealer = spiped.PacketSealer(bytes(32), bytes(32))
     assert sealer._crypt_one is spiped._CRYPT_ONE_RAW
@@ -114,6 +116,7 @@ def test_a_dropped_codec_is_freed_without_the_cycle_collector(codec, cipher_call
 def test_the_direct_calls_come_from_the_package_that_gave_aes():
     """C functions are taken only from AES's own package: a package that is
     not there gives the public calls, never another package's library."""
+    assert spiped.load_cipher()
     package = spiped.AES.__name__.split(".")[0]
     assert spiped._raw_crypt_one("no_such_cryptodome") is None
     crypt_one = spiped._raw_crypt_one(package)
