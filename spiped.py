@@ -96,7 +96,9 @@ LONGEST_WAIT = 86400.0   # one call of poll() or Event.wait() waits a day at mos
 #                          (C takes any finite -o or -r); a longer wait is several calls
 DEFAULT_MAXCONN = 100    # -n
 KEEPALIVE_COUNT = 3      # --keepalive: probes unanswered before a drop, unless given
-LISTEN_BACKLOG = 10
+LISTEN_BACKLOG = 10      # behind a -n limit, as C: a deep queue would keep a good client
+#                          waiting behind stalled ones; -n 0 takes the system's somaxconn
+SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
 READ_SIZE = BATCH * PAYLOAD
 THREAD_STACK = 256 * 1024  # per thread: test_stack.py runs a connection in 32 KiB;
 #                            the re-resolver thread's getaddrinfo() wants more
@@ -1869,6 +1871,22 @@ class ListeningServer(socketserver.TCPServer):
             self.socket_file.remove()
 
 
+def listen_backlog(max_connections):
+    """The listen backlog for a -n of MAX_CONNECTIONS: C's 10 behind a limit.
+
+    Without one (-n 0) every connect is to be served, so a burst waits in
+    a queue as deep as the system allows (somaxconn) rather than losing
+    its SYNs to a full one of 10.
+    """
+    if max_connections:
+        return LISTEN_BACKLOG
+    try:
+        with open(SOMAXCONN_FILE, "rb") as f:
+            return max(int(f.read()), LISTEN_BACKLOG)
+    except (OSError, ValueError):
+        return max(socket.SOMAXCONN, LISTEN_BACKLOG)
+
+
 class Server(socketserver.ThreadingMixIn, ListeningServer):
     """Accepts connections on its listening sockets (TCP or unix) and runs each.
 
@@ -1911,6 +1929,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         self.stopping = threading.Event()  # set as the shutdown begins, under lock
         self.accept_error_logged = False  # the serve() thread's own
         self.waker = _WakePipe()
+        self.request_queue_size = listen_backlog(spec.options.max_connections)
         super().__init__(spec.family, spec.sockaddr, Connection, listeners,
                          spec.options.socket_mode, spec.more_sources)
         for sock in self.listening_sockets():
@@ -1963,7 +1982,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     if key.fileobj is self.waker:
                         self.waker.drain()
                     elif listening:
-                        self._accept_one(key.fileobj)
+                        self._accept_queued(key.fileobj)
         finally:
             selector.close()
 
@@ -1988,11 +2007,23 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             timeout = min(timeout, self.drain_deadline - now)
         return want, timeout
 
+    def _accept_queued(self, listener):
+        """Accept what LISTENER's queue holds, until it is empty, -n is reached or accepting pauses.
+
+        One pass of serve() takes the whole burst: a queue drained one
+        connection per select() fills up and drops the SYNs behind it.
+        """
+        while self._accept_one(listener):
+            pass
+
     def _accept_one(self, listener):
+        """Accept and start one connection; False when there is nothing more to take now."""
         try:
             sock, peer = listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionAbortedError:  # gone before we took it: the next one may be there
+            return True
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Out of descriptors: pause accepting rather than spin.
@@ -2001,13 +2032,14 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     self.accept_error_logged = True
                 with self.lock:
                     self.accept_paused_until = time.monotonic() + 0.25
-            return
+            return False
         self.accept_error_logged = False  # the next exhaustion gets its line again
         limit = self.options.max_connections
         with self.lock:
             self.accept_paused_until = 0.0
             self.live[sock] = None
             reached = bool(limit) and len(self.live) == limit
+            more = not reached and not self.stopping.is_set()
         self.stats.accepted(reached)
         if reached:
             log.warn("Maximum number of connections (%d) reached" % limit)
@@ -2016,6 +2048,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.process_request(sock, peer)
         except RuntimeError:  # cannot start a thread: drop this one
             self.shutdown_request(sock)
+            return False
+        return more
 
     def metrics(self):
         """Stats.snapshot() with live connections' bytes (SIGUSR1's line, --metrics)."""
