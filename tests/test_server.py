@@ -464,3 +464,30 @@ def test_a_burst_of_connects_is_all_served(procs, tmp_path, keyfile):
         sel.close()
         for s in got:
             s.close()
+
+
+class _Chunk(bytearray):
+    """A read's buffer that a weak reference can watch."""
+
+
+def test_relay_lets_go_of_a_read_before_a_write_that_may_block():
+    """While WRITE (a slow reader's sendall) blocks, the relay holds only what it
+    sends: the buffer of the read it came from is already freed."""
+    import weakref
+    sealer = spiped.PacketSealer(bytes(32), bytes(32))
+    reads = [_Chunk(b"x" * 5000), _Chunk(b"y" * 100)]
+    watched = []
+    alive_at_write = []
+
+    def read(size):
+        if not reads:
+            return b""
+        chunk = reads.pop(0)
+        watched.append(weakref.ref(chunk))
+        return chunk
+
+    def write(data):
+        alive_at_write.append(watched[-1]() is not None)
+
+    spiped.relay(read, sealer, write)
+    assert alive_at_write == [False, False]
