@@ -3996,7 +3996,9 @@ def _run_spipe(options):
         log.warn("Handshake failed")
         return 1
     tune_socket(sock, options.keepalive)
-    return _spipe_relay(sock, sealer, opener)
+    # No finalizing: the stdin reader may still block, and tearing down every
+    # module takes longer than the request did (7 ms of about 90).
+    _exit_now(_spipe_relay(sock, sealer, opener))
 
 
 def _write_fd(fd):

@@ -950,6 +950,7 @@ _LOADED = """
 import json, sys
 sys.path.insert(0, %r)
 import spiped
+spiped._exit_now = sys.exit  # report here rather than leave at once
 try:
     status = spiped.main(sys.argv[1:])
 except SystemExit as e:
