@@ -424,11 +424,20 @@ class Runner:
             progress("  %-10s ERROR %s" % (metric, error))
 
     def need_files(self, conns):
-        """Raise RLIMIT_NOFILE for CONNS connections; a shortfall goes to the log and notes."""
+        """Raise RLIMIT_NOFILE for CONNS connections; a shortfall goes to the log and notes.
+
+        Returns how many connections the limit allows (a relay holds two
+        descriptors per connection): CONNS, or fewer where it could not be raised.
+        """
         note = raise_nofile(2 * conns + 256)
         if note:
             progress("  " + note)
             self.notes.append(note)
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft >= 2 * conns + 256:
+            return conns
+        return max(1, (soft - 64) // 2)  # a daemon needs a few more of its own
 
     @staticmethod
     def d_cpu_per_conn(rig, wall):
@@ -704,7 +713,14 @@ class Runner:
     # 13: 10,000 held connections through one of ours with C on the other side
     def held10k(self):
         n = self.cfg["held10k_conns"]
-        self.held("held10k", n, ["cc", "oc", report.FLOOR_ONE])
+        fit = self.need_files(n)
+        if fit < n:   # a hard limit this process may not raise (no CAP_SYS_RESOURCE)
+            note = "held10k: %d connections held, not %d: the file limit allows no more" % (fit, n)
+            progress("  " + note)
+            self.notes.append(note)
+        # No C↔C: here its pair had not opened 10,000 after four minutes (its
+        # event loop slows with every connection it holds); the target is the floor.
+        self.held("held10k", fit, ["oc", report.FLOOR_ONE])
 
     # 8: many idle connections held at once
     def held(self, metric="held", n=None, pairs=None):
