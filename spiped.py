@@ -1859,6 +1859,16 @@ class ListeningServer(socketserver.TCPServer):
         socket_file, self.socket_file = self.socket_file, None
         return socket_file
 
+    def _let_go_of_listeners(self):
+        """A shutdown began: close our listening descriptors (later calls do nothing).
+
+        A socket that is ours alone goes (a unix listener leaves the
+        kernel's tables, and clients still queued in it learn so at once);
+        one a successor or systemd also holds stays open through theirs.
+        """
+        for sock in self.listening_sockets():
+            sock.close()
+
     def stop_listening(self):
         """Refuse new connects at once: shut the listeners down, remove our socket file."""
         if self.socket_file is not None:
@@ -1984,20 +1994,11 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.waker:
                         self.waker.drain()
-                    elif listening:
-                        self._accept_queued(key.fileobj)
+                    elif listening:  # the whole queue: one a pass would let it overflow
+                        while self._accept_one(key.fileobj):
+                            pass
         finally:
             selector.close()
-
-    def _let_go_of_listeners(self):
-        """A shutdown began: close our listening descriptors (later calls do nothing).
-
-        A socket that is ours alone goes (a unix listener leaves the
-        kernel's tables, and clients still queued in it learn so at once);
-        one a successor or systemd also holds stays open through theirs.
-        """
-        for sock in self.listening_sockets():
-            sock.close()
 
     def _next_pass(self, tick):
         """(accept now?, seconds to wait) for serve(), under .lock; <= 0: drain over."""
@@ -2010,17 +2011,9 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             timeout = min(timeout, self.drain_deadline - now)
         return want, timeout
 
-    def _accept_queued(self, listener):
-        """Accept what LISTENER's queue holds, until it is empty, -n is reached or accepting pauses.
-
-        One pass of serve() takes the whole burst: a queue drained one
-        connection per select() fills up and drops the SYNs behind it.
-        """
-        while self._accept_one(listener):
-            pass
-
     def _accept_one(self, listener):
-        """Accept and start one connection; False when there is nothing more to take now."""
+        """Accept and start one connection; False once the queue is empty, -n is reached
+        or accepting pauses."""
         try:
             sock, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
