@@ -30,6 +30,7 @@ import os
 import select
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,17 +94,33 @@ class Bench:
             f.write(os.urandom(32))
         self.procs = []          # live Popen objects, for cleanup
         self.used_ports = set()
+        self.python = args.python or sys.executable
+        self.codec = args.ours
+        floor = os.path.join(HERE, "floor.py")
+        if args.start == "installed" and args.ours.endswith(".py"):  # from byte code, as installed
+            self.codec = os.path.join(self.installed_copy(args.ours), os.path.basename(args.ours))
         self.impls = {"c": self._cmd(args.c), "ours": self._cmd(args.ours),
-                      "floor": self._cmd(os.path.join(HERE, "floor.py"))}
+                      "floor": self._cmd(floor)}
+        if args.also_python:   # ours again, on the other interpreter (its Cryptodome back end)
+            self.impls["ours2"] = self._cmd(args.ours, args.also_python)
         self.nlog = 0
         self.scrapes = {"ok": 0, "failed": 0}   # --scrape's requests
 
-    @staticmethod
-    def _cmd(path):
-        """Command prefix for an implementation: *.py runs with this Python."""
-        if path.endswith(".py"):
-            return [sys.executable, path]
-        return [path]
+    def _cmd(self, path, python=None):
+        """Command prefix for an implementation: *.py runs with PYTHON (default --python).
+
+        With --start installed (the default) a .py file runs as an installed
+        program does, from a copy's cached byte code (runpy as __main__);
+        with --start copied it is compiled at every start, as "python3 FILE" does.
+        """
+        if not path.endswith(".py"):
+            return [path]
+        if self.args.start == "copied":
+            return [python or self.python, path]
+        folder = self.installed_copy(path)
+        name = os.path.basename(path)[:-3]
+        return [python or self.python, "-c", "import runpy, sys; sys.path.insert(0, %r);"
+                " runpy.run_module(%r, run_name='__main__')" % (folder, name)]
 
     # -- process management -------------------------------------------------
 
@@ -132,14 +149,26 @@ class Bench:
             self.procs.remove(p)
 
     def cleanup(self):
+        import shutil
         for p in list(self.procs):
             self.kill(p)
-        try:
-            for fn in os.listdir(self.tmp):
-                os.unlink(os.path.join(self.tmp, fn))
-            os.rmdir(self.tmp)
-        except OSError:
-            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def installed_copy(self, source=None):
+        """A folder holding a copy of SOURCE (--ours) and its byte-code cache, as an install
+        leaves it: an installed program imports its module, and the
+        interpreter loads the cached byte code instead of compiling it."""
+        import importlib.util
+        import py_compile
+        import shutil
+        source = source or self.args.ours
+        folder = os.path.join(self.tmp, "installed")
+        path = os.path.join(folder, os.path.basename(source))
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            shutil.copy(source, path)
+            py_compile.compile(path, cfile=importlib.util.cache_from_source(path), doraise=True)
+        return folder
 
     def free_port(self):
         """A loopback port that was free a moment ago, not used before in this run."""
@@ -191,9 +220,13 @@ class Bench:
         if pair != "direct":
             enc, dec = PAIRS[pair]
             dport, eport = self.free_port(), self.free_port()
-            d, dlog = self._daemon(stack, dec, "d", dport, tport, fast, d_opts)
+            if dec is not None:
+                d, dlog = self._daemon(stack, dec, "d", dport, tport, fast, d_opts)
+                waits.append((d, dport, "%s -d" % dec, dlog))
+            else:          # one relay alone, straight to the target (floor.py)
+                dport = tport
             e, elog = self._daemon(stack, enc, "e", eport, dport, fast)
-            waits += [(d, dport, "%s -d" % dec, dlog), (e, eport, "%s -e" % enc, elog)]
+            waits.append((e, eport, "%s -e" % enc, elog))
             entry = dport if to_d else eport
         cmd = helper + ["_client", client_mode, "--port", str(entry)]
         for k, v in client_opts.items():
@@ -203,6 +236,7 @@ class Bench:
         for w in waits:
             self.wait_listening(*w)
         rig = Rig(self, srv, e, d, cli, client_mode)
+        rig.tport = tport
         rig.startup_s = time.monotonic() - t0
         return rig
 
@@ -214,7 +248,7 @@ class Bench:
             cmd = self.impls["floor"] + ["-s", "[%s]:%d" % (HOST, src),
                                          "-t", "[%s]:%d" % (HOST, tgt)]
             if impl == "floorc":           # ... that seals and opens with our codecs
-                cmd += ["--codec", self.args.ours, "-" + mode]
+                cmd += ["--codec", self.codec, "-" + mode]
         else:
             cmd = self.impls[impl] + [
                 "-" + mode, "-s", "[%s]:%d" % (HOST, src), "-t", "[%s]:%d" % (HOST, tgt),
@@ -323,12 +357,16 @@ def progress(msg):
 PAIRS = {            # name: (-e implementation, -d implementation)
     "cc": ("c", "c"),
     "oo": ("ours", "ours"),
+    "o2": ("ours2", "ours2"),            # ours on --also-python (the other back end)
+    report.FLOOR_ONE: ("floor", None),   # one floor relay alone, in front of the target
     "oc": ("ours", "c"),
     "co": ("c", "ours"),
     report.FLOOR: ("floor", "floor"),    # floor.py twice: a relay, no crypto
     report.FLOOR_CODEC: ("floorc", "floorc"),  # the same, sealing and opening with ours
 }
-PAIR_LABEL = {"cc": "C↔C", "oo": "ours↔ours", "oc": "ours -e → C -d",
+PAIR_LABEL = {"cc": "C↔C", "oo": "ours↔ours", "o2": "ours↔ours (2nd)", "oc": "ours -e → C -d",
+              "c": "C", "ours": "ours", "f2": "floor (2nd)",
+              report.FLOOR_ONE: "floor alone",
               "co": "C -e → ours -d", "direct": "direct", report.FLOOR: "floor↔floor",
               report.FLOOR_CODEC: "floor+codec"}
 FF = report.FLOOR
@@ -364,12 +402,42 @@ class Runner:
                                      report.short_line(res)))
         return res
 
+    def sample_each(self, metric, fn):
+        """Run FN(stack), which returns {variant: [times in ms]}; record each variant's median."""
+        t0 = time.monotonic()
+        try:
+            with contextlib.ExitStack() as stack:
+                found = fn(stack)
+        except (SampleError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            found = None
+            error = "%s: %s" % (type(e).__name__, e)
+        wall = round(time.monotonic() - t0, 3)
+        for variant in (found or {}):
+            times = sorted(found[variant])
+            res = {"ms": statistics.median(times), "ms_all": [round(t, 2) for t in times],
+                   "wall_s": wall}
+            self.samples.setdefault(metric, {}).setdefault(variant, []).append(res)
+            progress("  %-10s %-16s %s" % (metric, PAIR_LABEL.get(variant, variant),
+                                           report.short_line(res)))
+        if found is None:
+            self.samples.setdefault(metric, {}).setdefault("c", []).append({"error": error})
+            progress("  %-10s ERROR %s" % (metric, error))
+
     def need_files(self, conns):
-        """Raise RLIMIT_NOFILE for CONNS connections; a shortfall goes to the log and notes."""
+        """Raise RLIMIT_NOFILE for CONNS connections; a shortfall goes to the log and notes.
+
+        Returns how many connections the limit allows (a relay holds two
+        descriptors per connection): CONNS, or fewer where it could not be raised.
+        """
         note = raise_nofile(2 * conns + 256)
         if note:
             progress("  " + note)
             self.notes.append(note)
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft >= 2 * conns + 256:
+            return conns
+        return max(1, (soft - 64) // 2)  # a daemon needs a few more of its own
 
     @staticmethod
     def d_cpu_per_conn(rig, wall):
@@ -485,6 +553,8 @@ class Runner:
         pairs = ["cc", "oo", FF]
         if self.b.args.ours.endswith(".py"):   # floor.py can load its codecs
             pairs.append(report.FLOOR_CODEC)
+        if "ours2" in self.b.impls:
+            pairs.append("o2")
         for rep in range(self.cfg["repeats"]):
             self.sample("echo", "direct", run("direct"))
             for pair in interleave(pairs, rep):
@@ -571,11 +641,93 @@ class Runner:
                 self.sample("unauth", pair, run(pair))
 
 
+    # 11: a burst of simultaneous connects straight to -d -n 0
+    def burst(self):
+        n, cap = self.cfg["burst_conns"], self.cfg["burst_cap"]
+        progress("burst: %d connects at once to -d -n 0, first byte within %.0f s" % (n, cap))
+        self.need_files(n)
+
+        def run(pair):
+            def fn(stack):
+                rig = self.b.rig(stack, "echo", pair, "burst", to_d=True, count=n, cap=cap)
+                return rig.go(cap + 30)
+            return fn
+
+        for rep in range(self.cfg["repeats"]):
+            for pair in interleave(["cc", "oo"], rep):
+                self.sample("burst", pair, run(pair))
+
+    # 12: spipe's start-up: one request through a C -d
+    def spipe(self):
+        runs = self.cfg["spipe_runs"]
+        progress("spipe: one request through a C -d, %d runs per sample" % runs)
+        b = self.b
+        installed = b.installed_copy(b.args.ours)
+        spipe_c = os.path.join(os.path.dirname(b.args.c), "spipe")
+        ours_py = b.args.ours
+        cipher = "from Cryptodome.Cipher import AES"
+        variants = {   # metric -> variant -> command without -t/-k
+            "spipe_inst": {
+                "c": [spipe_c],
+                "ours": [b.python, "-c", "import sys; sys.path.insert(0, %r); from spiped import"
+                         " spipe_entry; sys.exit(spipe_entry())" % installed],
+                FF: [b.python, "-c", cipher]},
+            "spipe_copy": {
+                "c": [spipe_c],
+                "ours": [b.python, ours_py, "spipe"],
+                FF: [b.python, "-c", "%s; compile(open(%r, 'rb').read(), %r, 'exec')"
+                     % (cipher, ours_py, ours_py)]},
+        }
+        if "ours2" in b.impls:
+            variants["spipe_inst"]["o2"] = [b.args.also_python] + variants["spipe_inst"]["ours"][1:]
+            variants["spipe_copy"]["o2"] = [b.args.also_python, ours_py, "spipe"]
+            variants["spipe_inst"]["f2"] = [b.args.also_python, "-c", cipher]
+            variants["spipe_copy"]["f2"] = [b.args.also_python] + variants["spipe_copy"][FF][1:]
+
+        def run(metric, table):
+            """All of TABLE's commands in turn, RUNS times: each run sees the same load."""
+            def fn(stack):
+                rig = b.rig(stack, "echo", "direct", "echo", count=0)
+                dport = b.free_port()
+                d, dlog = b._daemon(stack, "c", "d", dport, rig.tport, False)
+                b.wait_listening(d, dport, "C -d", dlog)
+                times = {v: [] for v in table}
+                for i in range(runs):
+                    for variant in interleave(list(table), i):
+                        floor = variant in (FF, "f2")
+                        args = [] if floor else ["-t", "[%s]:%d" % (HOST, dport), "-k", b.key]
+                        t0 = time.perf_counter()
+                        r = subprocess.run(table[variant] + args, input=b"ping\n",
+                                           capture_output=True, timeout=30)
+                        times[variant].append((time.perf_counter() - t0) * 1000)
+                        if r.returncode != 0 or (not floor and r.stdout != b"ping\n"):
+                            raise SampleError("%s %s: exit %s, %r" % (
+                                metric, variant, r.returncode, r.stderr[-200:]))
+                return times
+            return fn
+
+        for rep in range(self.cfg["repeats"]):
+            for metric, table in variants.items():
+                self.sample_each(metric, run(metric, table))
+
+    # 13: 10,000 held connections through one of ours with C on the other side
+    def held10k(self):
+        n = self.cfg["held10k_conns"]
+        fit = self.need_files(n)
+        if fit < n:   # a hard limit this process may not raise (no CAP_SYS_RESOURCE)
+            note = "held10k: %d connections held, not %d: the file limit allows no more" % (fit, n)
+            progress("  " + note)
+            self.notes.append(note)
+        # No C↔C: here its pair had not opened 10,000 after four minutes (its
+        # event loop slows with every connection it holds); the target is the floor.
+        self.held("held10k", fit, ["oc", report.FLOOR_ONE])
+
     # 8: many idle connections held at once
-    def held(self):
-        n, cap = self.cfg["held_conns"], self.cfg["held_cap"]
-        progress("held: %d connections opened (8 in flight, at most %d/s),"
-                 " 100 B echoed on each, held %.1f s" % (n, self.cfg["held_rate"],
+    def held(self, metric="held", n=None, pairs=None):
+        n = n or self.cfg["held_conns"]
+        cap = max(self.cfg["held_cap"], n / 20.0)
+        progress("%s: %d connections opened (8 in flight, at most %d/s),"
+                 " 100 B echoed on each, held %.1f s" % (metric, n, self.cfg["held_rate"],
                                                          self.cfg["held_hold"]))
         self.need_files(n)
 
@@ -584,15 +736,15 @@ class Runner:
                 rig = self.b.rig(stack, "echo", pair, "held", count=n, size=100,
                                  cap=cap, threads=8, rate=self.cfg["held_rate"],
                                  hold=self.cfg["held_hold"], timeout=10)
-                sampler = measure.Sampler({"e": rig.e.pid, "d": rig.d.pid},
-                                          interval=0.1, whole_tree=False)
+                daemons = {k: getattr(rig, k).pid for k in ("e", "d") if getattr(rig, k)}
+                sampler = measure.Sampler(daemons, interval=0.1, whole_tree=False)
                 sampler.start()
                 stack.callback(sampler.stop)
                 try:
                     res = rig.go(cap + self.cfg["held_hold"] + 120)
                 finally:
                     sampler.stop()
-                for k in ("e", "d"):
+                for k in daemons:
                     res["hwm_%s_mib" % k] = measure.hwm_kib(getattr(rig, k).pid) / 1024
                     res["rss_%s_mib" % k] = sampler.peak_rss[k] / 1024
                     res["threads_%s" % k] = sampler.peak_threads[k]
@@ -600,8 +752,8 @@ class Runner:
             return fn
 
         for rep in range(self.cfg["held_repeats"]):
-            for pair in interleave(["cc", "oo", FF], rep):
-                self.sample("held", pair, run(pair))
+            for pair in interleave(pairs or ["cc", "oo", FF], rep):
+                self.sample(metric, pair, run(pair))
 
 
 def config(quick):
@@ -611,16 +763,22 @@ def config(quick):
                 "echo_count": 2000, "multi_conns": 100, "multi_bytes": 256 * 1024,
                 "multi_cap": 30.0, "held_conns": 1000, "held_rate": 1000.0,
                 "held_hold": 1.0, "held_cap": 120.0, "held_repeats": 1,
-                "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 1000}
+                "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 1000,
+                "burst_conns": 500, "burst_cap": 10.0, "spipe_runs": 7,
+                "held10k_conns": 10000}
     return {"repeats": 3, "bulk_bytes": 256 * MiB, "bidir_bytes": 64 * MiB,
             "bulk_cap": 30.0, "conn_seconds": 2.0, "conn_max": 20000,
             "echo_count": 5000, "multi_conns": 100, "multi_bytes": 1 * MiB,
             "multi_cap": 60.0, "held_conns": 1000, "held_rate": 1000.0,
             "held_hold": 2.0, "held_cap": 120.0, "held_repeats": 1,
-            "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 3000}
+            "busy_conns": 1000, "busy_bytes": 16 * 1024, "unauth_count": 3000,
+            "burst_conns": 500, "burst_cap": 10.0, "spipe_runs": 11,
+            "held10k_conns": 10000}
 
 
-METRICS = ["bulk", "bidir", "conns", "echo", "multi", "busy", "held", "unauth", "keys"]
+METRICS = ["bulk", "bidir", "conns", "echo", "multi", "busy", "held", "unauth", "keys",
+           "burst", "spipe", "held10k"]
+HEAVY = ["held10k"]   # not in --quick unless named in --only
 
 
 def main(argv=None):
@@ -635,8 +793,19 @@ def main(argv=None):
                     help="our implementation; *.py runs with this Python")
     ap.add_argument("--c", default="/usr/bin/spiped", metavar="PATH",
                     help="C spiped binary (default %(default)s)")
-    ap.add_argument("--only", default=",".join(METRICS),
-                    help="comma-separated subset of: " + ", ".join(METRICS))
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: " + ", ".join(METRICS)
+                         + " (default: all; --quick leaves out " + ", ".join(HEAVY) + ")")
+    ap.add_argument("--python", metavar="PY",
+                    help="interpreter for ours and the floor (default: this one); its"
+                         " Cryptodome's back end (cffi or ctypes) is ours' back end")
+    ap.add_argument("--start", choices=["installed", "copied"], default="installed",
+                    help="how ours and the floor start: from a copy's cached byte code as an"
+                         " installed program does (default), or compiled at every start as"
+                         " 'python3 FILE' is")
+    ap.add_argument("--also-python", metavar="PY",
+                    help="a second interpreter, whose Cryptodome is on the other back end:"
+                         " the echo and spipe rows run ours on it too")
     ap.add_argument("--repeats", type=int, default=0,
                     help="override the number of repeats")
     ap.add_argument("--scrape", action="store_true",
@@ -646,6 +815,8 @@ def main(argv=None):
                     help="connections of the held phase (default 1000; 5000 for the"
                          " large run)")
     args = ap.parse_args(argv)
+    if args.only is None:
+        args.only = ",".join(m for m in METRICS if not (args.quick and m in HEAVY))
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     bad = [m for m in only if m not in METRICS]
     if bad:
@@ -655,7 +826,6 @@ def main(argv=None):
         cfg["repeats"] = args.repeats
     if args.held_conns > 0:
         cfg["held_conns"] = args.held_conns
-        cfg["held_cap"] = max(cfg["held_cap"], args.held_conns / 20.0)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -669,6 +839,11 @@ def main(argv=None):
     try:
         info = report.machine_info(bench.impls)
         info["psutil"] = psutil.__version__
+        info["backend"] = report.backend_of(bench.python)
+        if args.also_python:
+            info["backend2"] = report.backend_of(args.also_python)
+        progress("ours on Cryptodome's %s back end%s" % (info["backend"], (
+            ", and on %s (--also-python)" % info["backend2"]) if args.also_python else ""))
         progress("C: %s | ours: %s" % (info.get("version_c"), info.get("version_ours")))
         for m in METRICS:
             if m in only:
@@ -680,7 +855,8 @@ def main(argv=None):
         bench.cleanup()
     wall = time.monotonic() - start
     info["loadavg_end"] = os.getloadavg()
-    rows = report.summarize(runner.samples, cfg["held_conns"])
+    rows = report.summarize(runner.samples, cfg["held_conns"], info.get("backend", "?"),
+                            info.get("backend2", "?"))
     table = report.render_table(rows)
     print(table)
     print("\nmedian of %d repeat(s)%s; ratio = ours / C, ours / floor; wall time %.0f s"

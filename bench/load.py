@@ -252,7 +252,7 @@ def client_main(argv):
     """Run one load pattern against --port and print a JSON result line."""
     ap = argparse.ArgumentParser(prog="load.py _client")
     ap.add_argument("mode", choices=["bulk", "bidir", "conns", "echo", "multi", "held",
-                                     "unauth"])
+                                     "unauth", "burst"])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--cap", type=float, default=30.0)
@@ -269,7 +269,7 @@ def client_main(argv):
         return
     fn = {"bulk": _client_bulk, "bidir": _client_bidir, "conns": _client_conns,
           "echo": _client_echo, "multi": _client_multi, "held": _client_held,
-          "unauth": _client_unauth}[a.mode]
+          "unauth": _client_unauth, "burst": _client_burst}[a.mode]
     res = fn(a)
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
@@ -424,6 +424,53 @@ def _client_unauth(a):
     elapsed = time.perf_counter() - start
     return {"ok": ok, "errors": sum(errs.values()), "error_kinds": errs,
             "seconds": elapsed, "conn_s": ok / elapsed if elapsed else 0.0}
+
+
+def _client_burst(a):
+    """--count connects started at once (non-blocking), then the first byte awaited on each.
+
+    What a -d daemon sends first is its handshake's nonce: a connection is
+    "served" once a byte came back, within --cap s.  "all_s" is the time
+    until the last one was served (or the cap).
+    """
+    sel = selectors.DefaultSelector()
+    errs = {}
+    socks = []
+    t0 = time.perf_counter()
+    for _ in range(a.count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        rc = s.connect_ex((HOST, a.port))
+        if rc not in (0, errno.EINPROGRESS):
+            k = "connect: " + errno.errorcode.get(rc, str(rc))
+            errs[k] = errs.get(k, 0) + 1
+            s.close()
+            continue
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    served = 0
+    deadline = t0 + a.cap
+    while sel.get_map() and time.perf_counter() < deadline:
+        for key, _ in sel.select(timeout=min(0.5, max(0, deadline - time.perf_counter()))):
+            try:
+                got = key.fileobj.recv(1)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                got = b""
+                k = "recv: " + errno.errorcode.get(e.errno, str(e.errno))
+                errs[k] = errs.get(k, 0) + 1
+            sel.unregister(key.fileobj)
+            served += bool(got)
+    t1 = time.perf_counter()
+    waiting = len(sel.get_map())
+    if waiting:
+        errs["no byte within the cap"] = waiting
+    sel.close()
+    for s in socks:
+        s.close()
+    return {"ok": served, "served": served, "errors": a.count - served, "error_kinds": errs,
+            "all_s": t1 - t0, "conns": a.count}
 
 
 def _client_echo(a):

@@ -13,7 +13,7 @@ def short_line(res):
     """One-line summary of a sample for the progress log."""
     if "error" in res and len(res) <= 3:
         return "ERROR " + res["error"]
-    keys = ["mib_s", "conn_s", "cpu_d_ms_per_conn", "setup_ms_p50", "p50_us", "p99_us",
+    keys = ["mib_s", "conn_s", "ms", "served", "all_s", "cpu_d_ms_per_conn", "setup_ms_p50", "p50_us", "p99_us",
             "cpu_e_us_per_rt", "cpu_d_us_per_rt", "seconds",
             "errors", "cpu_e_s_per_gib", "cpu_d_s_per_gib", "rss_e_mib",
             "rss_d_mib", "hwm_e_mib", "hwm_d_mib", "threads_e", "threads_d", "open_s",
@@ -66,14 +66,20 @@ ROWS = [
      "conn1f", "setup_ms_p50", "cc", "oo", None, "conn1"),
     ("echo_ref", "64 B echo p50, direct (ref)", "µs", "lower",
      "echo", "p50_us", "direct", None, None, None),
-    ("echo_p50", "64 B echo round trip p50", "µs", "lower",
+    ("echo_p50", "64 B echo round trip p50 ({b})", "µs", "lower",
      "echo", "p50_us", "cc", "oo", ("ratio", "<=", 1.5), "echo"),
-    ("echo_p99", "64 B echo round trip p99", "µs", "lower",
+    ("echo_p99", "64 B echo round trip p99 ({b})", "µs", "lower",
      "echo", "p99_us", "cc", "oo", None, "echo"),
-    ("echo_cpu_e", "64 B echo, CPU per round trip -e", "µs", "lower",
+    ("echo_cpu_e", "64 B echo, CPU per round trip -e ({b})", "µs", "lower",
      "echo", "cpu_e_us_per_rt", "cc", "oo", ("ratio", "<=", 1.5), "echo"),
-    ("echo_cpu_d", "64 B echo, CPU per round trip -d", "µs", "lower",
+    ("echo_cpu_d", "64 B echo, CPU per round trip -d ({b})", "µs", "lower",
      "echo", "cpu_d_us_per_rt", "cc", "oo", ("ratio", "<=", 1.5), "echo"),
+    ("echo_p50_2", "64 B echo round trip p50 ({b2})", "µs", "lower",
+     "echo", "p50_us", "cc", "o2", ("ratio", "<=", 1.5), "echo"),
+    ("echo_cpu_e_2", "64 B echo, CPU per round trip -e ({b2})", "µs", "lower",
+     "echo", "cpu_e_us_per_rt", "cc", "o2", ("ratio", "<=", 1.5), "echo"),
+    ("echo_cpu_d_2", "64 B echo, CPU per round trip -d ({b2})", "µs", "lower",
+     "echo", "cpu_d_us_per_rt", "cc", "o2", ("ratio", "<=", 1.5), "echo"),
     ("echo_fc_p50", "64 B echo p50, floor + our codecs (ref)", "µs", "lower",
      "echo", "p50_us", "fc", None, None, None),
     ("echo_fc_cpu_e", "64 B echo, CPU per rt -e, floor + our codecs (ref)", "µs", "lower",
@@ -122,6 +128,26 @@ ROWS = [
      "held", "threads_e", "cc", "oo", None, "held"),
     ("held_thr_d", "held conns, peak threads -d", "count", "lower",
      "held", "threads_d", "cc", "oo", None, "held"),
+    ("burst_served", "500 connects at once to -d -n 0, served", "count", "higher",
+     "burst", "served", "cc", "oo", ("abs", "==", 500), None),
+    ("burst_time", "500 connects at once, until all served", "s", "lower",
+     "burst", "all_s", "cc", "oo", None, None),
+    ("spipe_inst", "spipe one request, installed ({b})", "ms", "lower",
+     "spipe_inst", "ms", "c", "ours", ("floor", "<=", 1.25), "spipe_inst"),
+    ("spipe_copy", "spipe one request, copied file ({b})", "ms", "lower",
+     "spipe_copy", "ms", "c", "ours", ("floor", "<=", 1.25), "spipe_copy"),
+    ("spipe_inst_2", "spipe one request, installed ({b2})", "ms", "lower",
+     "spipe_inst", "ms", "c", "o2", ("floor", "<=", 1.25), ("spipe_inst", "f2")),
+    ("spipe_copy_2", "spipe one request, copied file ({b2})", "ms", "lower",
+     "spipe_copy", "ms", "c", "o2", ("floor", "<=", 1.25), ("spipe_copy", "f2")),
+    ("held10k_open", "10,000 held, ours -e → C -d, time to open all", "s", "lower",
+     "held10k", "open_s", "cc", "oc", None, ("held10k", "f1")),
+    ("held10k_err", "10,000 held, ours -e → C -d, errors (sum)", "count", "lower",
+     "held10k", "errors", "cc", "oc", ("abs", "==", 0), ("held10k", "f1")),
+    ("held10k_hwm", "10,000 held, peak RSS of -e (VmHWM)", "MiB", "lower",
+     "held10k", "hwm_e_mib", "cc", "oc", ("floor", "<=", 1.1), ("held10k", "f1")),
+    ("held10k_thr", "10,000 held, peak threads of -e", "count", "lower",
+     "held10k", "threads_e", "cc", "oc", None, ("held10k", "f1")),
 ]
 
 
@@ -129,6 +155,17 @@ HELD_TARGET_CONNS = 1000  # connections of the held phase unless told
 HELD_TARGETS = {1000: 80, 5000: 250}   # held connections -> MiB per daemon at most
 FLOOR = "ff"              # the variant of the floor relay pair (bench/floor.py)
 FLOOR_CODEC = "fc"        # the floor pair sealing and opening with our codecs (--codec)
+FLOOR_ONE = "f1"          # one floor relay alone in front of the target (10,000 held)
+
+
+def backend_of(python):
+    """The back end (cffi or ctypes) Cryptodome picks under the interpreter PYTHON."""
+    try:
+        r = subprocess.run([python, "-c", "from Cryptodome.Util import _raw_api;"
+                            " print(_raw_api.backend)"], capture_output=True, timeout=60)
+        return r.stdout.decode().strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
 
 def aggregate(runs, field):
@@ -142,12 +179,19 @@ def aggregate(runs, field):
     return (statistics.median(vals) if vals else None), failed
 
 
-def summarize(samples, held_conns=HELD_TARGET_CONNS):
-    """Medians per row (sum for error counts) with ratios and PASS/FAIL."""
+def summarize(samples, held_conns=HELD_TARGET_CONNS, backend="?", backend2="?"):
+    """Medians per row (sum for error counts) with ratios and PASS/FAIL.
+
+    A row's floor is the FLOOR variant of its floor metric, or a (metric,
+    variant) pair; "{b}" and "{b2}" in a label name the back ends of ours
+    (--python) and of the second interpreter (--also-python).
+    """
     rows = []
     for key, label, unit, better, metric, field, cv, ov, target, fm in ROWS:
-        if metric not in samples:
+        if metric not in samples or (ov is not None and ov not in samples[metric]):
             continue
+        label = label.format(b=backend, b2=backend2)
+        fm, fv = fm if isinstance(fm, tuple) else (fm, FLOOR)
         if key.startswith("held_hwm"):
             target = HELD_TARGETS.get(held_conns) and ("abs", "<=", HELD_TARGETS[held_conns])
         m = samples[metric]
@@ -159,7 +203,7 @@ def summarize(samples, held_conns=HELD_TARGET_CONNS):
 
         c, cfail = agg(m, cv)
         o, ofail = agg(m, ov)
-        f, ffail = agg(samples.get(fm, {}), FLOOR if fm else None)
+        f, ffail = agg(samples.get(fm, {}), fv if fm else None)
         ratio = (o / c) if (c and o is not None) else None
         fratio = (o / f) if (f and o is not None) else None
         tgt, status = judge(target, o, ratio, fratio)

@@ -17,6 +17,7 @@ unexpectedly starts a daemon fails instead of hanging, and any pidfile left
 in the scratch directory is used to kill what it names.
 """
 import grp
+import json
 import os
 import pwd
 import re
@@ -921,3 +922,51 @@ def test_u_without_permission(impl, target, world_dir):
     assert result.returncode == 1, result.stderr
     assert result.stderr.decode().splitlines() == [
         "spiped: Failed to drop privileges: Operation not permitted"]
+
+
+# What a start loads: -v, --help and usage errors need no cipher, and spipe
+# no GMP (its two exponentiations are quicker with the built-in pow()).
+_LOADED = """
+import json, sys
+sys.path.insert(0, %r)
+import spiped
+spiped._exit_now = sys.exit  # report here rather than leave at once
+try:
+    status = spiped.main(sys.argv[1:])
+except SystemExit as e:
+    status = e.code
+print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in
+                                 ("Cryptodome", "Crypto", "cffi", "ctypes", "traceback", "shlex"))]))
+"""
+
+
+def _modules_after(*args, stdin=None):
+    """(exit status, modules of interest loaded) after main(ARGS) in a fresh interpreter."""
+    r = subprocess.run([sys.executable, "-c", _LOADED % os.path.dirname(SPIPED_PY), *args],
+                       input=stdin,
+                       capture_output=True, timeout=60)
+    status, modules = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    return status, modules
+
+
+@pytest.mark.parametrize("args", [
+    ["spiped", "-v"], ["spipe", "-v"], ["spiped", "--help"], ["spipe", "-h"],
+    ["spiped", "-e", "-s", "[127.0.0.1]:1"],              # a usage error: missing -t, -k
+    ["spiped", "-e", "-d"], ["spipe", "-t", "x"], ["spiped", "--no-such-option"],
+], ids=" ".join)
+def test_version_help_and_usage_errors_load_no_cipher(args):
+    status, modules = _modules_after(*args)
+    assert status in (0, 1)
+    assert not [m for m in modules if ".Cipher" in m or m in ("cffi", "ctypes")], modules
+    assert "traceback" not in modules and "shlex" not in modules
+
+
+def test_spipe_loads_the_cipher_but_not_gmp(procs, keyfile, echo):
+    """One request through spipe: the cipher is loaded, Cryptodome's GMP is not."""
+    source = tcp_addr(free_port())
+    procs.daemon([sys.executable, SPIPED_PY, "-d", "-F", "-s", source, "-t", echo().addr,
+                  "-k", keyfile], source)
+    status, modules = _modules_after("spipe", "-t", source, "-k", keyfile, stdin=b"ping\n")
+    assert status == 0
+    assert any(m.endswith("Cipher.AES") for m in modules), modules
+    assert not [m for m in modules if m.endswith("Math.Numbers")], modules

@@ -352,3 +352,117 @@ def test_pid1_second_sigterm_exits_0_removing_socket_files(procs, tmp_path, keyf
             assert outer.wait(timeout=10) == 0, outer.log_text()
     assert not os.path.lexists(metrics)
     assert "Traceback" not in outer.log_text()
+
+
+# ---------------------------------------------------------------------------
+# Bursts: the listen backlog and an accept loop that drains the queue
+# ---------------------------------------------------------------------------
+
+
+def _listen_backlog(port):
+    """The backlog of the socket listening on PORT, as ss shows it (Send-Q); None: ss is missing."""
+    if not shutil.which("ss"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("ss (iproute2) is required with CI=true", pytrace=False)
+        return None
+    out = subprocess.run(["ss", "-ltnH", "( sport = :%d )" % port], capture_output=True,
+                         text=True, timeout=10).stdout.split()
+    return int(out[2])  # State Recv-Q Send-Q ...: Send-Q of a listener is its backlog
+
+
+@pytest.mark.parametrize("limit,expected", [("0", "somaxconn"), ("10", 10), ("100", 10)])
+def test_listen_backlog_is_somaxconn_without_a_limit(procs, tmp_path, keyfile, limit, expected):
+    """-n 0 queues as deep as the system allows; behind a limit the queue is C's 10."""
+    if expected == "somaxconn":
+        with open("/proc/sys/net/core/somaxconn") as f:
+            expected = int(f.read())
+    source = procs.spiped("-d", tcp_addr(free_port()), keyfile, "-n", limit).addr
+    backlog = _listen_backlog(int(source.rsplit(":", 1)[1]))
+    if backlog is None:
+        pytest.skip("ss (iproute2) not installed")
+    assert backlog == expected
+
+
+def test_backlog_helper_falls_back_without_proc(monkeypatch, tmp_path):
+    monkeypatch.setattr(spiped, "SOMAXCONN_FILE", str(tmp_path / "missing"))
+    assert spiped.listen_backlog(0) == max(spiped.socket.SOMAXCONN, 10)
+    assert spiped.listen_backlog(5) == 10
+
+
+BURST = 500
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_of_connects_is_all_served(procs, tmp_path, keyfile):
+    """500 connects at once to -d -n 0: every one gets the handshake's first bytes.
+
+    The accept loop drains the queue on each wake-up and the queue is
+    somaxconn deep, so no SYN of the burst is dropped (a dropped one would
+    wait seconds for its retransmission, past the deadline here).
+    """
+    import resource
+    import selectors
+    import socket
+    import time
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * BURST + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * BURST), hard))
+    # A target nobody listens on: each connection sends its nonce, then ends.
+    source = procs.spiped("-d", tcp_addr(free_port()), keyfile, "-n", "0").addr
+    host, port = source.rsplit(":", 1)
+    sockaddr = (host.strip("[]"), int(port))
+    sel = selectors.DefaultSelector()
+    got = {}
+    try:
+        for _ in range(BURST):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(sockaddr)
+            sel.register(s, selectors.EVENT_READ)
+            got[s] = b""
+        served = 0
+        deadline = time.monotonic() + 20  # SYN retransmissions start at 1 s, then 3 s, 7 s, 15 s
+        while served < BURST and time.monotonic() < deadline:
+            for key, _ in sel.select(0.5):
+                s = key.fileobj
+                try:
+                    data = s.recv(spiped.NONCE_SIZE - len(got[s]))
+                except OSError:
+                    data = b""
+                got[s] += data
+                if len(got[s]) == spiped.NONCE_SIZE or not data:
+                    sel.unregister(s)
+                    served += len(got[s]) == spiped.NONCE_SIZE
+        short = sum(1 for v in got.values() if len(v) < spiped.NONCE_SIZE)
+        assert short == 0, "%d of %d connects got no nonce" % (short, BURST)
+    finally:
+        sel.close()
+        for s in got:
+            s.close()
+
+
+class _Chunk(bytearray):
+    """A read's buffer that a weak reference can watch."""
+
+
+def test_relay_lets_go_of_a_read_before_a_write_that_may_block():
+    """While WRITE (a slow reader's sendall) blocks, the relay holds only what it
+    sends: the buffer of the read it came from is already freed."""
+    import weakref
+    sealer = spiped.PacketSealer(bytes(32), bytes(32))
+    reads = [_Chunk(b"x" * 5000), _Chunk(b"y" * 100)]
+    watched = []
+    alive_at_write = []
+
+    def read(size):
+        if not reads:
+            return b""
+        chunk = reads.pop(0)
+        watched.append(weakref.ref(chunk))
+        return chunk
+
+    def write(data):
+        alive_at_write.append(watched[-1]() is not None)
+
+    spiped.relay(read, sealer, write)
+    assert alive_at_write == [False, False]

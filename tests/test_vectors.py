@@ -74,20 +74,24 @@ def _keys(v):
 def cipher_calls(request, monkeypatch):
     """Each packet test twice: one packet through Cryptodome's C functions, and
     through its public AES/strxor calls (what a Cryptodome without them gets)."""
+    spiped.load_cipher()
     if request.param == "public":
-        monkeypatch.setattr(spiped, "_RAW_CALLS", None)
+        monkeypatch.setattr(spiped, "_CRYPT_ONE_RAW", None)
     return request.param
 
 
 def test_one_packet_uses_the_direct_calls():
-    """The installed Cryptodome (on ctypes) has the C functions the small-message path calls."""
+    """The installed Cryptodome, on whichever back end it picked (cffi where
+    cffi is importable, else ctypes), has the C functions the small-message
+    path calls, and a packet's codec calls them."""
     from Cryptodome.Util import _raw_api
-    if _raw_api.backend != "ctypes":
-        assert spiped._RAW_CALLS is None
-        return
-    assert spiped._RAW_CALLS is not None
+    assert _raw_api.backend in ("cffi", "ctypes")
+    assert spiped.load_cipher()
+    assert spiped._CRYPT_ONE_RAW is not None
     sealer = spiped.PacketSealer(bytes(32), bytes(32))
-    assert sealer._crypt_one.func is spiped._crypt_one_raw
+    assert sealer._crypt_one is spiped._CRYPT_ONE_RAW
+    opener = spiped.PacketOpener(bytes(32), bytes(32))
+    assert opener.feed(sealer.seal(b"x" * 64)) == b"x" * 64
 
 
 @pytest.mark.parametrize("codec", [spiped.PacketSealer, spiped.PacketOpener])
@@ -100,7 +104,7 @@ def test_a_dropped_codec_is_freed_without_the_cycle_collector(codec, cipher_call
     gc.disable()
     try:
         c = codec(bytes(32), bytes(32))
-        c._crypt_one(spiped._be64(0), bytes(spiped.STRIDE))
+        c._crypt_one(c._cipher, spiped._be64(0), bytes(spiped.PADDED))
         ref = weakref.ref(c)
         del c
         assert ref() is None
@@ -112,12 +116,13 @@ def test_a_dropped_codec_is_freed_without_the_cycle_collector(codec, cipher_call
 def test_the_direct_calls_come_from_the_package_that_gave_aes():
     """C functions are taken only from AES's own package: a package that is
     not there gives the public calls, never another package's library."""
+    assert spiped.load_cipher()
     package = spiped.AES.__name__.split(".")[0]
-    assert spiped._raw_cipher_calls("no_such_cryptodome") is None
-    calls = spiped._raw_cipher_calls(package)
-    if calls is not None:
-        ecb = sys.modules[package + ".Cipher._mode_ecb"]
-        assert calls[0] is ecb.raw_ecb_lib.ECB_encrypt
+    assert spiped._raw_crypt_one("no_such_cryptodome") is None
+    crypt_one = spiped._raw_crypt_one(package)
+    assert crypt_one is not None
+    ecb = sys.modules[package + ".Cipher._mode_ecb"]
+    assert crypt_one.encrypt is ecb.raw_ecb_lib.ECB_encrypt
 
 
 @pytest.mark.parametrize("path", POSITIVE, ids=os.path.basename)
