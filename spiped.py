@@ -2023,8 +2023,6 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
     serve_forever(): it stops calling accept() while -n connections are
     live (clients wait in the backlog), wakes on a pipe byte from closing
     connections, and returns once a shutdown has drained.
-    shutdown_request() releases the mixin thread's hold on its connection
-    instead of closing the socket the second relay still uses.
     """
 
     daemon_threads = True   # exit after a drain without joining anyone
@@ -2035,7 +2033,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         self.label = spec.label
         self.bind = spec.bind
         # Each replaced whole, never changed in place; a connection reads
-        # them once, as it starts: set_targets() (the -r thread), set_keyring().
+        # them once, as it starts: targets by the -r thread, set_keyring().
         self.targets = spec.targets
         self.stats = Stats()
         self.allow = AllowList(spec.options.allow, spec.label) if spec.options.allow else None
@@ -2090,8 +2088,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                     stopping = self.stopping.is_set()
                     want, timeout = self._next_pass(tick)
                 if timeout <= 0:  # the bounded drain ran out
-                    self.abort_all()
-                    self._await_teardowns(ABORT_GRACE)
+                    self.abort_all(ABORT_GRACE)
                     return
                 if want != listening:
                     for sock in self.listening_sockets():
@@ -2248,26 +2245,20 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
                 self.drain_deadline = deadline_in(drain_timeout)
         self.wake()
 
-    def abort_all(self):
-        """Cut every live connection (bounded drain ran out)."""
+    def abort_all(self, grace):
+        """The bounded drain ran out: cut every live connection, then give them
+        up to GRACE seconds to close and log their lines."""
         with self.lock:
             live = list(self.live.values())
         for connection in live:
             if connection is not None:  # None: not started; the exit closes it
                 connection.abort("drain timeout")
-
-    def _await_teardowns(self, seconds):
-        """Give aborted connections up to SECONDS to close and log their lines."""
         with self.lock:
-            self.lock.wait_for(lambda: not self.live, seconds)
+            self.lock.wait_for(lambda: not self.live, grace)
 
     def server_close(self):
         super().server_close()
         self.waker.close()
-
-    def set_targets(self, targets):
-        """New connections dial TARGETS (the -r thread's fresh look-up)."""
-        self.targets = targets
 
 
 def start_re_resolver(server):
@@ -2293,7 +2284,7 @@ def _re_resolve(server, period):
             log.warn(e.lines[0])
             fresh = None
         if fresh:
-            server.set_targets(fresh)
+            server.targets = fresh  # replaced whole: a connection reads it once
         due = time.monotonic() + period
 
 # ---------------------------------------------------------------------------
