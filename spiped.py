@@ -75,7 +75,7 @@ BLOCKS = (PADDED + 15) // 16      # AES blocks of keystream per packet (65)
 STRIDE = BLOCKS * 16     # keystream bytes per packet, padded to whole blocks
 BATCH = 32               # packets per read at most: as fast in bulk as 64 and as little CPU per
 #                          GiB, and half the buffers of each transfer in flight (100 x 1 MiB:
-#                          41 MiB against 64 per daemon)
+#                          41 MiB against 55-58 per daemon)
 
 # RFC 3526 group 14: the 2048-bit MODP prime; the generator is 2.
 DH_PRIME = int(

@@ -68,7 +68,7 @@ class Relay(socketserver.BaseRequestHandler):
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 10          # spiped's listen backlog
+    request_queue_size = 10          # C's listen backlog (ours behind a -n limit)
 
 
 def addr(text):

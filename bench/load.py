@@ -525,7 +525,7 @@ def _client_multi(a):
 
     Phase 1 opens the connections, at most --threads of them in flight
     (connect, send 1 byte, wait for its echo), so the burst does not overflow
-    spiped's listen backlog of 10.  Phase 2 starts when every connection is
+    C spiped's listen backlog of 10.  Phase 2 starts when every connection is
     open: all of them send the rest of their --size bytes and read the echo
     at the same time.  "seconds" is phase 2; "open_s" is phase 1.
     """
@@ -644,7 +644,7 @@ def _client_held(a):
 
     At most --threads connections are being opened at a time (connect,
     send --size bytes, wait for all of them to come back) and at most --rate
-    connections start per second, so the daemons' listen backlog of 10
+    connections start per second, so C's listen backlog of 10
     never overflows.  Once every connection has echoed (or failed, or --cap
     seconds passed) all are held --hold seconds more, then closed.
     "open_s" is the time until all were open and echoed.
