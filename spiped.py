@@ -1384,15 +1384,15 @@ class Connection(socketserver.BaseRequestHandler):
         try:
             result = self._dial_and_shake_hands()
         except ConnectError as e:
-            stats.count_connect_failure()
+            stats.count("connect_failures")
             self._event("connect to %s failed: %s" % (self.options.target, e))
             return None
         except HandshakeError as e:
-            stats.count_handshake(e.reason)
+            stats.count("handshake_failures", e.reason)
             self._event("handshake failed: %s" % e)
             return None
         if result.key_name is not None:
-            stats.count_key(result.key_name)
+            stats.count("keys", result.key_name)
             self._event("key %s" % result.key_name)
         if self.options.proxy_protocol and not self._send_proxy_header(result.sealer):
             return None
@@ -1548,27 +1548,21 @@ class Stats:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
 
-    def count_connect_failure(self):
+    def count(self, counter, name=None):
+        """One more COUNTER ("connect_failures", "refused"); with NAME, one more
+        NAME in the table COUNTER ("handshake_failures", "keys")."""
         with self.lock:
-            self.connect_failures += 1
-
-    def count_refused(self):
-        with self.lock:
-            self.refused += 1
-
-    def count_handshake(self, reason):
-        with self.lock:
-            self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+            if name is None:
+                setattr(self, counter, getattr(self, counter) + 1)
+            else:
+                table = getattr(self, counter)
+                table[name] = table.get(name, 0) + 1
 
     def add_keys(self, names):
         """List NAMES in the per-key counts (from 0) so an unused key shows."""
         with self.lock:
             for name in names:
                 self.keys.setdefault(name, 0)
-
-    def count_key(self, name):
-        with self.lock:
-            self.keys[name] = self.keys.get(name, 0) + 1
 
     def counts(self):
         """(live, total) connections."""
@@ -2164,7 +2158,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         """--allow: False (counted, logged sparingly) for a peer outside its networks."""
         if self.allow is None or self.allow.admits(client_address):
             return True
-        self.stats.count_refused()
+        self.stats.count("refused")
         self.allow.refused(client_address, time.monotonic())
         return False
 
