@@ -3022,10 +3022,6 @@ class CommandLine:
     def status(self, servers):
         return "%d live, %d total connections" % servers[self.options.source].stats.counts()
 
-    def statistics(self, servers):
-        for server in servers.values():
-            log.event(Stats.line(server.metrics()))
-
     def reload_failed(self, error):
         log.warn("Key reload failed, still using the %s loaded before: %s"
                  % (_count_keys(len(self.spec.keyring)), error.lines[0]))
@@ -3081,10 +3077,6 @@ class ConfigFile:
         return "%d tunnels: %s" % (len(servers), "; ".join(
             "%s %d live, %d total" % ((source,) + server.stats.counts())
             for source, server in servers.items()))
-
-    def statistics(self, servers):
-        for source, server in servers.items():
-            log.event("%s: %s" % (source, Stats.line(server.metrics())))
 
     def reload_failed(self, error):
         for line in error.lines:
@@ -3396,8 +3388,9 @@ class Supervisor:
             self.reload()
             self._watch_files()  # a --config reload may name other files
             notifier.send("READY=1")
-        elif what == "stats":
-            self.plan.statistics(self.servers)
+        elif what == "stats":  # a line per tunnel, after its label ("SOURCE: " with --config)
+            for server in self.servers.values():
+                log.event(server.label + Stats.line(server.metrics()))
 
     def _watch_files(self):
         """--watch: watch the files the plan reads now, as just read."""
