@@ -1823,27 +1823,18 @@ def _passed_count(environ=os.environ):
     return max(count, 0)
 
 
-def inherited_listener(environ=os.environ):
-    """The listening socket systemd passed us (fd 3), or None.
-
-    Raises SpipedError when the passed descriptor is not a listening
-    stream socket.
-    """
-    count = _passed_count(environ)
-    if count < 1:
-        return None
-    sock = _passed_listener(3)
-    if count > 1:
-        log.warn("systemd passed %d sockets; serving on the first only" % count)
-    return sock
-
-
-def inherited_listeners(environ=os.environ):
-    """Every listening socket systemd passed us (fds 3 onwards), in order.
+def inherited_listeners(environ=os.environ, first_only=False):
+    """Every listening socket systemd passed us (fds 3 onwards), in order; FIRST_ONLY:
+    fd 3 alone (the others left untouched), warning if there were more.
 
     Raises SpipedError when one is not a listening stream socket.
     """
-    return [_passed_listener(fd) for fd in range(3, 3 + _passed_count(environ))]
+    count = _passed_count(environ)
+    taken = min(count, 1) if first_only else count
+    listeners = [_passed_listener(fd) for fd in range(3, 3 + taken)]
+    if first_only and count > 1:
+        log.warn("systemd passed %d sockets; serving on the first only" % count)
+    return listeners
 
 
 def _passed_listener(fd):
@@ -4087,8 +4078,8 @@ def _run_spiped(process):
         ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
     after_binding = _start_process(process)
     if process.config is None:
-        listener = inherited_listener()
-        plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
+        passed = inherited_listeners(first_only=True)
+        plan = CommandLine(process.tunnel, passed[0] if passed else None)
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
     watch = FileWatch(process.watch_interval) if process.watch else None
