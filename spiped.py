@@ -1478,7 +1478,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
             for sock in (self.client, self.target):
                 if sock is not None:
-                    _shutdown_quietly(sock, socket.SHUT_RDWR)
+                    _shutdown_quietly(sock)
 
     def release(self):
         """A thread is done with the sockets; the last one tears the connection down."""
@@ -4227,10 +4227,7 @@ def _spipe_relay(sock, sealer, opener):
             relay(lambda n: os.read(0, n), sealer, sock.sendall)
             _shutdown(sock, socket.SHUT_WR)
         except OSError:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            _shutdown_quietly(sock, socket.SHUT_WR)
 
     def download():
         try:
