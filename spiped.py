@@ -3707,24 +3707,23 @@ def _parse_number(option, text, kind):
     return value
 
 
-def _print_usage(usage, message=None):
-    if message:
-        log.warn(message)
-    sys.stderr.write(usage)
-    sys.stderr.flush()
-
-
-def _print_version():
-    sys.stderr.write("%s %s\n" % (log.prog, __version__))
-    sys.stderr.flush()
-
-
 def _cli(usage, parse, run):
-    """PARSE() the command line, then RUN(options); C's messages and exit codes."""
+    """PARSE() the command line, then RUN(options); C's messages and exit codes.
+
+    Only PARSE() raises UsageError and _Exit (a --config line's are SpipedErrors).
+    """
     try:
         opts = parse()
+        if not load_cipher():
+            log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
+                     " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
+            return 1
+        return run(opts)
     except UsageError as e:
-        _print_usage(usage, e.message)
+        if e.message:
+            log.warn(e.message)
+        sys.stderr.write(usage)
+        sys.stderr.flush()
         return 1
     except SpipedError as e:
         for line in e.lines:
@@ -3732,16 +3731,6 @@ def _cli(usage, parse, run):
         return 1
     except _Exit as e:
         return e.status
-    if not load_cipher():
-        log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
-                 " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
-        return 1
-    try:
-        return run(opts)
-    except SpipedError as e:
-        for line in e.lines:
-            log.warn(line)
-        return 1
 
 
 class TunnelOptions(NamedTuple):
@@ -3953,7 +3942,8 @@ def _read_options(args, table, help_text, tunnel_line=False):
         if field in fields:
             raise _misused(option, "given more than once")
         if field == "version":
-            _print_version()
+            sys.stderr.write("%s %s\n" % (log.prog, __version__))
+            sys.stderr.flush()
             raise _Exit(0)
         fields[field] = True if read is None else read(option, value)
     return fields
