@@ -1319,9 +1319,6 @@ class Connection(socketserver.BaseRequestHandler):
         self.keyring = server.keyring  # read once: a reload leaves this connection alone
         self.number = server.attach(self)
 
-    def describe_peer(self):
-        return format_sockaddr(self.client.family, self.client_address)
-
     def bytes_moved(self):
         """(plaintext bytes source -> target, target -> source) so far."""
         with self.lock:
@@ -2053,9 +2050,6 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
     # -- accept loop ------------------------------------------------------
 
-    def wake(self):
-        self.waker.wake()
-
     def full(self):
         limit = self.options.max_connections
         return bool(limit) and len(self.live) >= limit
@@ -2168,8 +2162,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             number = self.next_number
             self.live[connection.request] = connection
         if self.options.log_connections:
-            log.event("%sconnection %d: accepted from %s"
-                      % (self.label, number, connection.describe_peer()))
+            peer = format_sockaddr(connection.client.family, connection.client_address)
+            log.event("%sconnection %d: accepted from %s" % (self.label, number, peer))
         return number
 
     def handle_error(self, request, client_address):
@@ -2210,7 +2204,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
             self.lock.notify_all()
         if waiting:
-            self.wake()
+            self.waker.wake()
         self.on_change()
 
     # -- shutdown ---------------------------------------------------------
@@ -2228,7 +2222,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.stopping.set()
             if drain_timeout is not None and self.drain_deadline is None:
                 self.drain_deadline = deadline_in(drain_timeout)
-        self.wake()
+        self.waker.wake()
 
     def abort_all(self, grace):
         """The bounded drain ran out: cut every live connection, then give them
@@ -2792,7 +2786,7 @@ def install_signals(supervisor, socket_files=lambda: ()):
 
     def record(what):
         supervisor.signals.append(what)
-        supervisor.wake()
+        supervisor.waker.wake()
 
     def on_term(signum, frame):
         terms.append(signum)
@@ -3175,12 +3169,9 @@ class Supervisor:
         self.started = time.time()
         self.reloads = self.reload_failures = 0  # read by metrics(), from any thread
 
-    def wake(self):
-        self.waker.wake()
-
     def _counts_changed(self):
         if self.watching:
-            self.wake()
+            self.waker.wake()
 
     def check_passed(self, specs):
         """SpipedError unless every passed socket is the source of a tunnel of SPECS."""
@@ -3229,7 +3220,7 @@ class Supervisor:
         finally:
             server.server_close()
             self.finished.append(server)
-            self.wake()
+            self.waker.wake()
 
     def _retire(self, server, stop_listening):
         """SERVER stops accepting and drains in its thread; STOP_LISTENING: refuse at once.
