@@ -2571,15 +2571,6 @@ class MetricsServer(ListeningServer):
         self.server_close()
         self.waker.close()
 
-
-def bind_metrics(addr, read):
-    """A MetricsServer bound to --metrics ADDR (not yet serving); SpipedError if it cannot be."""
-    family, sockaddr = resolve(addr)[0]
-    try:
-        return MetricsServer(family, sockaddr, read)
-    except OSError as e:
-        raise SpipedError("Error binding --metrics socket %s: %s" % (addr, e.strerror)) from None
-
 # ---------------------------------------------------------------------------
 # 9. Process: daemonizing, pidfile, privileges, systemd, signals
 # ---------------------------------------------------------------------------
@@ -4129,7 +4120,12 @@ def _bind_metrics(process, supervisor, servers):
     if process.metrics is None:
         return None
     try:
-        return bind_metrics(process.metrics, supervisor.metrics)
+        family, sockaddr = resolve(process.metrics)[0]
+        try:
+            return MetricsServer(family, sockaddr, supervisor.metrics)
+        except OSError as e:
+            raise SpipedError("Error binding --metrics socket %s: %s"
+                              % (process.metrics, e.strerror)) from None
     except SpipedError:
         for server in servers.values():
             server.server_close()
