@@ -4183,15 +4183,6 @@ def _run_spipe(options):
     _exit_now(_spipe_relay(sock, sealer, opener))
 
 
-def _write_fd(fd):
-    """A write-all function for file descriptor FD."""
-    def write(data):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    return write
-
-
 def _spipe_relay(sock, sealer, opener):
     """Copy stdin -> SOCK and SOCK -> stdout; exit when the server side ends."""
     outcome = []
@@ -4206,9 +4197,14 @@ def _spipe_relay(sock, sealer, opener):
         except OSError:
             _shutdown_quietly(sock, socket.SHUT_WR)
 
+    def write_stdout(data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
     def download():
         try:
-            relay(sock.recv, opener, _write_fd(1), _peeker(sock))
+            relay(sock.recv, opener, write_stdout, _peeker(sock))
         except BadPacket:
             outcome.append("Connection error")
         except OSError as e:
