@@ -2948,16 +2948,6 @@ class TunnelChanges(NamedTuple):
     unchanged: int     # lines left as they are
 
 
-class ReloadCounts(NamedTuple):
-    """How many tunnels a reload added, removed, rekeyed, replaced and left alone."""
-
-    added: int
-    removed: int
-    rekeyed: int
-    replaced: int
-    unchanged: int
-
-
 def diff_tunnels(old, new):
     """The TunnelDiff that turns tunnel set OLD into NEW; both map source -> (options, keys)."""
     added = [source for source in new if source not in old]
@@ -3064,7 +3054,7 @@ class ConfigFile:
 
     def reloaded(self, counts):
         log.warn("%s reloaded: %s" % (self.path, ", ".join(
-            "%d %s" % (number, what) for what, number in counts._asdict().items())))
+            "%d %s" % (number, what) for what, number in counts.items())))
 
 
 WATCH_INTERVAL = 2.0  # --watch: seconds from one look at the files to the next
@@ -3283,7 +3273,8 @@ class Supervisor:
             unchanged=len(specs) - len(diff.added) - len(diff.rekeyed) - len(diff.replaced))
 
     def _apply(self, changes):
-        """Carry out CHANGES (from _plan_reload()); the ReloadCounts to report."""
+        """Carry out CHANGES (from _plan_reload()); the tunnels it added, removed, rekeyed,
+        replaced and left alone, as {what: how many} in that order, to report."""
         fresh, replaced = dict(changes.added), 0
         for source, old_source in changes.taking_over.items():
             server = self._replace(old_source, source, changes.specs[source])
@@ -3298,9 +3289,8 @@ class Supervisor:
             self._retire(self.servers.pop(source), stop_listening=True)
             del self.specs[source]
         self.serve(changes.specs, fresh)
-        return ReloadCounts(added=len(changes.added), removed=len(changes.removed),
-                            rekeyed=len(changes.rekeyed), replaced=replaced,
-                            unchanged=changes.unchanged)
+        return dict(added=len(changes.added), removed=len(changes.removed),
+                    rekeyed=len(changes.rekeyed), replaced=replaced, unchanged=changes.unchanged)
 
     def metrics(self):
         """For --metrics, from any thread: each tunnel's Server.metrics(), the process's counts."""
