@@ -1161,9 +1161,6 @@ class DHKeyPool:
 # ---------------------------------------------------------------------------
 
 
-_PEEK = socket.MSG_PEEK
-
-
 def relay(read, codec, write, wait=None):
     """Move one direction: READ(n) -> CODEC.transform() -> WRITE() until EOF.
 
@@ -1201,7 +1198,7 @@ def relay(read, codec, write, wait=None):
 
 def _peeker(sock):
     """WAIT for relay(): block until SOCK has data; b"" at EOF (a C-level partial)."""
-    return functools.partial(sock.recv, 1, _PEEK)
+    return functools.partial(sock.recv, 1, socket.MSG_PEEK)
 
 
 def _shutdown(sock, how):
