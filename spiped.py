@@ -358,29 +358,21 @@ def read_key(path, stdin=None):
     stdin gives no byte at all.
     """
     failed = "Error reading shared secret"
-    digest = hashlib.sha256()
     if path == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        size = 0
         try:
-            for chunk in iter(lambda: stream.read(KEY_READ_CHUNK), b""):
-                digest.update(chunk)
-                size += len(chunk)
+            key, size = _hash_all((stdin if stdin is not None else sys.stdin.buffer).read)
         except OSError:
             raise SpipedError("Error reading from stdin", failed) from None
         if size == 0:  # a short key piped in is meant; nothing at all is an accident
             _warn_short_key("the key from stdin", size)
-        return digest.digest()
+        return key
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SpipedError("Cannot open file: %s: %s" % (path, e.strerror), failed) from None
-    size = 0
     try:
         st = os.fstat(fd)
-        for chunk in iter(lambda: os.read(fd, KEY_READ_CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
+        key, size = _hash_all(functools.partial(os.read, fd))
     except OSError as e:
         raise SpipedError("Error reading file: %s: %s" % (path, e.strerror), failed) from None
     finally:
@@ -391,7 +383,16 @@ def read_key(path, stdin=None):
                      " (chmod 600 it)" % path)
         if size < 32:
             _warn_short_key("key file " + path, size)
-    return digest.digest()
+    return key
+
+
+def _hash_all(read):
+    """(SHA-256, length) of what READ(KEY_READ_CHUNK) gives until it gives b""."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: read(KEY_READ_CHUNK), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.digest(), size
 
 
 def _warn_short_key(what, size):
