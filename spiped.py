@@ -1564,9 +1564,8 @@ class Stats:
         with self.lock:
             return self.live, self.total
 
-    def snapshot(self, live_bytes=()):
-        """A copy of every counter as a dict; LIVE_BYTES: (in, out) of each live connection."""
-        live_bytes = list(live_bytes)
+    def snapshot(self, live_bytes):
+        """A copy of every counter as a dict; LIVE_BYTES: [(in, out)] of each live connection."""
         with self.lock:
             return {"live": self.live, "total": self.total,
                     "bytes_in": self.bytes_in + sum(b[0] for b in live_bytes),
