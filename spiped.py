@@ -3918,12 +3918,6 @@ def _read_options(args, table, help_text, tunnel_line=False):
     return fields
 
 
-def _timeout(fields):
-    """-o's value (0 or none given: the default) as a deadline length; None for "inf"."""
-    timeout = fields.pop("timeout", 0) or DEFAULT_TIMEOUT
-    return None if timeout == float("inf") else timeout
-
-
 def parse_spiped_args(args, tunnel_line=False):
     """ProcessOptions from spiped's command line; TunnelOptions for a --config line.
 
@@ -3949,12 +3943,12 @@ def _tunnel_options(fields):
     if encrypt == decrypt:
         raise UsageError(why="give -e or -d, not both" if encrypt
                          else "give -e (encrypt) or -d (decrypt)")
-    _common_checks(fields, (("-s", "source"), ("-t", "target"), ("-k", "key")))
+    _common_fields(fields, (("-s", "source"), ("-t", "target"), ("-k", "key")))
     if encrypt and "accept_keys" in fields:  # -e always uses -k alone
         raise _misused("--accept-key", "needs -d")
     if fields.get("connect_after_auth") and not decrypt:
         raise _misused("--connect-after-auth", "needs -d")
-    if fields.get("no_keepalive") and "keepalive_timers" in fields:
+    if not fields["keepalive"] and "keepalive_timers" in fields:
         raise _misused("--keepalive", "cannot go with -j, which turns keepalive off")
     if "allow" in fields:
         if fields["source"].startswith("/"):
@@ -3965,27 +3959,28 @@ def _tunnel_options(fields):
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:
         raise UsageError(why="-R (never look the target up again) cannot go with -r %g" % rtime)
-    return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve,
-                         timeout=_timeout(fields),
-                         keepalive=not fields.pop("no_keepalive", False), **fields)
+    return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve, **fields)
 
 
-def _common_checks(fields, required):
-    """C's checks common to both programs: the REQUIRED (option, field)s, -f or -g."""
+def _common_fields(fields, required):
+    """C's checks common to both programs (the REQUIRED (option, field)s, -f or -g); then
+    -o and -j in FIELDS as both records hold them: timeout (None: no limit), keepalive."""
     missing = [option for option, field in required if field not in fields]
     if missing:
         listed = ", ".join(missing[:-1]) + " and " if len(missing) > 1 else ""
         raise UsageError(why="missing " + listed + missing[-1])
     if fields.get("fast") and fields.get("require_pfs"):
         raise UsageError(why="-f and -g exclude each other")
+    timeout = fields.pop("timeout", 0) or DEFAULT_TIMEOUT  # -o 0: the default
+    fields["timeout"] = None if timeout == float("inf") else timeout
+    fields["keepalive"] = not fields.pop("no_keepalive", False)
 
 
 def parse_spipe_args(args):
     """SpipeOptions from spipe's command line; raises UsageError/SpipedError/_Exit."""
     fields = _read_options(args, SPIPE_OPTIONS, SPIPE_HELP)
-    _common_checks(fields, (("-t", "target"), ("-k", "key")))
-    return SpipeOptions(timeout=_timeout(fields),
-                        keepalive=not fields.pop("no_keepalive", False), **fields)
+    _common_fields(fields, (("-t", "target"), ("-k", "key")))
+    return SpipeOptions(**fields)
 
 
 def spiped_main(args):
