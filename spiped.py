@@ -1738,10 +1738,7 @@ class SocketFile:
 
 
 def clear_stale_socket(path):
-    """Before binding PATH: remove it only if it is a dead socket.
-
-    Raises SpipedError for a live socket or a file that is not a socket.
-    """
+    """Before binding PATH: remove it only if it is a dead socket, raising as stale_socket() does."""
     if stale_socket(path):
         try:
             os.unlink(path)
@@ -3357,9 +3354,6 @@ class Supervisor:
         if self.file_watch is not None:
             self.file_watch.watch(self.plan.files(self.specs))
 
-    def close(self):
-        self.waker.close()
-
 # ---------------------------------------------------------------------------
 # 11. Command line and main()
 # ---------------------------------------------------------------------------
@@ -4065,7 +4059,7 @@ def _run_spiped(process):
     finally:
         if metrics is not None:
             metrics.close()
-        supervisor.close()
+        supervisor.waker.close()
     _exit_now(0)
 
 
