@@ -1738,7 +1738,7 @@ class SocketFile:
 
 
 def clear_stale_socket(path):
-    """Before binding PATH: remove it only if it is a dead socket, raising as stale_socket() does."""
+    """Before binding PATH: remove it only if it is a dead socket; raises as stale_socket() does."""
     if stale_socket(path):
         try:
             os.unlink(path)
