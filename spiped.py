@@ -1798,29 +1798,22 @@ def check_socket_path(path):
         raise SpipedError("Error binding socket: %s" % reason)
 
 
-def _passed_count(environ=os.environ):
-    """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
-
-    Takes the variables out of the environment once they are ours.
-    """
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return 0
-    try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        count = 0
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        environ.pop(name, None)
-    return max(count, 0)
-
-
 def inherited_listeners(environ=os.environ, first_only=False):
     """Every listening socket systemd passed us (fds 3 onwards), in order; FIRST_ONLY:
     fd 3 alone (the others left untouched), warning if there were more.
 
-    Raises SpipedError when one is not a listening stream socket.
+    They are LISTEN_FDS of them when LISTEN_PID is ours; the variables are
+    then taken out of the environment.  Raises SpipedError when one is not
+    a listening stream socket.
     """
-    count = _passed_count(environ)
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = max(int(environ.get("LISTEN_FDS", "0")), 0)
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
     taken = min(count, 1) if first_only else count
     listeners = [_passed_listener(fd) for fd in range(3, 3 + taken)]
     if first_only and count > 1:
