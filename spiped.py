@@ -4057,12 +4057,9 @@ def _run_spiped(process):
 
 
 def _check_spiped(process):
-    """--check: what a start does short of binding, daemonizing and serving; returns 0.
+    """--check: what a start does short of binding, daemonizing and serving, in its order.
 
-    Resolves every address once (-D does not retry) and reads every key,
-    with the start's warnings; each unix source, -u, and the pidfile
-    (without -F) are checked in a start's order.  Prints "SOURCE -> TARGET:
-    ok, N keys" per tunnel.  Raises SpipedError with a start's messages.
+    Resolves once (-D does not retry); returns 0, or raises SpipedError with a start's messages.
     """
     plan = CommandLine(process.tunnel) if process.config is None else ConfigFile(process.config)
     specs = plan.load()
