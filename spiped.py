@@ -2438,12 +2438,9 @@ class MetricsServer(ListeningServer):
 
     ListeningServer binds; serve() replaces serve_forever(): it accepts,
     reads each request head, answers it and closes its socket, never
-    waiting on any one socket.  At most METRICS_SOCKETS are open at once:
-    a newcomer beyond that drops the oldest one not yet answered, so
-    silent sockets cannot keep a scraper out.  Each socket has
-    METRICS_TIMEOUT from its accept to its answer's last byte (a client
-    that trickles is cut too), and a head at most METRICS_HEAD_MAX bytes:
-    one thread and bounded memory, whatever the clients do.
+    waiting on any one socket.  The METRICS_* limits (see each) bound its
+    sockets, their time and their heads: silent or trickling clients
+    cannot keep a scraper out, and memory stays bounded whatever they do.
     """
 
     request_queue_size = METRICS_SOCKETS
