@@ -2842,10 +2842,6 @@ class TunnelSpec(NamedTuple):
     line: int = 0             # its line in a --config file
     more_sources: tuple = ()  # the source's other addresses (--all-addresses)
 
-    def comparable(self):
-        """(options, key ring): what diff_tunnels() compares."""
-        return self.options, self.keyring
-
 
 def build_tunnel(options, key_files, retry=False, listener=None, **names):
     """Resolve the addresses and read the keys (KEY_FILES) of tunnel OPTIONS.
@@ -3245,8 +3241,8 @@ class Supervisor:
         """
         specs = self.plan.load()
         self.check_passed(specs)
-        diff = diff_tunnels({s: spec.comparable() for s, spec in self.specs.items()},
-                            {s: spec.comparable() for s, spec in specs.items()})
+        diff = diff_tunnels({s: (spec.options, spec.keyring) for s, spec in self.specs.items()},
+                            {s: (spec.options, spec.keyring) for s, spec in specs.items()})
         moved = self._moved(specs, diff.added, diff.removed)
         taking_over = {s: s for s in diff.replaced}
         taking_over.update(moved)
