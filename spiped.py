@@ -1799,12 +1799,11 @@ def check_socket_path(path):
 
 
 def inherited_listeners(environ=os.environ, first_only=False):
-    """Every listening socket systemd passed us (fds 3 onwards), in order; FIRST_ONLY:
-    fd 3 alone (the others left untouched), warning if there were more.
+    """The LISTEN_FDS sockets systemd passed us (fds 3 on) if LISTEN_PID is ours, in order;
+    FIRST_ONLY: fd 3 alone (the others left untouched), warning if there were more.
 
-    They are LISTEN_FDS of them when LISTEN_PID is ours; the variables are
-    then taken out of the environment.  Raises SpipedError when one is not
-    a listening stream socket.
+    Takes the variables out of the environment once they are ours.  Raises
+    SpipedError when a socket is not a listening stream socket.
     """
     if environ.get("LISTEN_PID") != str(os.getpid()):
         return []
