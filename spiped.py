@@ -358,29 +358,21 @@ def read_key(path, stdin=None):
     stdin gives no byte at all.
     """
     failed = "Error reading shared secret"
-    digest = hashlib.sha256()
     if path == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        size = 0
         try:
-            for chunk in iter(lambda: stream.read(KEY_READ_CHUNK), b""):
-                digest.update(chunk)
-                size += len(chunk)
+            key, size = _hash_all((stdin if stdin is not None else sys.stdin.buffer).read)
         except OSError:
             raise SpipedError("Error reading from stdin", failed) from None
         if size == 0:  # a short key piped in is meant; nothing at all is an accident
             _warn_short_key("the key from stdin", size)
-        return digest.digest()
+        return key
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SpipedError("Cannot open file: %s: %s" % (path, e.strerror), failed) from None
-    size = 0
     try:
         st = os.fstat(fd)
-        for chunk in iter(lambda: os.read(fd, KEY_READ_CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
+        key, size = _hash_all(functools.partial(os.read, fd))
     except OSError as e:
         raise SpipedError("Error reading file: %s: %s" % (path, e.strerror), failed) from None
     finally:
@@ -391,7 +383,16 @@ def read_key(path, stdin=None):
                      " (chmod 600 it)" % path)
         if size < 32:
             _warn_short_key("key file " + path, size)
-    return digest.digest()
+    return key
+
+
+def _hash_all(read):
+    """(SHA-256, length) of what READ(KEY_READ_CHUNK) gives until it gives b""."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: read(KEY_READ_CHUNK), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.digest(), size
 
 
 def _warn_short_key(what, size):
@@ -1161,9 +1162,6 @@ class DHKeyPool:
 # ---------------------------------------------------------------------------
 
 
-_PEEK = socket.MSG_PEEK
-
-
 def relay(read, codec, write, wait=None):
     """Move one direction: READ(n) -> CODEC.transform() -> WRITE() until EOF.
 
@@ -1201,7 +1199,7 @@ def relay(read, codec, write, wait=None):
 
 def _peeker(sock):
     """WAIT for relay(): block until SOCK has data; b"" at EOF (a C-level partial)."""
-    return functools.partial(sock.recv, 1, _PEEK)
+    return functools.partial(sock.recv, 1, socket.MSG_PEEK)
 
 
 def _shutdown(sock, how):
@@ -1319,9 +1317,6 @@ class Connection(socketserver.BaseRequestHandler):
         self.keyring = server.keyring  # read once: a reload leaves this connection alone
         self.number = server.attach(self)
 
-    def describe_peer(self):
-        return format_sockaddr(self.client.family, self.client_address)
-
     def bytes_moved(self):
         """(plaintext bytes source -> target, target -> source) so far."""
         with self.lock:
@@ -1384,15 +1379,15 @@ class Connection(socketserver.BaseRequestHandler):
         try:
             result = self._dial_and_shake_hands()
         except ConnectError as e:
-            stats.count_connect_failure()
+            stats.count("connect_failures")
             self._event("connect to %s failed: %s" % (self.options.target, e))
             return None
         except HandshakeError as e:
-            stats.count_handshake(e.reason)
+            stats.count("handshake_failures", e.reason)
             self._event("handshake failed: %s" % e)
             return None
         if result.key_name is not None:
-            stats.count_key(result.key_name)
+            stats.count("keys", result.key_name)
             self._event("key %s" % result.key_name)
         if self.options.proxy_protocol and not self._send_proxy_header(result.sealer):
             return None
@@ -1478,7 +1473,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
             for sock in (self.client, self.target):
                 if sock is not None:
-                    _shutdown_quietly(sock, socket.SHUT_RDWR)
+                    _shutdown_quietly(sock)
 
     def release(self):
         """A thread is done with the sockets; the last one tears the connection down."""
@@ -1548,17 +1543,15 @@ class Stats:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
 
-    def count_connect_failure(self):
+    def count(self, counter, name=None):
+        """One more COUNTER ("connect_failures", "refused"); with NAME, one more
+        NAME in the table COUNTER ("handshake_failures", "keys")."""
         with self.lock:
-            self.connect_failures += 1
-
-    def count_refused(self):
-        with self.lock:
-            self.refused += 1
-
-    def count_handshake(self, reason):
-        with self.lock:
-            self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+            if name is None:
+                setattr(self, counter, getattr(self, counter) + 1)
+            else:
+                table = getattr(self, counter)
+                table[name] = table.get(name, 0) + 1
 
     def add_keys(self, names):
         """List NAMES in the per-key counts (from 0) so an unused key shows."""
@@ -1566,18 +1559,13 @@ class Stats:
             for name in names:
                 self.keys.setdefault(name, 0)
 
-    def count_key(self, name):
-        with self.lock:
-            self.keys[name] = self.keys.get(name, 0) + 1
-
     def counts(self):
         """(live, total) connections."""
         with self.lock:
             return self.live, self.total
 
-    def snapshot(self, live_bytes=()):
-        """A copy of every counter as a dict; LIVE_BYTES: (in, out) of each live connection."""
-        live_bytes = list(live_bytes)
+    def snapshot(self, live_bytes):
+        """A copy of every counter as a dict; LIVE_BYTES: [(in, out)] of each live connection."""
         with self.lock:
             return {"live": self.live, "total": self.total,
                     "bytes_in": self.bytes_in + sum(b[0] for b in live_bytes),
@@ -1750,10 +1738,7 @@ class SocketFile:
 
 
 def clear_stale_socket(path):
-    """Before binding PATH: remove it only if it is a dead socket.
-
-    Raises SpipedError for a live socket or a file that is not a socket.
-    """
+    """Before binding PATH: remove it only if it is a dead socket; raises as stale_socket() does."""
     if stale_socket(path):
         try:
             os.unlink(path)
@@ -1813,43 +1798,26 @@ def check_socket_path(path):
         raise SpipedError("Error binding socket: %s" % reason)
 
 
-def _passed_count(environ=os.environ):
-    """How many sockets systemd passed us (LISTEN_FDS, when LISTEN_PID is ours).
+def inherited_listeners(environ=os.environ, first_only=False):
+    """The LISTEN_FDS sockets systemd passed us (fds 3 on) if LISTEN_PID is ours, in order;
+    FIRST_ONLY: fd 3 alone (the others left untouched), warning if there were more.
 
-    Takes the variables out of the environment once they are ours.
+    Takes the variables out of the environment once they are ours.  Raises
+    SpipedError when a socket is not a listening stream socket.
     """
     if environ.get("LISTEN_PID") != str(os.getpid()):
-        return 0
+        return []
     try:
-        count = int(environ.get("LISTEN_FDS", "0"))
+        count = max(int(environ.get("LISTEN_FDS", "0")), 0)
     except ValueError:
         count = 0
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         environ.pop(name, None)
-    return max(count, 0)
-
-
-def inherited_listener(environ=os.environ):
-    """The listening socket systemd passed us (fd 3), or None.
-
-    Raises SpipedError when the passed descriptor is not a listening
-    stream socket.
-    """
-    count = _passed_count(environ)
-    if count < 1:
-        return None
-    sock = _passed_listener(3)
-    if count > 1:
+    taken = min(count, 1) if first_only else count
+    listeners = [_passed_listener(fd) for fd in range(3, 3 + taken)]
+    if first_only and count > 1:
         log.warn("systemd passed %d sockets; serving on the first only" % count)
-    return sock
-
-
-def inherited_listeners(environ=os.environ):
-    """Every listening socket systemd passed us (fds 3 onwards), in order.
-
-    Raises SpipedError when one is not a listening stream socket.
-    """
-    return [_passed_listener(fd) for fd in range(3, 3 + _passed_count(environ))]
+    return listeners
 
 
 def _passed_listener(fd):
@@ -2068,9 +2036,6 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
 
     # -- accept loop ------------------------------------------------------
 
-    def wake(self):
-        self.waker.wake()
-
     def full(self):
         limit = self.options.max_connections
         return bool(limit) and len(self.live) >= limit
@@ -2164,7 +2129,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
         """--allow: False (counted, logged sparingly) for a peer outside its networks."""
         if self.allow is None or self.allow.admits(client_address):
             return True
-        self.stats.count_refused()
+        self.stats.count("refused")
         self.allow.refused(client_address, time.monotonic())
         return False
 
@@ -2183,8 +2148,8 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             number = self.next_number
             self.live[connection.request] = connection
         if self.options.log_connections:
-            log.event("%sconnection %d: accepted from %s"
-                      % (self.label, number, connection.describe_peer()))
+            peer = format_sockaddr(connection.client.family, connection.client_address)
+            log.event("%sconnection %d: accepted from %s" % (self.label, number, peer))
         return number
 
     def handle_error(self, request, client_address):
@@ -2225,7 +2190,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.accept_paused_until = 0.0  # a descriptor was freed: accept again
             self.lock.notify_all()
         if waiting:
-            self.wake()
+            self.waker.wake()
         self.on_change()
 
     # -- shutdown ---------------------------------------------------------
@@ -2243,7 +2208,7 @@ class Server(socketserver.ThreadingMixIn, ListeningServer):
             self.stopping.set()
             if drain_timeout is not None and self.drain_deadline is None:
                 self.drain_deadline = deadline_in(drain_timeout)
-        self.wake()
+        self.waker.wake()
 
     def abort_all(self, grace):
         """The bounded drain ran out: cut every live connection, then give them
@@ -2472,12 +2437,9 @@ class MetricsServer(ListeningServer):
 
     ListeningServer binds; serve() replaces serve_forever(): it accepts,
     reads each request head, answers it and closes its socket, never
-    waiting on any one socket.  At most METRICS_SOCKETS are open at once:
-    a newcomer beyond that drops the oldest one not yet answered, so
-    silent sockets cannot keep a scraper out.  Each socket has
-    METRICS_TIMEOUT from its accept to its answer's last byte (a client
-    that trickles is cut too), and a head at most METRICS_HEAD_MAX bytes:
-    one thread and bounded memory, whatever the clients do.
+    waiting on any one socket.  The METRICS_* limits (see each) bound its
+    sockets, their time and their heads: silent or trickling clients
+    cannot keep a scraper out, and memory stays bounded whatever they do.
     """
 
     request_queue_size = METRICS_SOCKETS
@@ -2591,15 +2553,6 @@ class MetricsServer(ListeningServer):
             self.thread.join()
         self.server_close()
         self.waker.close()
-
-
-def bind_metrics(addr, read):
-    """A MetricsServer bound to --metrics ADDR (not yet serving); SpipedError if it cannot be."""
-    family, sockaddr = resolve(addr)[0]
-    try:
-        return MetricsServer(family, sockaddr, read)
-    except OSError as e:
-        raise SpipedError("Error binding --metrics socket %s: %s" % (addr, e.strerror)) from None
 
 # ---------------------------------------------------------------------------
 # 9. Process: daemonizing, pidfile, privileges, systemd, signals
@@ -2807,7 +2760,7 @@ def install_signals(supervisor, socket_files=lambda: ()):
 
     def record(what):
         supervisor.signals.append(what)
-        supervisor.wake()
+        supervisor.waker.wake()
 
     def on_term(signum, frame):
         terms.append(signum)
@@ -2887,10 +2840,6 @@ class TunnelSpec(NamedTuple):
     where: str = ""           # before its errors: "FILE:LINE: " with --config
     line: int = 0             # its line in a --config file
     more_sources: tuple = ()  # the source's other addresses (--all-addresses)
-
-    def comparable(self):
-        """(options, key ring): what diff_tunnels() compares."""
-        return self.options, self.keyring
 
 
 def build_tunnel(options, key_files, retry=False, listener=None, **names):
@@ -2978,16 +2927,6 @@ class TunnelChanges(NamedTuple):
     unchanged: int     # lines left as they are
 
 
-class ReloadCounts(NamedTuple):
-    """How many tunnels a reload added, removed, rekeyed, replaced and left alone."""
-
-    added: int
-    removed: int
-    rekeyed: int
-    replaced: int
-    unchanged: int
-
-
 def diff_tunnels(old, new):
     """The TunnelDiff that turns tunnel set OLD into NEW; both map source -> (options, keys)."""
     added = [source for source in new if source not in old]
@@ -3027,10 +2966,6 @@ class CommandLine:
 
     def status(self, servers):
         return "%d live, %d total connections" % servers[self.options.source].stats.counts()
-
-    def statistics(self, servers):
-        for server in servers.values():
-            log.event(Stats.line(server.metrics()))
 
     def reload_failed(self, error):
         log.warn("Key reload failed, still using the %s loaded before: %s"
@@ -3088,10 +3023,6 @@ class ConfigFile:
             "%s %d live, %d total" % ((source,) + server.stats.counts())
             for source, server in servers.items()))
 
-    def statistics(self, servers):
-        for source, server in servers.items():
-            log.event("%s: %s" % (source, Stats.line(server.metrics())))
-
     def reload_failed(self, error):
         for line in error.lines:
             log.warn(line)
@@ -3102,7 +3033,7 @@ class ConfigFile:
 
     def reloaded(self, counts):
         log.warn("%s reloaded: %s" % (self.path, ", ".join(
-            "%d %s" % (number, what) for what, number in counts._asdict().items())))
+            "%d %s" % (number, what) for what, number in counts.items())))
 
 
 WATCH_INTERVAL = 2.0  # --watch: seconds from one look at the files to the next
@@ -3198,12 +3129,9 @@ class Supervisor:
         self.started = time.time()
         self.reloads = self.reload_failures = 0  # read by metrics(), from any thread
 
-    def wake(self):
-        self.waker.wake()
-
     def _counts_changed(self):
         if self.watching:
-            self.wake()
+            self.waker.wake()
 
     def check_passed(self, specs):
         """SpipedError unless every passed socket is the source of a tunnel of SPECS."""
@@ -3252,7 +3180,7 @@ class Supervisor:
         finally:
             server.server_close()
             self.finished.append(server)
-            self.wake()
+            self.waker.wake()
 
     def _retire(self, server, stop_listening):
         """SERVER stops accepting and drains in its thread; STOP_LISTENING: refuse at once.
@@ -3312,8 +3240,8 @@ class Supervisor:
         """
         specs = self.plan.load()
         self.check_passed(specs)
-        diff = diff_tunnels({s: spec.comparable() for s, spec in self.specs.items()},
-                            {s: spec.comparable() for s, spec in specs.items()})
+        diff = diff_tunnels({s: (spec.options, spec.keyring) for s, spec in self.specs.items()},
+                            {s: (spec.options, spec.keyring) for s, spec in specs.items()})
         moved = self._moved(specs, diff.added, diff.removed)
         taking_over = {s: s for s in diff.replaced}
         taking_over.update(moved)
@@ -3324,7 +3252,8 @@ class Supervisor:
             unchanged=len(specs) - len(diff.added) - len(diff.rekeyed) - len(diff.replaced))
 
     def _apply(self, changes):
-        """Carry out CHANGES (from _plan_reload()); the ReloadCounts to report."""
+        """Carry out CHANGES (from _plan_reload()); the tunnels it added, removed, rekeyed,
+        replaced and left alone, as {what: how many} in that order, to report."""
         fresh, replaced = dict(changes.added), 0
         for source, old_source in changes.taking_over.items():
             server = self._replace(old_source, source, changes.specs[source])
@@ -3339,9 +3268,8 @@ class Supervisor:
             self._retire(self.servers.pop(source), stop_listening=True)
             del self.specs[source]
         self.serve(changes.specs, fresh)
-        return ReloadCounts(added=len(changes.added), removed=len(changes.removed),
-                            rekeyed=len(changes.rekeyed), replaced=replaced,
-                            unchanged=changes.unchanged)
+        return dict(added=len(changes.added), removed=len(changes.removed),
+                    rekeyed=len(changes.rekeyed), replaced=replaced, unchanged=changes.unchanged)
 
     def metrics(self):
         """For --metrics, from any thread: each tunnel's Server.metrics(), the process's counts."""
@@ -3402,16 +3330,14 @@ class Supervisor:
             self.reload()
             self._watch_files()  # a --config reload may name other files
             notifier.send("READY=1")
-        elif what == "stats":
-            self.plan.statistics(self.servers)
+        elif what == "stats":  # a line per tunnel, after its label ("SOURCE: " with --config)
+            for server in self.servers.values():
+                log.event(server.label + Stats.line(server.metrics()))
 
     def _watch_files(self):
         """--watch: watch the files the plan reads now, as just read."""
         if self.file_watch is not None:
             self.file_watch.watch(self.plan.files(self.specs))
-
-    def close(self):
-        self.waker.close()
 
 # ---------------------------------------------------------------------------
 # 11. Command line and main()
@@ -3729,24 +3655,23 @@ def _parse_number(option, text, kind):
     return value
 
 
-def _print_usage(usage, message=None):
-    if message:
-        log.warn(message)
-    sys.stderr.write(usage)
-    sys.stderr.flush()
-
-
-def _print_version():
-    sys.stderr.write("%s %s\n" % (log.prog, __version__))
-    sys.stderr.flush()
-
-
 def _cli(usage, parse, run):
-    """PARSE() the command line, then RUN(options); C's messages and exit codes."""
+    """PARSE() the command line, then RUN(options); C's messages and exit codes.
+
+    Only PARSE() raises UsageError and _Exit (a --config line's are SpipedErrors).
+    """
     try:
         opts = parse()
+        if not load_cipher():
+            log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
+                     " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
+            return 1
+        return run(opts)
     except UsageError as e:
-        _print_usage(usage, e.message)
+        if e.message:
+            log.warn(e.message)
+        sys.stderr.write(usage)
+        sys.stderr.flush()
         return 1
     except SpipedError as e:
         for line in e.lines:
@@ -3754,16 +3679,6 @@ def _cli(usage, parse, run):
         return 1
     except _Exit as e:
         return e.status
-    if not load_cipher():
-        log.warn("Cryptodome is missing: apt-get install python3-pycryptodome"
-                 " (Debian/Ubuntu), or pip install pycryptodomex in a venv")
-        return 1
-    try:
-        return run(opts)
-    except SpipedError as e:
-        for line in e.lines:
-            log.warn(line)
-        return 1
 
 
 class TunnelOptions(NamedTuple):
@@ -3975,16 +3890,11 @@ def _read_options(args, table, help_text, tunnel_line=False):
         if field in fields:
             raise _misused(option, "given more than once")
         if field == "version":
-            _print_version()
+            sys.stderr.write("%s %s\n" % (log.prog, __version__))
+            sys.stderr.flush()
             raise _Exit(0)
         fields[field] = True if read is None else read(option, value)
     return fields
-
-
-def _timeout(fields):
-    """-o's value (0 or none given: the default) as a deadline length; None for "inf"."""
-    timeout = fields.pop("timeout", 0) or DEFAULT_TIMEOUT
-    return None if timeout == float("inf") else timeout
 
 
 def parse_spiped_args(args, tunnel_line=False):
@@ -4012,12 +3922,12 @@ def _tunnel_options(fields):
     if encrypt == decrypt:
         raise UsageError(why="give -e or -d, not both" if encrypt
                          else "give -e (encrypt) or -d (decrypt)")
-    _common_checks(fields, (("-s", "source"), ("-t", "target"), ("-k", "key")))
+    _common_fields(fields, (("-s", "source"), ("-t", "target"), ("-k", "key")))
     if encrypt and "accept_keys" in fields:  # -e always uses -k alone
         raise _misused("--accept-key", "needs -d")
     if fields.get("connect_after_auth") and not decrypt:
         raise _misused("--connect-after-auth", "needs -d")
-    if fields.get("no_keepalive") and "keepalive_timers" in fields:
+    if not fields["keepalive"] and "keepalive_timers" in fields:
         raise _misused("--keepalive", "cannot go with -j, which turns keepalive off")
     if "allow" in fields:
         if fields["source"].startswith("/"):
@@ -4028,27 +3938,28 @@ def _tunnel_options(fields):
     re_resolve = not fields.pop("no_re_resolve", False)
     if not re_resolve and rtime != DEFAULT_RTIME:
         raise UsageError(why="-R (never look the target up again) cannot go with -r %g" % rtime)
-    return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve,
-                         timeout=_timeout(fields),
-                         keepalive=not fields.pop("no_keepalive", False), **fields)
+    return TunnelOptions(decrypt=decrypt, rtime=rtime, re_resolve=re_resolve, **fields)
 
 
-def _common_checks(fields, required):
-    """C's checks common to both programs: the REQUIRED (option, field)s, -f or -g."""
+def _common_fields(fields, required):
+    """C's checks common to both programs (the REQUIRED (option, field)s, -f or -g); then
+    -o and -j in FIELDS as both records hold them: timeout (None: no limit), keepalive."""
     missing = [option for option, field in required if field not in fields]
     if missing:
         listed = ", ".join(missing[:-1]) + " and " if len(missing) > 1 else ""
         raise UsageError(why="missing " + listed + missing[-1])
     if fields.get("fast") and fields.get("require_pfs"):
         raise UsageError(why="-f and -g exclude each other")
+    timeout = fields.pop("timeout", 0) or DEFAULT_TIMEOUT  # -o 0: the default
+    fields["timeout"] = None if timeout == float("inf") else timeout
+    fields["keepalive"] = not fields.pop("no_keepalive", False)
 
 
 def parse_spipe_args(args):
     """SpipeOptions from spipe's command line; raises UsageError/SpipedError/_Exit."""
     fields = _read_options(args, SPIPE_OPTIONS, SPIPE_HELP)
-    _common_checks(fields, (("-t", "target"), ("-k", "key")))
-    return SpipeOptions(timeout=_timeout(fields),
-                        keepalive=not fields.pop("no_keepalive", False), **fields)
+    _common_fields(fields, (("-t", "target"), ("-k", "key")))
+    return SpipeOptions(**fields)
 
 
 def spiped_main(args):
@@ -4100,8 +4011,8 @@ def _run_spiped(process):
         ConfigFile(process.config).read()  # a broken file fails before -D daemonizes
     after_binding = _start_process(process)
     if process.config is None:
-        listener = inherited_listener()
-        plan, passed = CommandLine(process.tunnel, listener), [listener] if listener else []
+        passed = inherited_listeners(first_only=True)
+        plan = CommandLine(process.tunnel, passed[0] if passed else None)
     else:
         plan, passed = ConfigFile(process.config), inherited_listeners()
     watch = FileWatch(process.watch_interval) if process.watch else None
@@ -4133,17 +4044,14 @@ def _run_spiped(process):
     finally:
         if metrics is not None:
             metrics.close()
-        supervisor.close()
+        supervisor.waker.close()
     _exit_now(0)
 
 
 def _check_spiped(process):
-    """--check: what a start does short of binding, daemonizing and serving; returns 0.
+    """--check: what a start does short of binding, daemonizing and serving, in its order.
 
-    Resolves every address once (-D does not retry) and reads every key,
-    with the start's warnings; each unix source, -u, and the pidfile
-    (without -F) are checked in a start's order.  Prints "SOURCE -> TARGET:
-    ok, N keys" per tunnel.  Raises SpipedError with a start's messages.
+    Resolves once (-D does not retry); returns 0, or raises SpipedError with a start's messages.
     """
     plan = CommandLine(process.tunnel) if process.config is None else ConfigFile(process.config)
     specs = plan.load()
@@ -4170,7 +4078,12 @@ def _bind_metrics(process, supervisor, servers):
     if process.metrics is None:
         return None
     try:
-        return bind_metrics(process.metrics, supervisor.metrics)
+        family, sockaddr = resolve(process.metrics)[0]
+        try:
+            return MetricsServer(family, sockaddr, supervisor.metrics)
+        except OSError as e:
+            raise SpipedError("Error binding --metrics socket %s: %s"
+                              % (process.metrics, e.strerror)) from None
     except SpipedError:
         for server in servers.values():
             server.server_close()
@@ -4228,15 +4141,6 @@ def _run_spipe(options):
     _exit_now(_spipe_relay(sock, sealer, opener))
 
 
-def _write_fd(fd):
-    """A write-all function for file descriptor FD."""
-    def write(data):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    return write
-
-
 def _spipe_relay(sock, sealer, opener):
     """Copy stdin -> SOCK and SOCK -> stdout; exit when the server side ends."""
     outcome = []
@@ -4249,14 +4153,16 @@ def _spipe_relay(sock, sealer, opener):
             relay(lambda n: os.read(0, n), sealer, sock.sendall)
             _shutdown(sock, socket.SHUT_WR)
         except OSError:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            _shutdown_quietly(sock, socket.SHUT_WR)
+
+    def write_stdout(data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
 
     def download():
         try:
-            relay(sock.recv, opener, _write_fd(1), _peeker(sock))
+            relay(sock.recv, opener, write_stdout, _peeker(sock))
         except BadPacket:
             outcome.append("Connection error")
         except OSError as e:
