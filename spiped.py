@@ -38,7 +38,6 @@ import errno
 import functools
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import selectors
@@ -1615,6 +1614,7 @@ class AllowList:
 
         ValueError, saying why, if an item is no network or has host bits set.
         """
+        import ipaddress  # late: only --allow needs it
         networks = []
         for item in text.split(","):
             try:
@@ -1630,6 +1630,7 @@ class AllowList:
     @staticmethod
     def _address(peer):
         """The IP address of PEER (an accept() address), IPv4 if mapped; None if not IP."""
+        import ipaddress
         try:
             ip = ipaddress.ip_address(peer[0].partition("%")[0])
         except (TypeError, ValueError, IndexError, AttributeError):

@@ -5,6 +5,7 @@ log's limits with a clock of the test's own; whole daemons on loopback
 show the close before any byte, the counters, --metrics left open, and a
 reload.  Two hosts with different addresses: tests/test_netbed.py.
 """
+import ipaddress
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from test_metrics import metric
 
 
 def net(text):
-    return spiped.ipaddress.ip_network(text)
+    return ipaddress.ip_network(text)
 
 
 # -- parsing --------------------------------------------------------------------

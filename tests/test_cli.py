@@ -936,7 +936,8 @@ try:
 except SystemExit as e:
     status = e.code
 print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in
-                                 ("Cryptodome", "Crypto", "cffi", "ctypes", "traceback", "shlex"))]))
+                                 ("Cryptodome", "Crypto", "cffi", "ctypes", "traceback", "shlex",
+                                  "ipaddress"))]))
 """
 
 
@@ -962,7 +963,8 @@ def test_version_help_and_usage_errors_load_no_cipher(args):
 
 
 def test_spipe_loads_the_cipher_but_not_gmp(procs, keyfile, echo):
-    """One request through spipe: the cipher is loaded, Cryptodome's GMP is not."""
+    """One request through spipe: the cipher is loaded; Cryptodome's GMP and --allow's
+    ipaddress are not."""
     source = tcp_addr(free_port())
     procs.daemon([sys.executable, SPIPED_PY, "-d", "-F", "-s", source, "-t", echo().addr,
                   "-k", keyfile], source)
@@ -970,3 +972,4 @@ def test_spipe_loads_the_cipher_but_not_gmp(procs, keyfile, echo):
     assert status == 0
     assert any(m.endswith("Cipher.AES") for m in modules), modules
     assert not [m for m in modules if m.endswith("Math.Numbers")], modules
+    assert "ipaddress" not in modules
