@@ -928,6 +928,9 @@ def test_u_without_permission(impl, target, world_dir):
 # no GMP (its two exponentiations are quicker with the built-in pow()).
 _LOADED = """
 import json, sys
+TRACKED = ("Cryptodome", "Crypto", "cffi", "ctypes", "traceback", "shlex", "ipaddress")
+for m in [m for m in sys.modules if m.split(".")[0] in TRACKED]:
+    del sys.modules[m]  # loaded by the interpreter's start (an editable install's .pth): count anew
 sys.path.insert(0, %r)
 import spiped
 spiped._exit_now = sys.exit  # report here rather than leave at once
@@ -935,9 +938,7 @@ try:
     status = spiped.main(sys.argv[1:])
 except SystemExit as e:
     status = e.code
-print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in
-                                 ("Cryptodome", "Crypto", "cffi", "ctypes", "traceback", "shlex",
-                                  "ipaddress"))]))
+print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in TRACKED)]))
 """
 
 
