@@ -51,6 +51,7 @@ ROOT = os.path.dirname(HERE)
 MiB = 1 << 20
 GiB = 1 << 30
 ECHO_WARMUP = 20            # round trips load.py's echo client makes before timing
+CONNTRACK = "/proc/sys/net/netfilter/nf_conntrack_"  # max, count: where the host tracks
 
 
 # --------------------------------------------------------------------------
@@ -385,9 +386,37 @@ class Runner:
         self.cfg = cfg
         self.samples = {}        # metric -> variant -> [result dict]
         self.notes = []          # things the run could not do as asked
+        self.conntrack_noted = False
+
+    def settle_conntrack(self, fraction=0.5, cap=130.0):
+        """Wait until the kernel's connection-tracking table is at most FRACTION full.
+
+        A host with a NAT rule (podman's, say) tracks every loopback
+        connection for 120 s after it closes, and a full table drops SYNs:
+        the conns phases open enough to fill 262,144 entries, and samples
+        then stalled in 10 s timeouts.  Seconds waited (0 without tracking).
+        """
+        try:
+            with open(CONNTRACK + "max") as f:
+                limit = int(f.read())
+        except (OSError, ValueError):
+            return 0.0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < cap:
+            with open(CONNTRACK + "count") as f:
+                if int(f.read()) <= fraction * limit:
+                    break
+            time.sleep(1.0)
+        waited = time.monotonic() - t0
+        if waited >= 1.0 and not self.conntrack_noted:
+            self.conntrack_noted = True
+            self.notes.append("connection tracking is on (a NAT rule): samples wait for its"
+                              " table to be at most half full (nf_conntrack_max %d)" % limit)
+        return waited
 
     def sample(self, metric, variant, fn):
         """Run FN(stack) with its own processes; record its result or error."""
+        waited = self.settle_conntrack()
         t0 = time.monotonic()
         try:
             with contextlib.ExitStack() as stack:
@@ -397,6 +426,8 @@ class Runner:
         except (OSError, ValueError) as e:
             res = {"error": "%s: %s" % (type(e).__name__, e)}
         res["wall_s"] = round(time.monotonic() - t0, 3)
+        if waited >= 1.0:
+            res["conntrack_wait_s"] = round(waited, 1)
         self.samples.setdefault(metric, {}).setdefault(variant, []).append(res)
         progress("  %-8s %-16s %s" % (metric, PAIR_LABEL.get(variant, variant),
                                      report.short_line(res)))
