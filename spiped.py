@@ -3338,7 +3338,6 @@ class Supervisor:
     def run(self, notifier):
         """Act on recorded signals and --watch's changes until SIGTERM's drain has ended."""
         self.watching = notifier.address is not None
-        self._watch_files()
         selector = selectors.DefaultSelector()
         selector.register(self.waker, selectors.EVENT_READ)
         try:
@@ -4055,6 +4054,8 @@ def _run_spiped(process):
         log.warn("--watch: the key read from stdin (-k -) has no file to watch")
     supervisor = Supervisor(plan, process.drain_timeout, passed, process.user, watch)
     specs = plan.load(retry=process.wait_dns)
+    if watch is not None:
+        watch.watch(plan.files(specs))  # as just read: a change while we start is seen
     supervisor.check_passed(specs)
     # Once a socket is bound, a client may see it and a signal may come: hold
     # signals until their handlers are in (SIGHUP would otherwise kill us).
