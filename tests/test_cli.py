@@ -938,17 +938,20 @@ try:
     status = spiped.main(sys.argv[1:])
 except SystemExit as e:
     status = e.code
-print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in TRACKED)]))
+with open("/proc/self/maps") as f:
+    maps = f.read()
+print(json.dumps([status, sorted(m for m in sys.modules if m.split(".")[0] in TRACKED),
+                  "_modexp" in maps]))
 """
 
 
 def _modules_after(*args, stdin=None):
-    """(exit status, modules of interest loaded) after main(ARGS) in a fresh interpreter."""
+    """(exit status, modules of interest loaded, whether Cryptodome's monty_pow library
+    is mapped) after main(ARGS) in a fresh interpreter."""
     r = subprocess.run([sys.executable, "-c", _LOADED % os.path.dirname(SPIPED_PY), *args],
                        input=stdin,
                        capture_output=True, timeout=60)
-    status, modules = json.loads(r.stdout.decode().strip().splitlines()[-1])
-    return status, modules
+    return json.loads(r.stdout.decode().strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("args", [
@@ -957,20 +960,22 @@ def _modules_after(*args, stdin=None):
     ["spiped", "-e", "-d"], ["spipe", "-t", "x"], ["spiped", "--no-such-option"],
 ], ids=" ".join)
 def test_version_help_and_usage_errors_load_no_cipher(args):
-    status, modules = _modules_after(*args)
+    status, modules, _ = _modules_after(*args)
     assert status in (0, 1)
     assert not [m for m in modules if ".Cipher" in m or m in ("cffi", "ctypes")], modules
     assert "traceback" not in modules and "shlex" not in modules
 
 
 def test_spipe_loads_the_cipher_but_not_gmp(procs, keyfile, echo):
-    """One request through spipe: the cipher is loaded; Cryptodome's GMP and --allow's
-    ipaddress are not."""
+    """One request through spipe: the cipher is loaded, and Cryptodome's monty_pow
+    computes its exponentiations; Cryptodome's GMP and --allow's ipaddress are not loaded."""
     source = tcp_addr(free_port())
     procs.daemon([sys.executable, SPIPED_PY, "-d", "-F", "-s", source, "-t", echo().addr,
                   "-k", keyfile], source)
-    status, modules = _modules_after("spipe", "-t", source, "-k", keyfile, stdin=b"ping\n")
+    status, modules, monty_pow = _modules_after("spipe", "-t", source, "-k", keyfile,
+                                                stdin=b"ping\n")
     assert status == 0
+    assert monty_pow
     assert any(m.endswith("Cipher.AES") for m in modules), modules
     assert not [m for m in modules if m.endswith("Math.Numbers")], modules
     assert "ipaddress" not in modules

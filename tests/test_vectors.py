@@ -63,6 +63,32 @@ def test_key_and_handshake_values(path, tmp_path):
     assert [k.hex() for k in keys] == [v["e_client"], v["h_client"], v["e_server"], v["h_server"]]
 
 
+def _power_functions():
+    """Every way _modexp() may compute: Cryptodome's Integer (a daemon), its
+    monty_pow (spipe) and the built-in pow() (either, without those)."""
+    spiped.load_cipher()
+    monty = spiped._monty_power()
+    assert monty is not None, "Cryptodome's monty_pow could not be loaded"
+    return {"integer": spiped._power_function(), "monty_pow": monty,
+            "builtin": spiped._builtin_power}
+
+
+@pytest.mark.parametrize("power", ["integer", "monty_pow", "builtin"])
+def test_every_power_function_gives_the_recorded_values(power):
+    """y = 2^x and the shared value of every vector recorded with its exponents."""
+    compute = _power_functions()[power]
+    checked = 0
+    for v in map(load, POSITIVE):
+        if not v.get("x_client") or v["client_fast_mode"] or v["server_fast_mode"]:
+            continue
+        for side, other in (("client", "server"), ("server", "client")):
+            exponent = int(v["dh_exponent_" + side], 16)
+            assert compute(spiped._DH_TWO, exponent) == H(v["y_" + side])
+            assert compute(H(v["y_" + other]), exponent) == H(v["shared_secret"])
+        checked += 1
+    assert checked >= 1
+
+
 def _keys(v):
     return {
         "client_to_server": (H(v["e_client"]), H(v["h_client"])),

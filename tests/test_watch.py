@@ -16,7 +16,7 @@ import pytest
 
 import spiped
 from conftest import (SecretFolder, connect, exchange, free_port, ours, read_text, recv_exact,
-                      tcp_addr, wait_for)
+                      tcp_addr, wait_for, wrapped)
 from test_config import start_config
 
 INTERVAL = "0.2"   # --watch-interval of the daemons here: two looks take 0.4 s
@@ -190,6 +190,26 @@ class Watched:
         addr = tcp_addr(free_port())
         self.procs.spiped("-e", self.addr, path, source=addr)
         return addr
+
+
+SLOW_SERVE = """
+real_serve = spiped.Supervisor.serve
+def slow_serve(self, specs, servers):
+    time.sleep(1.5)  # bound and listening, not yet serving
+    return real_serve(self, specs, servers)
+spiped.Supervisor.serve = slow_serve
+"""
+
+
+def test_a_key_replaced_while_the_daemon_starts_is_reloaded(procs, tmp_path, echo):
+    """The files are watched as they were read, not as they are once the daemon serves:
+    a key replaced after the start read it (the socket listening) is reloaded."""
+    key = str(tmp_path / "key")
+    write(key, os.urandom(32))
+    d = Watched(procs, tmp_path, echo, key, impl=wrapped(tmp_path, SLOW_SERVE))
+    replace(key, os.urandom(32))
+    d.wait_log("changed: reloading")
+    d.wait_log("reloaded 1 key")
 
 
 def served(addr):
