@@ -3362,16 +3362,16 @@ class Supervisor:
         elif what == "reload" and not self.stopping:
             notifier.reloading()
             self.reload()
-            self._watch_files()  # a --config reload may name other files
+            self.watch_files(self.specs)  # a --config reload may name other files
             notifier.send("READY=1")
         elif what == "stats":  # a line per tunnel, after its label ("SOURCE: " with --config)
             for server in self.servers.values():
                 log.event(server.label + Stats.line(server.metrics()))
 
-    def _watch_files(self):
-        """--watch: watch the files the plan reads now, as just read."""
+    def watch_files(self, specs):
+        """--watch: watch the files the plan read for SPECS, as just read."""
         if self.file_watch is not None:
-            self.file_watch.watch(self.plan.files(self.specs))
+            self.file_watch.watch(self.plan.files(specs))
 
 # ---------------------------------------------------------------------------
 # 11. Command line and main()
@@ -4054,8 +4054,7 @@ def _run_spiped(process):
         log.warn("--watch: the key read from stdin (-k -) has no file to watch")
     supervisor = Supervisor(plan, process.drain_timeout, passed, process.user, watch)
     specs = plan.load(retry=process.wait_dns)
-    if watch is not None:
-        watch.watch(plan.files(specs))  # as just read: a change while we start is seen
+    supervisor.watch_files(specs)  # as just read: a change while we start is seen
     supervisor.check_passed(specs)
     # Once a socket is bound, a client may see it and a signal may come: hold
     # signals until their handlers are in (SIGHUP would otherwise kill us).
